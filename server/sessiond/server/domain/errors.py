@@ -1,0 +1,81 @@
+"""One exception hierarchy for the domain; the API layer maps it to gRPC codes once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class SessiondError(Exception):
+    """Base of every error the domain raises on purpose.
+
+    `reason` is a stable UPPER_SNAKE identifier (AIP-193 ErrorInfo.reason).
+    """
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class NotFound(SessiondError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(SessiondError):
+    reason = "ALREADY_EXISTS"
+
+
+class InvalidArgument(SessiondError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, violations: list[FieldViolation] | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.violations: list[FieldViolation] = list(violations or [])
+
+
+class FailedPrecondition(SessiondError):
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(SessiondError):
+    reason = "ABORTED"
+
+
+class OutOfRange(SessiondError):
+    reason = "OUT_OF_RANGE"
+
+
+class Unavailable(SessiondError):
+    """The store or another dependency cannot be reached right now; retry later."""
+
+    reason = "UNAVAILABLE"
+
+
+class RequestIdConflict(SessiondError):
+    """A request_id was reused with a different request (AIP-155)."""
+
+    reason = "REQUEST_ID_REUSED"
+
+
+class LeaseLost(SessiondError):
+    """The worker no longer owns the task it tried to write for."""
+
+    reason = "LEASE_LOST"
+
+
+class Phase2Error(SessiondError):
+    """A Phase 2 stage failed; the message is already safe to show a user."""
+
+    reason = "PHASE2_FAILED"

@@ -1,0 +1,356 @@
+"""The storage contract. SQLite and PostgreSQL adapters implement it; one test suite
+(tests/contract) proves both.
+
+Every method is one atomic transaction: when it returns, its writes are durable;
+when it raises, it wrote nothing. Methods taking an `Identity` treat rows of another
+identity as absent. Store errors are domain errors (`sessiond.server.domain.errors`);
+an unreachable database raises `Unavailable`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sessiond.server.domain.values import (
+    Archive,
+    CandidateMemory,
+    CommitResult,
+    Identity,
+    Memory,
+    MemoryCategory,
+    MemoryCounts,
+    Message,
+    NewEvent,
+    SessionMeta,
+    Stage,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskState,
+    TokenUsage,
+    ToolStatus,
+    UsageRecord,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """AIP-155 idempotency key of a mutating call.
+
+    The same (identity, method, request_id) with the same fingerprint replays the
+    first result; with another fingerprint it raises `RequestIdConflict`.
+    """
+
+    identity: Identity
+    method: str
+    request_id: str
+    fingerprint: str
+
+    @staticmethod
+    def fingerprint_of(payload: bytes) -> str:
+        return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    identity: Identity
+    session_id: str
+    keep_recent_count: int
+    reject_if_running: bool
+    task_id: str
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """Phase 1 result. `archived` is False (and the rest None) when nothing was live."""
+
+    archived: bool
+    archive: Archive | None = None
+    task: Task | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryOutput:
+    overview: str
+    abstract: str
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractionOutput:
+    candidates: tuple[CandidateMemory, ...]
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+@dataclass(frozen=True, slots=True)
+class RelationsOutput:
+    uris: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCountsOutput:
+    uris: tuple[str, ...]
+
+
+StageOutput = SummaryOutput | ExtractionOutput | RelationsOutput | ActiveCountsOutput
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    next_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    tasks_removed: int
+    request_ids_removed: int
+
+
+# A listener the store calls (on the event loop) after it commits journal events.
+EventListener = Callable[[Sequence[TaskEvent]], None]
+# Called when new runnable work may exist (a commit, a finished task).
+WorkListener = Callable[[], None]
+
+
+class Store(abc.ABC):
+    """Durable state of sessiond: sessions, messages, usage, archives, tasks, task
+    events, memories, relations, active counts and idempotency keys."""
+
+    def __init__(self) -> None:
+        self._event_listeners: list[EventListener] = []
+        self._work_listeners: list[WorkListener] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and verify the schema (SQLite creates/migrates its own file)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise `Unavailable` when the database cannot serve a query now."""
+
+    @property
+    def single_process(self) -> bool:
+        """True when no other process can share this store (leases may be reset at start)."""
+        return False
+
+    # -- notification (in-process; adapters may add cross-process wake-ups) ---------
+    def add_event_listener(self, fn: EventListener) -> None:
+        self._event_listeners.append(fn)
+
+    def add_work_listener(self, fn: WorkListener) -> None:
+        self._work_listeners.append(fn)
+
+    def _emit_events(self, events: Sequence[TaskEvent]) -> None:
+        if events:
+            for fn in self._event_listeners:
+                fn(events)
+
+    def _emit_work(self) -> None:
+        for fn in self._work_listeners:
+            fn()
+
+    # -- sessions ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_session(self, identity: Identity, session_id: str, now: datetime,
+                             request: RequestKey | None = None) -> SessionMeta:
+        """Insert a session. `AlreadyExists` when the id is taken (by anyone)."""
+
+    @abc.abstractmethod
+    async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None: ...
+
+    @abc.abstractmethod
+    async def ensure_session(self, identity: Identity, session_id: str,
+                             now: datetime) -> SessionMeta:
+        """Return the session, creating it when missing. `NotFound` when the id
+        belongs to another identity (no existence leak: same error as missing)."""
+
+    @abc.abstractmethod
+    async def list_sessions(self, identity: Identity, page_size: int,
+                            after_session_id: str) -> list[SessionMeta]:
+        """Sessions with id > after_session_id, ascending by id, at most page_size."""
+
+    @abc.abstractmethod
+    async def delete_session(self, identity: Identity, session_id: str, now: datetime) -> bool:
+        """Delete the session, its messages, usage, archives and relations; unfinished
+        tasks end CANCELLED (with their terminal event). False when absent."""
+
+    # -- messages and usage ----------------------------------------------------------
+    @abc.abstractmethod
+    async def add_message(self, identity: Identity, session_id: str, message: Message,
+                          request: RequestKey | None = None) -> Message:
+        """Append to the live buffer; the returned message carries its `seq`.
+        A replayed request returns the originally stored message."""
+
+    @abc.abstractmethod
+    async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
+                               tool_id: str, output: str, status: ToolStatus,
+                               now: datetime) -> Message:
+        """`NotFound` when the session, live message or tool part is missing."""
+
+    @abc.abstractmethod
+    async def list_live_messages(self, identity: Identity, session_id: str,
+                                 newest: int = 0) -> list[Message]:
+        """Live messages in append order; only the newest `newest` when > 0."""
+
+    @abc.abstractmethod
+    async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
+                           request: RequestKey | None = None) -> int:
+        """Persist usage for the next commit; returns pending usage records."""
+
+    # -- commit (Phase 1) ------------------------------------------------------------
+    @abc.abstractmethod
+    async def commit(self, plan: CommitPlan, request: RequestKey | None = None) -> CommitOutcome:
+        """Phase 1 in one transaction, serialized per session: move the live messages
+        (all but the newest keep_recent_count) and pending usage into archive N+1,
+        update metadata, create the PENDING task with its CREATED event (seq 1).
+        `Aborted` when reject_if_running and an earlier task of the session is not
+        terminal. A replayed request returns the original outcome."""
+
+    # -- archives --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def list_archives(self, identity: Identity, session_id: str, page_size: int,
+                            after_index: int) -> list[Archive]: ...
+
+    @abc.abstractmethod
+    async def get_archive(self, identity: Identity, session_id: str,
+                          index: int) -> Archive | None: ...
+
+    @abc.abstractmethod
+    async def archive_messages(self, identity: Identity, session_id: str,
+                               index: int) -> list[Message]: ...
+
+    @abc.abstractmethod
+    async def archive_usage(self, identity: Identity, session_id: str,
+                            index: int) -> list[UsageRecord]: ...
+
+    @abc.abstractmethod
+    async def latest_done_archive(self, identity: Identity, session_id: str,
+                                  before_index: int | None = None) -> Archive | None:
+        """Newest archive in state DONE (with index < before_index when given)."""
+
+    # -- tasks: reading ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_task(self, task_id: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
+                         task_type: str, page_size: int, page_token: str) -> TaskPage:
+        """Newest first (created_at, then task_id descending)."""
+
+    @abc.abstractmethod
+    async def list_events(self, task_id: str, after_seq: int, limit: int = 1000) -> list[TaskEvent]:
+        """Journal events with seq > after_seq, ascending."""
+
+    # -- tasks: control ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def request_cancel(self, task_id: str, now: datetime) -> Task:
+        """PENDING and not leased: CANCELLED at once (terminal event). RUNNING: the
+        cancel flag is set (CANCEL_REQUESTED event); the worker stops at the next
+        stage boundary. Terminal: unchanged. `NotFound` when absent."""
+
+    # -- tasks: the worker side; every write checks the caller still holds the lease
+    @abc.abstractmethod
+    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime) -> Task | None:
+        """Lease the oldest runnable task: PENDING or RUNNING with an expired lease,
+        not cancel-requested-and-terminal, and whose session has no earlier
+        (lower archive index) unfinished task. Marks it RUNNING, attempts += 1,
+        appends a STARTED event. None when nothing is runnable."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    async def release_all_leases(self) -> int:
+        """Expire every lease (single-process stores at start-up)."""
+
+    @abc.abstractmethod
+    async def append_event(self, task_id: str, worker_id: str, event: NewEvent, stage: Stage,
+                           now: datetime) -> TaskEvent:
+        """Append a non-terminal event and set the task's current stage."""
+
+    @abc.abstractmethod
+    async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
+                             output: StageOutput, now: datetime) -> TaskEvent:
+        """Apply a stage's durable writes, add its token usage to the task, mark the
+        stage done and append STAGE_COMPLETED, all at once. A stage already done is
+        not applied again (returns the existing journal tail)."""
+
+    @abc.abstractmethod
+    async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
+        """Exactly once per archive: archive DONE (first/last message ids), session
+        commit_count/last_commit_at/memory counts/token usage, task COMPLETED with
+        its `CommitResult`, terminal event."""
+
+    @abc.abstractmethod
+    async def fail_task(self, task_id: str, worker_id: str | None, error: TaskError,
+                        now: datetime) -> TaskEvent:
+        """Task FAILED (terminal event). Archive stays PENDING."""
+
+    @abc.abstractmethod
+    async def cancel_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
+        """A running task stops at a stage boundary: CANCELLED (terminal event)."""
+
+    # -- Phase 2 read helpers --------------------------------------------------------
+    @abc.abstractmethod
+    async def task_memory_counts(self, task_id: str) -> MemoryCounts:
+        """Per-category memories the task's extraction stage wrote (0 before it)."""
+
+    @abc.abstractmethod
+    async def active_count(self, uri: str) -> int: ...
+
+    @abc.abstractmethod
+    async def session_relations(self, identity: Identity, session_id: str) -> list[str]: ...
+
+    # -- memories ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def list_memories(self, identity: Identity, category: MemoryCategory | None,
+                            page_size: int, after_memory_id: str) -> list[Memory]:
+        """The caller's memories (user space of its user, agent space of its agent),
+        ascending by memory_id."""
+
+    @abc.abstractmethod
+    async def get_memory(self, identity: Identity, memory_id: str) -> Memory | None: ...
+
+    @abc.abstractmethod
+    async def search_memories(self, identity: Identity, query: str,
+                              category: MemoryCategory | None,
+                              limit: int) -> list[tuple[Memory, float]]:
+        """Full-text search, best first; higher score is better."""
+
+    @abc.abstractmethod
+    async def delete_memory(self, identity: Identity, memory_id: str) -> bool: ...
+
+    # -- retention ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def sweep(self, now: datetime, completed_before: datetime, failed_before: datetime,
+                    max_tasks: int, request_ids_before: datetime) -> SweepResult:
+        """Remove terminal tasks (and their journals) finished before the cut-offs
+        (FAILED: failed_before; COMPLETED/CANCELLED: completed_before), then the
+        oldest terminal tasks beyond max_tasks, and idempotency keys older than
+        request_ids_before. Archives and memories are never removed."""
+
+
+__all__ = [
+    "ActiveCountsOutput",
+    "CommitOutcome",
+    "CommitPlan",
+    "CommitResult",
+    "ExtractionOutput",
+    "RelationsOutput",
+    "RequestKey",
+    "StageOutput",
+    "Store",
+    "SummaryOutput",
+    "SweepResult",
+    "TaskPage",
+]
