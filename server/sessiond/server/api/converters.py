@@ -1,0 +1,242 @@
+"""Protobuf <-> domain conversion. Nothing else in the server touches protobuf."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.values import (
+    Archive,
+    ArchiveState,
+    CommitResult,
+    ContextPart,
+    ContextType,
+    EventKind,
+    Memory,
+    MemoryCategory,
+    MemoryCounts,
+    Message,
+    Part,
+    Role,
+    SessionMeta,
+    SkillUse,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskState,
+    TextPart,
+    TokenUsage,
+    ToolPart,
+    ToolStatus,
+)
+from sessiond.v1 import common_pb2, memory_pb2, session_pb2, task_pb2
+
+_ROLE_IN = {session_pb2.ROLE_USER: Role.USER, session_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+            session_pb2.ROLE_SYSTEM: Role.SYSTEM, session_pb2.ROLE_TOOL: Role.TOOL}
+_ROLE_OUT = {v: k for k, v in _ROLE_IN.items()}
+_CTX_IN = {session_pb2.CONTEXT_TYPE_MEMORY: ContextType.MEMORY,
+           session_pb2.CONTEXT_TYPE_RESOURCE: ContextType.RESOURCE,
+           session_pb2.CONTEXT_TYPE_SKILL: ContextType.SKILL}
+_CTX_OUT = {v: k for k, v in _CTX_IN.items()}
+_TOOL_IN = {session_pb2.TOOL_STATUS_PENDING: ToolStatus.PENDING,
+            session_pb2.TOOL_STATUS_RUNNING: ToolStatus.RUNNING,
+            session_pb2.TOOL_STATUS_COMPLETED: ToolStatus.COMPLETED,
+            session_pb2.TOOL_STATUS_ERROR: ToolStatus.ERROR}
+_TOOL_OUT = {v: k for k, v in _TOOL_IN.items()}
+_STATE_OUT = {TaskState.PENDING: task_pb2.TASK_STATE_PENDING,
+              TaskState.RUNNING: task_pb2.TASK_STATE_RUNNING,
+              TaskState.COMPLETED: task_pb2.TASK_STATE_COMPLETED,
+              TaskState.FAILED: task_pb2.TASK_STATE_FAILED,
+              TaskState.CANCELLED: task_pb2.TASK_STATE_CANCELLED}
+_STATE_IN = {v: k for k, v in _STATE_OUT.items()}
+_KIND_OUT = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_CREATED,
+             EventKind.STARTED: task_pb2.TASK_EVENT_KIND_STARTED,
+             EventKind.STAGE_STARTED: task_pb2.TASK_EVENT_KIND_STAGE_STARTED,
+             EventKind.STAGE_COMPLETED: task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED,
+             EventKind.RETRYING: task_pb2.TASK_EVENT_KIND_RETRYING,
+             EventKind.CANCEL_REQUESTED: task_pb2.TASK_EVENT_KIND_CANCEL_REQUESTED,
+             EventKind.COMPLETED: task_pb2.TASK_EVENT_KIND_COMPLETED,
+             EventKind.FAILED: task_pb2.TASK_EVENT_KIND_FAILED,
+             EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED}
+_CAT_IN = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
+           memory_pb2.MEMORY_CATEGORY_PREFERENCES: MemoryCategory.PREFERENCES,
+           memory_pb2.MEMORY_CATEGORY_ENTITIES: MemoryCategory.ENTITIES,
+           memory_pb2.MEMORY_CATEGORY_EVENTS: MemoryCategory.EVENTS,
+           memory_pb2.MEMORY_CATEGORY_CASES: MemoryCategory.CASES,
+           memory_pb2.MEMORY_CATEGORY_PATTERNS: MemoryCategory.PATTERNS,
+           memory_pb2.MEMORY_CATEGORY_TOOLS: MemoryCategory.TOOLS,
+           memory_pb2.MEMORY_CATEGORY_SKILLS: MemoryCategory.SKILLS}
+_CAT_OUT = {v: k for k, v in _CAT_IN.items()}
+
+
+def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(dt)
+    return out
+
+
+# ---------------------------------------------------------------------- in
+def role_in(value: int) -> Role:
+    role = _ROLE_IN.get(value)
+    if role is None:
+        raise InvalidArgument("role is required", violations=[
+            FieldViolation("role", "one of ROLE_USER, ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL")])
+    return role
+
+
+def tool_status_in(value: int, field: str = "status") -> ToolStatus:
+    st = _TOOL_IN.get(value)
+    if st is None:
+        raise InvalidArgument(f"{field} is required", violations=[
+            FieldViolation(field, "one of TOOL_STATUS_PENDING, _RUNNING, _COMPLETED, _ERROR")])
+    return st
+
+
+def parts_in(parts: list[session_pb2.Part]) -> list[Part]:
+    out: list[Part] = []
+    violations: list[FieldViolation] = []
+    for i, p in enumerate(parts):
+        kind = p.WhichOneof("kind")
+        if kind == "text":
+            out.append(TextPart(p.text.text))
+        elif kind == "context":
+            ctype = _CTX_IN.get(p.context.context_type)
+            if ctype is None:
+                violations.append(FieldViolation(f"parts[{i}].context.context_type",
+                                                 "one of MEMORY, RESOURCE, SKILL"))
+                continue
+            out.append(ContextPart(p.context.uri, ctype, p.context.abstract))
+        elif kind == "tool":
+            t = p.tool
+            status = _TOOL_IN.get(t.status, ToolStatus.PENDING)
+            out.append(ToolPart(tool_id=t.tool_id, tool_name=t.tool_name, tool_uri=t.tool_uri,
+                                skill_uri=t.skill_uri, input=t.input, output=t.output,
+                                status=status, duration_ms=t.duration_ms,
+                                prompt_tokens=t.prompt_tokens,
+                                completion_tokens=t.completion_tokens))
+        else:
+            violations.append(FieldViolation(f"parts[{i}]", "set one of text, context, tool"))
+    if violations:
+        raise InvalidArgument("message parts are not valid", violations=violations)
+    return out
+
+
+def skill_in(req: session_pb2.RecordUsageRequest) -> SkillUse | None:
+    if not req.HasField("skill"):
+        return None
+    if not req.skill.uri:
+        raise InvalidArgument("skill.uri is required when a skill is given",
+                              violations=[FieldViolation("skill.uri", "must not be empty")])
+    return SkillUse(req.skill.uri, req.skill.input, req.skill.output, req.skill.success)
+
+
+def state_in(value: int) -> TaskState | None:
+    if value == task_pb2.TASK_STATE_UNSPECIFIED:
+        return None
+    st = _STATE_IN.get(value)  # type: ignore[call-overload]
+    if st is None:
+        raise InvalidArgument("unknown task state", violations=[
+            FieldViolation("state", f"unknown value {value}")])
+    return st
+
+
+def category_in(value: int) -> MemoryCategory | None:
+    if value == memory_pb2.MEMORY_CATEGORY_UNSPECIFIED:
+        return None
+    cat = _CAT_IN.get(value)  # type: ignore[call-overload]
+    if cat is None:
+        raise InvalidArgument("unknown memory category", violations=[
+            FieldViolation("category", f"unknown value {value}")])
+    return cat
+
+
+# ---------------------------------------------------------------------- out
+def counts_out(c: MemoryCounts) -> common_pb2.MemoryCounts:
+    return common_pb2.MemoryCounts(total=c.total, **c.as_dict())
+
+
+def usage_out(u: TokenUsage) -> common_pb2.TokenUsage:
+    return common_pb2.TokenUsage(prompt_tokens=u.prompt_tokens,
+                                 completion_tokens=u.completion_tokens,
+                                 total_tokens=u.total_tokens)
+
+
+def session_out(m: SessionMeta) -> session_pb2.Session:
+    return session_pb2.Session(
+        session_id=m.session_id, created_at=ts(m.created_at), updated_at=ts(m.updated_at),
+        message_count=m.message_count, commit_count=m.commit_count,
+        memories_extracted=counts_out(m.memories_extracted),
+        last_commit_at=ts(m.last_commit_at), llm_token_usage=usage_out(m.llm_token_usage),
+        live_message_count=m.live_message_count, archive_count=m.archive_count)
+
+
+def part_out(p: Part) -> session_pb2.Part:
+    if isinstance(p, TextPart):
+        return session_pb2.Part(text=session_pb2.TextPart(text=p.text))
+    if isinstance(p, ContextPart):
+        return session_pb2.Part(context=session_pb2.ContextPart(
+            uri=p.uri, context_type=_CTX_OUT[p.context_type], abstract=p.abstract))
+    return session_pb2.Part(tool=session_pb2.ToolPart(
+        tool_id=p.tool_id, tool_name=p.tool_name, tool_uri=p.tool_uri, skill_uri=p.skill_uri,
+        input=p.input, output=p.output, status=_TOOL_OUT[p.status], duration_ms=p.duration_ms,
+        prompt_tokens=p.prompt_tokens, completion_tokens=p.completion_tokens))
+
+
+def message_out(m: Message) -> session_pb2.Message:
+    return session_pb2.Message(id=m.id, role=_ROLE_OUT[m.role],
+                               parts=[part_out(p) for p in m.parts],
+                               created_at=ts(m.created_at), seq=m.seq)
+
+
+def archive_out(a: Archive, messages: list[Message] | None = None) -> session_pb2.Archive:
+    return session_pb2.Archive(
+        archive_uri=a.uri, session_id=a.session_id, index=a.index,
+        state=(session_pb2.ARCHIVE_STATE_DONE if a.state is ArchiveState.DONE
+               else session_pb2.ARCHIVE_STATE_PENDING),
+        overview=a.overview, abstract=a.abstract, task_id=a.task_id,
+        message_count=a.message_count, first_message_id=a.first_message_id,
+        last_message_id=a.last_message_id, created_at=ts(a.created_at),
+        completed_at=ts(a.completed_at),
+        messages=[message_out(m) for m in messages or []])
+
+
+def result_out(r: CommitResult | None) -> task_pb2.CommitResult | None:
+    if r is None:
+        return None
+    return task_pb2.CommitResult(memories_extracted=counts_out(r.memories_extracted),
+                                 active_count_updated=r.active_count_updated,
+                                 token_usage=usage_out(r.token_usage), archive_uri=r.archive_uri)
+
+
+def error_out(e: TaskError | None) -> status_pb2.Status | None:
+    if e is None:
+        return None
+    return status_pb2.Status(code=e.code, message=e.message)
+
+
+def task_out(t: Task) -> task_pb2.Task:
+    return task_pb2.Task(
+        task_id=t.task_id, task_type=t.task_type, session_id=t.session_id,
+        archive_uri=t.archive_uri, state=_STATE_OUT[t.state], stage=t.stage.value,
+        created_at=ts(t.created_at), started_at=ts(t.started_at), updated_at=ts(t.updated_at),
+        finished_at=ts(t.finished_at), result=result_out(t.result), error=error_out(t.error),
+        attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested)
+
+
+def event_out(e: TaskEvent) -> task_pb2.TaskEvent:
+    return task_pb2.TaskEvent(
+        task_id=e.task_id, seq=e.seq, kind=_KIND_OUT[e.kind], time=ts(e.time),
+        state=_STATE_OUT[e.state], stage=e.stage.value, message=e.message, attempt=e.attempt,
+        result=result_out(e.result), error=error_out(e.error))
+
+
+def memory_out(m: Memory) -> memory_pb2.Memory:
+    return memory_pb2.Memory(
+        memory_id=m.memory_id, category=_CAT_OUT[m.category], content=m.content, space=m.space,
+        source_session_id=m.source_session_id, source_archive_uri=m.source_archive_uri,
+        source_message_ids=list(m.source_message_ids), created_at=ts(m.created_at),
+        updated_at=ts(m.updated_at))

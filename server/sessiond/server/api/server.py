@@ -1,0 +1,183 @@
+"""Assembly of the running service: store, worker, managers, gRPC server with health
+and reflection, retention sweeps, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
+from sessiond.server.commit.engine import Phase2Engine
+from sessiond.server.commit.offline import OfflineEngine
+from sessiond.server.config import Settings
+from sessiond.server.domain.rules import utcnow
+from sessiond.server.sessions import MemoryManager, SessionManager
+from sessiond.server.store.base import Store
+from sessiond.server.tasks.hub import EventHub
+from sessiond.server.tasks.service import TaskManager
+from sessiond.server.tasks.worker import Phase2Worker
+from sessiond.v1 import (
+    memory_pb2,
+    memory_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+)
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.store in ("", "sqlite"):
+        from sessiond.server.store.sqlite.store import SqliteStore
+
+        return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
+    if settings.store.startswith(("postgresql://", "postgres://")):
+        from sessiond.server.store.postgres.store import PostgresStore
+
+        return PostgresStore(settings.store, min_size=settings.pg_pool_min,
+                             max_size=settings.pg_pool_max, channel=settings.pg_channel)
+    raise ValueError(f"unknown store {settings.store!r}: use 'sqlite' or a postgresql:// URL")
+
+
+def build_engine(settings: Settings) -> tuple[Phase2Engine, tuple[str, ...]]:
+    """The Phase 2 engine and the secrets that must never appear in task errors."""
+    if settings.engine == "offline":
+        return OfflineEngine(), ()
+    if settings.engine == "openai":
+        from sessiond.server.commit.llm import build_llm_engine
+
+        return build_llm_engine(settings.llm)
+    raise ValueError(f"unknown engine {settings.engine!r}: use 'offline' or 'openai'")
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class App:
+    """One sessiond process."""
+
+    def __init__(self, settings: Settings, store: Store | None = None,
+                 engine: Phase2Engine | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else build_store(settings)
+        secrets: tuple[str, ...] = ()
+        if engine is None:
+            engine, secrets = build_engine(settings)
+        self.engine = engine
+        self.hub = EventHub()
+        self.store.add_event_listener(self.hub.publish)
+        self.sessions = SessionManager(self.store)
+        self.memories = MemoryManager(self.store)
+        self.tasks = TaskManager(self.store, self.hub,
+                                 heartbeat_seconds=settings.heartbeat_seconds,
+                                 poll_seconds=settings.poll_seconds)
+        self.worker = Phase2Worker(self.store, self.engine,
+                                   concurrency=settings.worker_concurrency,
+                                   lease_seconds=settings.lease_seconds,
+                                   poll_seconds=settings.poll_seconds, secrets=secrets)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._background: list[asyncio.Task[None]] = []
+        self._serving = False
+
+    async def start(self) -> int:
+        await self.store.open()
+        server = grpc.aio.server(options=server_options(self.settings))
+        session_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.sessions), server)
+        task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks), server)
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.memories), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        await server.start()
+        self.server = server
+        await self.worker.start()
+        await self._set_serving(True)
+        self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
+        self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
+        log.info("sessiond listening on %s (store %s, engine %s)", self.settings.address,
+                 type(self.store).__name__, self.engine.name)
+        return self.port
+
+    async def _set_serving(self, serving: bool) -> None:
+        self._serving = serving
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await asyncio.wait_for(self.store.ping(), 5.0)
+                ok = True
+            except Exception:
+                ok = False
+            if ok != self._serving:
+                log.warning("store %s; health %s", "is back" if ok else "unreachable",
+                            "SERVING" if ok else "NOT_SERVING")
+                await self._set_serving(ok)
+
+    async def sweep_once(self) -> int:
+        s, now = self.settings, utcnow()
+        res = await self.store.sweep(
+            now, now - timedelta(hours=s.completed_retention_hours),
+            now - timedelta(hours=s.failed_retention_hours), s.max_stored_tasks,
+            now - timedelta(hours=s.request_id_retention_hours))
+        if res.tasks_removed or res.request_ids_removed:
+            log.info("retention removed %d task(s), %d request id(s)", res.tasks_removed,
+                     res.request_ids_removed)
+        return res.tasks_removed
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception as exc:
+                log.warning("retention sweep failed: %s", exc)
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new RPCs, end watches with UNAVAILABLE, let
+        in-flight RPCs finish within the grace period, stop Phase 2 at a stage
+        boundary (resumed on the next start), close the store."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        self.tasks.close_watches()
+        for t in self._background:
+            t.cancel()
+        stop_server = (self.server.stop(grace) if self.server is not None
+                       else asyncio.sleep(0))
+        await asyncio.gather(stop_server, self.worker.stop(grace))
+        await self.engine.aclose()
+        await self.store.close()

@@ -1,0 +1,220 @@
+"""Thin gRPC servicers: convert the request, call the domain, convert the result."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import Message as ProtoMessage
+from sessiond.server.api import converters as cv
+from sessiond.server.api.errors import stream, unary
+from sessiond.server.api.identity import identity_of
+from sessiond.server.domain.errors import InvalidArgument
+from sessiond.server.domain.values import Task
+from sessiond.server.sessions import MemoryManager, SessionManager
+from sessiond.server.tasks.service import Heartbeat, TaskManager
+from sessiond.v1 import (
+    memory_pb2,
+    memory_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+
+Ctx = grpc.aio.ServicerContext
+
+
+def fingerprint(request: ProtoMessage) -> bytes:
+    """The request without its request_id, serialized deterministically."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")  # type: ignore[arg-type]
+    return copy.SerializeToString(deterministic=True)
+
+
+def encode_token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
+
+
+def decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"page_token {token[:40]!r} is not valid",
+                              reason="BAD_PAGE_TOKEN") from exc
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
+
+    @unary
+    async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: Ctx
+                            ) -> session_pb2.Session:
+        meta = await self.sessions.create(identity_of(context), request.session_id,
+                                          request.request_id, fingerprint(request))
+        return cv.session_out(meta)
+
+    @unary
+    async def GetSession(self, request: session_pb2.GetSessionRequest, context: Ctx
+                         ) -> session_pb2.Session:
+        return cv.session_out(await self.sessions.get(identity_of(context), request.session_id,
+                                                      request.auto_create))
+
+    @unary
+    async def ListSessions(self, request: session_pb2.ListSessionsRequest, context: Ctx
+                           ) -> session_pb2.ListSessionsResponse:
+        items, nxt = await self.sessions.list(identity_of(context), request.page_size,
+                                              decode_token(request.page_token))
+        return session_pb2.ListSessionsResponse(sessions=[cv.session_out(m) for m in items],
+                                                next_page_token=encode_token(nxt))
+
+    @unary
+    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Ctx
+                            ) -> session_pb2.DeleteSessionResponse:
+        await self.sessions.delete(identity_of(context), request.session_id)
+        return session_pb2.DeleteSessionResponse(session_id=request.session_id)
+
+    @unary
+    async def AddMessage(self, request: session_pb2.AddMessageRequest, context: Ctx
+                         ) -> session_pb2.AddMessageResponse:
+        msg = await self.sessions.add_message(
+            identity_of(context), request.session_id, cv.role_in(request.role),
+            cv.parts_in(list(request.parts)), request.request_id, fingerprint(request))
+        return session_pb2.AddMessageResponse(message=cv.message_out(msg))
+
+    @unary
+    async def UpdateToolPart(self, request: session_pb2.UpdateToolPartRequest, context: Ctx
+                             ) -> session_pb2.Message:
+        msg = await self.sessions.update_tool_part(
+            identity_of(context), request.session_id, request.message_id, request.tool_id,
+            request.output, cv.tool_status_in(request.status))
+        return cv.message_out(msg)
+
+    @unary
+    async def RecordUsage(self, request: session_pb2.RecordUsageRequest, context: Ctx
+                          ) -> session_pb2.RecordUsageResponse:
+        pending = await self.sessions.record_usage(
+            identity_of(context), request.session_id, list(request.context_uris),
+            cv.skill_in(request), request.request_id, fingerprint(request))
+        return session_pb2.RecordUsageResponse(session_id=request.session_id,
+                                               pending_usage_count=pending)
+
+    @unary
+    async def Commit(self, request: session_pb2.CommitRequest, context: Ctx
+                     ) -> session_pb2.CommitReply:
+        out = await self.sessions.commit(identity_of(context), request.session_id,
+                                         request.keep_recent_count, request.reject_if_running,
+                                         request.request_id, fingerprint(request))
+        reply = session_pb2.CommitReply(session_id=request.session_id,
+                                        status=session_pb2.COMMIT_STATUS_ACCEPTED,
+                                        archived=out.archived)
+        if out.archived and out.task is not None and out.archive is not None:
+            reply.task_id = out.task.task_id
+            reply.archive_uri = out.archive.uri
+        return reply
+
+    @unary
+    async def GetSessionContext(self, request: session_pb2.GetSessionContextRequest,
+                                context: Ctx) -> session_pb2.SessionContext:
+        view = await self.sessions.context(identity_of(context), request.session_id,
+                                           request.max_messages)
+        return session_pb2.SessionContext(
+            session_id=view.session_id, latest_archive_overview=view.latest_archive_overview,
+            latest_archive_uri=view.latest_archive_uri,
+            current_messages=[cv.message_out(m) for m in view.current_messages])
+
+    @unary
+    async def ListArchives(self, request: session_pb2.ListArchivesRequest, context: Ctx
+                           ) -> session_pb2.ListArchivesResponse:
+        after = decode_token(request.page_token)
+        if after and not after.isdigit():
+            raise InvalidArgument("page_token is not valid", reason="BAD_PAGE_TOKEN")
+        items, nxt = await self.sessions.list_archives(identity_of(context), request.session_id,
+                                                       request.page_size, int(after or 0))
+        return session_pb2.ListArchivesResponse(
+            archives=[cv.archive_out(a) for a in items],
+            next_page_token=encode_token(str(nxt)) if nxt else "")
+
+    @unary
+    async def GetArchive(self, request: session_pb2.GetArchiveRequest, context: Ctx
+                         ) -> session_pb2.Archive:
+        arch, messages = await self.sessions.get_archive(identity_of(context),
+                                                         request.session_id, request.index)
+        return cv.archive_out(arch, messages)
+
+
+class TaskServicer(task_pb2_grpc.TaskServiceServicer):
+    def __init__(self, tasks: TaskManager) -> None:
+        self.tasks = tasks
+
+    @unary
+    async def GetTask(self, request: task_pb2.GetTaskRequest, context: Ctx) -> task_pb2.Task:
+        return cv.task_out(await self.tasks.get(identity_of(context), request.task_id))
+
+    @unary
+    async def ListTasks(self, request: task_pb2.ListTasksRequest, context: Ctx
+                        ) -> task_pb2.ListTasksResponse:
+        page = await self.tasks.list(identity_of(context), request.session_id,
+                                     cv.state_in(request.state), request.task_type,
+                                     request.page_size, decode_token(request.page_token))
+        return task_pb2.ListTasksResponse(tasks=[cv.task_out(t) for t in page.tasks],
+                                          next_page_token=encode_token(page.next_token))
+
+    @stream
+    async def WatchTask(self, request: task_pb2.WatchTaskRequest, context: Ctx
+                        ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        async for item in self.tasks.watch(identity_of(context), request.task_id,
+                                           request.after_seq):
+            if isinstance(item, Task):
+                yield task_pb2.WatchTaskResponse(snapshot=cv.task_out(item))
+            elif isinstance(item, Heartbeat):
+                yield task_pb2.WatchTaskResponse(heartbeat=task_pb2.Heartbeat(
+                    time=cv.ts(item.time), last_seq=item.last_seq))
+            else:
+                yield task_pb2.WatchTaskResponse(event=cv.event_out(item))
+        if self.tasks.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down; resume the watch with after_seq")
+
+    @unary
+    async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: Ctx
+                         ) -> task_pb2.Task:
+        return cv.task_out(await self.tasks.cancel(identity_of(context), request.task_id))
+
+
+class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
+    def __init__(self, memories: MemoryManager) -> None:
+        self.memories = memories
+
+    @unary
+    async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Ctx
+                           ) -> memory_pb2.ListMemoriesResponse:
+        items, nxt = await self.memories.list(identity_of(context),
+                                              cv.category_in(request.category),
+                                              request.page_size, decode_token(request.page_token))
+        return memory_pb2.ListMemoriesResponse(memories=[cv.memory_out(m) for m in items],
+                                               next_page_token=encode_token(nxt))
+
+    @unary
+    async def GetMemory(self, request: memory_pb2.GetMemoryRequest, context: Ctx
+                        ) -> memory_pb2.Memory:
+        return cv.memory_out(await self.memories.get(identity_of(context), request.memory_id))
+
+    @unary
+    async def SearchMemories(self, request: memory_pb2.SearchMemoriesRequest, context: Ctx
+                             ) -> memory_pb2.SearchMemoriesResponse:
+        hits = await self.memories.search(identity_of(context), request.query,
+                                          cv.category_in(request.category), request.limit)
+        return memory_pb2.SearchMemoriesResponse(results=[
+            memory_pb2.ScoredMemory(memory=cv.memory_out(m), score=s) for m, s in hits])
+
+    @unary
+    async def DeleteMemory(self, request: memory_pb2.DeleteMemoryRequest, context: Ctx
+                           ) -> memory_pb2.DeleteMemoryResponse:
+        await self.memories.delete(identity_of(context), request.memory_id)
+        return memory_pb2.DeleteMemoryResponse(memory_id=request.memory_id)

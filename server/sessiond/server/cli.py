@@ -1,0 +1,120 @@
+"""The `sessiond` command: serve, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from sessiond.server.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = Settings.from_env()
+    p = argparse.ArgumentParser(prog="sessiond", description="Session and memory service")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--address", default=env.address, help="host:port to listen on")
+    serve.add_argument("--data-dir", type=Path, default=env.data_dir,
+                       help="directory of the embedded SQLite store")
+    serve.add_argument("--store", default=env.store,
+                       help="'sqlite' (embedded, default) or a postgresql:// URL")
+    serve.add_argument("--engine", default=env.engine, choices=["offline", "openai"],
+                       help="Phase 2 engine")
+    serve.add_argument("--llm-base-url", default=env.llm.base_url)
+    serve.add_argument("--llm-model", default=env.llm.model)
+    serve.add_argument("--llm-api-key-env", default=env.llm.api_key_env,
+                       help="environment variable holding the API key")
+    serve.add_argument("--llm-api-key-file", default=env.llm.api_key_file,
+                       help="file holding the API key (wins over the env variable)")
+    serve.add_argument("--llm-timeout", type=float, default=env.llm.timeout_seconds)
+    serve.add_argument("--llm-temperature", type=float, default=env.llm.temperature)
+    serve.add_argument("--llm-max-concurrency", type=int, default=env.llm.max_concurrency)
+    serve.add_argument("--llm-max-retries", type=int, default=env.llm.max_retries)
+    serve.add_argument("--workers", type=int, default=env.worker_concurrency,
+                       help="Phase 2 tasks run at once by this process")
+    serve.add_argument("--lease-seconds", type=float, default=env.lease_seconds)
+    serve.add_argument("--poll-seconds", type=float, default=env.poll_seconds)
+    serve.add_argument("--heartbeat-seconds", type=float, default=env.heartbeat_seconds)
+    serve.add_argument("--shutdown-grace", type=float, default=env.shutdown_grace_seconds)
+    serve.add_argument("--completed-retention-hours", type=float,
+                       default=env.completed_retention_hours)
+    serve.add_argument("--failed-retention-hours", type=float,
+                       default=env.failed_retention_hours)
+    serve.add_argument("--max-stored-tasks", type=int, default=env.max_stored_tasks)
+    serve.add_argument("--sqlite-synchronous", default=env.sqlite_synchronous,
+                       choices=["FULL", "NORMAL"])
+    serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
+    serve.add_argument("--log-level", default="INFO")
+    mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
+    mig.add_argument("--store", default=env.store, help="postgresql:// URL")
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    s = Settings.from_env()
+    s.address, s.data_dir, s.store, s.engine = ns.address, ns.data_dir, ns.store, ns.engine
+    s.llm.base_url, s.llm.model = ns.llm_base_url, ns.llm_model
+    s.llm.api_key_env, s.llm.api_key_file = ns.llm_api_key_env, ns.llm_api_key_file
+    s.llm.timeout_seconds, s.llm.temperature = ns.llm_timeout, ns.llm_temperature
+    s.llm.max_concurrency, s.llm.max_retries = ns.llm_max_concurrency, ns.llm_max_retries
+    s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
+    s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
+    s.shutdown_grace_seconds = ns.shutdown_grace
+    s.completed_retention_hours = ns.completed_retention_hours
+    s.failed_retention_hours = ns.failed_retention_hours
+    s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
+    s.pg_pool_max = ns.pg_pool_max
+    return s
+
+
+async def _serve(settings: Settings) -> None:
+    from sessiond.server.api.server import App
+
+    app = App(settings)
+    port = await app.start()
+    host = settings.address.rsplit(":", 1)[0]
+    print(f"sessiond serving on {host}:{port} (store={settings.store}, "
+          f"engine={settings.engine})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("sessiond: shutting down", flush=True)
+    await app.stop()
+
+
+async def _migrate(url: str) -> None:
+    from sessiond.server.store.postgres.migrations import migrate_url
+
+    before, after = await migrate_url(url)
+    print(f"schema version {before} -> {after}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.command == "serve":
+        logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            asyncio.run(_serve(settings_from_args(ns)))
+        except (OSError, ValueError) as exc:
+            print(f"sessiond: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if ns.command == "migrate":
+        if not ns.store.startswith(("postgresql://", "postgres://")):
+            print("sessiond migrate: SQLite migrates itself at start; give --store "
+                  "postgresql://...", file=sys.stderr)
+            return 2
+        asyncio.run(_migrate(ns.store))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Phase 2: the stages that turn an archive into a summary, memories, relations and
+active counts, each made durable with its own stage-completed event.
+
+A stage's writes and the mark that it is done commit together, so a task resumed
+after a crash starts at the first stage not done and counts nothing twice.
+Cancellation and shutdown are honoured at stage boundaries only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sessiond.server import failpoints
+from sessiond.server.commit.engine import (
+    EngineError,
+    ExtractionRequest,
+    Phase2Engine,
+    SummaryRequest,
+)
+from sessiond.server.commit.sanitize import sanitize
+from sessiond.server.domain.errors import LeaseLost, NotFound
+from sessiond.server.domain.rules import utcnow
+from sessiond.server.domain.values import (
+    PIPELINE,
+    ContextPart,
+    EventKind,
+    Message,
+    NewEvent,
+    Stage,
+    Task,
+    TaskError,
+    ToolPart,
+    UsageRecord,
+)
+from sessiond.server.store.base import (
+    ActiveCountsOutput,
+    ExtractionOutput,
+    RelationsOutput,
+    StageOutput,
+    Store,
+    SummaryOutput,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_DEADLINE_EXCEEDED = 4
+
+
+def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
+    """The contexts and skills the archive used: recorded usage first, then context
+    references and skill-backed tool calls in the messages; each uri once."""
+    uris: list[str] = []
+    for rec in usage:
+        uris += rec.used_uris()
+    for m in messages:
+        for p in m.parts:
+            if isinstance(p, ContextPart) and p.uri:
+                uris.append(p.uri)
+            elif isinstance(p, ToolPart) and p.skill_uri:
+                uris.append(p.skill_uri)
+    return tuple(dict.fromkeys(uris))
+
+
+@dataclass
+class RunOutcome:
+    finished: bool  # reached a terminal state (or lost the lease)
+
+
+class Phase2Pipeline:
+    def __init__(self, store: Store, engine: Phase2Engine, worker_id: str,
+                 should_stop: Callable[[], bool] = lambda: False,
+                 secrets: tuple[str, ...] = ()) -> None:
+        self.store = store
+        self.engine = engine
+        self.worker_id = worker_id
+        self.should_stop = should_stop
+        self.secrets = secrets
+
+    async def run(self, task: Task) -> RunOutcome:
+        """Run the stages after `task.done_stage`. Returns finished=False when it
+        stopped for shutdown (the lease is left to be released by the worker)."""
+        try:
+            return await self._run(task)
+        except LeaseLost:
+            log.warning("lost the lease of %s; another worker owns it now", task.task_id)
+            return RunOutcome(True)
+        except EngineError as exc:
+            await self._fail(task, TaskError(code=_engine_code(exc), reason=exc.reason,
+                                             message=sanitize(str(exc), self.secrets)))
+            return RunOutcome(True)
+        except NotFound as exc:
+            await self._fail(task, TaskError(code=5, reason=exc.reason,
+                                             message=sanitize(exc.message, self.secrets)))
+            return RunOutcome(True)
+        except Exception as exc:
+            log.exception("Phase 2 of %s failed", task.task_id)
+            msg = sanitize(f"{type(exc).__name__}: {exc}", self.secrets)
+            await self._fail(task, TaskError(code=GRPC_INTERNAL, reason="INTERNAL", message=msg))
+            return RunOutcome(True)
+
+    async def _fail(self, task: Task, error: TaskError) -> None:
+        try:
+            await self.store.fail_task(task.task_id, self.worker_id, error, utcnow())
+        except LeaseLost:
+            log.warning("could not fail %s: lease lost", task.task_id)
+
+    async def _run(self, task: Task) -> RunOutcome:
+        store, ident = self.store, task.identity
+        messages = await store.archive_messages(ident, task.session_id, task.archive_index)
+        if not messages:
+            raise NotFound(f"archive {task.archive_uri} has no messages (session deleted?)",
+                           reason="ARCHIVE_NOT_FOUND")
+        usage = await store.archive_usage(ident, task.session_id, task.archive_index)
+        previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
+        prev_overview = previous.overview if previous is not None else ""
+        overview = ""
+        for stage in PIPELINE:
+            if STAGE_INDEX[stage] <= STAGE_INDEX[task.done_stage]:
+                continue
+            current = await store.get_task(task.task_id)
+            if current is None or current.state.terminal:
+                return RunOutcome(True)
+            if current.cancel_requested:
+                await store.cancel_task(task.task_id, self.worker_id, utcnow())
+                return RunOutcome(True)
+            if self.should_stop():
+                return RunOutcome(False)
+            await store.append_event(task.task_id, self.worker_id,
+                                     NewEvent(EventKind.STAGE_STARTED, f"{stage.value} started"),
+                                     stage, utcnow())
+            failpoints.hit(f"phase2.{stage.value}.before")
+            if stage is Stage.FINALIZE:
+                await store.finalize_task(task.task_id, self.worker_id, utcnow())
+                failpoints.hit("phase2.finalize.after")
+                return RunOutcome(True)
+            reporter = self._reporter(task, stage)
+            output: StageOutput
+            if stage is Stage.SUMMARIZE:
+                s = await self.engine.summarize(SummaryRequest(
+                    session_id=task.session_id, archive_index=task.archive_index,
+                    messages=messages, previous_overview=prev_overview, usage=usage), reporter)
+                overview = s.overview
+                output = SummaryOutput(s.overview, s.abstract, s.usage)
+            elif stage is Stage.EXTRACT:
+                if not overview:
+                    arch = await store.get_archive(ident, task.session_id, task.archive_index)
+                    overview = arch.overview if arch is not None else ""
+                e = await self.engine.extract(ExtractionRequest(
+                    session_id=task.session_id, archive_uri=task.archive_uri,
+                    messages=messages, previous_overview=prev_overview, overview=overview,
+                    usage=usage), reporter)
+                output = ExtractionOutput(e.candidates, e.usage)
+            elif stage is Stage.RELATIONS:
+                output = RelationsOutput(used_uris(messages, usage))
+            else:
+                output = ActiveCountsOutput(used_uris(messages, usage))
+            await store.complete_stage(task.task_id, self.worker_id, stage, output, utcnow())
+            failpoints.hit(f"phase2.{stage.value}.after")
+        return RunOutcome(True)
+
+    def _reporter(self, task: Task, stage: Stage) -> RetryReporterImpl:
+        return RetryReporterImpl(self, task, stage)
+
+
+class RetryReporterImpl:
+    """Turns an engine's retry into a RETRYING journal event."""
+
+    def __init__(self, pipeline: Phase2Pipeline, task: Task, stage: Stage) -> None:
+        self.pipeline = pipeline
+        self.task = task
+        self.stage = stage
+
+    async def __call__(self, attempt: int, max_attempts: int, reason: str) -> None:
+        msg = (f"retrying {self.stage.value}, attempt {attempt} of {max_attempts}, after "
+               f"{sanitize(reason, self.pipeline.secrets)}")
+        await self.pipeline.store.append_event(
+            self.task.task_id, self.pipeline.worker_id,
+            NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())
+
+
+def _engine_code(exc: EngineError) -> int:
+    if exc.reason in ("LLM_TIMEOUT",):
+        return GRPC_DEADLINE_EXCEEDED
+    if exc.reason in ("LLM_UNAVAILABLE", "LLM_RATE_LIMITED"):
+        return GRPC_UNAVAILABLE
+    return GRPC_INTERNAL

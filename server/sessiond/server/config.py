@@ -1,0 +1,62 @@
+"""Server settings: defaults, then environment (SESSIOND_*), then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"SESSIOND_{name}", default)
+
+
+@dataclass
+class LLMSettings:
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str = ""
+    timeout_seconds: float = 60.0
+    temperature: float = 0.0
+    max_concurrency: int = 4
+    max_retries: int = 5
+    json_mode: str = "auto"  # auto | json_schema | json_object | none
+
+
+@dataclass
+class Settings:
+    address: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./data")
+    # "sqlite" (embedded, in data_dir) or a postgresql:// URL.
+    store: str = "sqlite"
+    sqlite_synchronous: str = "FULL"
+    pg_pool_min: int = 2
+    pg_pool_max: int = 10
+    pg_channel: str = "sessiond_events"
+    engine: str = "offline"  # offline | openai
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    worker_concurrency: int = 4
+    lease_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    heartbeat_seconds: float = 5.0
+    shutdown_grace_seconds: float = 10.0
+    completed_retention_hours: float = 24.0
+    failed_retention_hours: float = 24.0 * 7
+    request_id_retention_hours: float = 24.0
+    max_stored_tasks: int = 100_000
+    sweep_interval_seconds: float = 300.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        s = cls()
+        s.address = _env("ADDRESS", s.address)
+        s.data_dir = Path(_env("DATA_DIR", str(s.data_dir)))
+        s.store = _env("STORE", s.store)
+        s.engine = _env("ENGINE", s.engine)
+        s.llm.base_url = _env("LLM_BASE_URL", s.llm.base_url)
+        s.llm.model = _env("LLM_MODEL", s.llm.model)
+        s.llm.api_key_env = _env("LLM_API_KEY_ENV", s.llm.api_key_env)
+        s.llm.api_key_file = _env("LLM_API_KEY_FILE", s.llm.api_key_file)
+        return s

@@ -1,0 +1,209 @@
+"""The domain operations behind SessionService and MemoryService. No gRPC here: the
+API layer converts protobuf to these calls and domain errors to status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sessiond.server import failpoints
+from sessiond.server.domain import rules
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
+from sessiond.server.domain.values import (
+    Archive,
+    Identity,
+    Memory,
+    MemoryCategory,
+    Message,
+    Part,
+    Role,
+    SessionMeta,
+    SkillUse,
+    ToolStatus,
+    UsageRecord,
+)
+from sessiond.server.store.base import CommitOutcome, CommitPlan, RequestKey, Store
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContextView:
+    session_id: str
+    latest_archive_overview: str
+    latest_archive_uri: str
+    current_messages: list[Message]
+
+
+def _request_key(identity: Identity, method: str, request_id: str,
+                 fingerprint: bytes) -> RequestKey | None:
+    if not request_id:
+        return None
+    rules.check_request_id(request_id)
+    return RequestKey(identity, method, request_id, RequestKey.fingerprint_of(fingerprint))
+
+
+def _not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND",
+                    metadata={"session_id": session_id})
+
+
+class SessionManager:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create(self, identity: Identity, session_id: str, request_id: str = "",
+                     fingerprint: bytes = b"") -> SessionMeta:
+        if session_id:
+            rules.check_session_id(session_id)
+        req = _request_key(identity, "CreateSession", request_id, fingerprint)
+        if not session_id:
+            session_id = rules.new_session_id()
+            if req is not None:
+                # Server-chosen id: derive it from the request id so a replay that
+                # races the first call cannot create a second session.
+                seed = "\x1f".join((identity.account, identity.user, identity.agent, request_id))
+                session_id = f"ses_{RequestKey.fingerprint_of(seed.encode())[:32]}"
+        return await self.store.create_session(identity, session_id, rules.utcnow(), req)
+
+    async def get(self, identity: Identity, session_id: str, auto_create: bool = False
+                  ) -> SessionMeta:
+        rules.check_session_id(session_id)
+        if auto_create:
+            return await self.store.ensure_session(identity, session_id, rules.utcnow())
+        meta = await self.store.get_session(identity, session_id)
+        if meta is None:
+            raise _not_found(session_id)
+        return meta
+
+    async def list(self, identity: Identity, page_size: int, after: str
+                   ) -> tuple[list[SessionMeta], str]:
+        size = rules.page_size(page_size)
+        items = await self.store.list_sessions(identity, size + 1, after)
+        token = items[size - 1].session_id if len(items) > size else ""
+        return items[:size], token
+
+    async def delete(self, identity: Identity, session_id: str) -> None:
+        rules.check_session_id(session_id)
+        if not await self.store.delete_session(identity, session_id, rules.utcnow()):
+            raise _not_found(session_id)
+
+    async def add_message(self, identity: Identity, session_id: str, role: Role,
+                          parts: Sequence[Part], request_id: str = "",
+                          fingerprint: bytes = b"") -> Message:
+        rules.check_session_id(session_id)
+        rules.check_parts(parts)
+        req = _request_key(identity, "AddMessage", request_id, fingerprint)
+        msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
+                      created_at=rules.utcnow())
+        return await self.store.add_message(identity, session_id, msg, req)
+
+    async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
+                               tool_id: str, output: str, status: ToolStatus) -> Message:
+        rules.check_session_id(session_id)
+        violations = []
+        if not message_id:
+            violations.append(FieldViolation("message_id", "must not be empty"))
+        if not tool_id:
+            violations.append(FieldViolation("tool_id", "must not be empty"))
+        if violations:
+            raise InvalidArgument("message_id and tool_id are required", violations=violations)
+        return await self.store.update_tool_part(identity, session_id, message_id, tool_id,
+                                                 output, status, rules.utcnow())
+
+    async def record_usage(self, identity: Identity, session_id: str,
+                           context_uris: Sequence[str], skill: SkillUse | None,
+                           request_id: str = "", fingerprint: bytes = b"") -> int:
+        rules.check_session_id(session_id)
+        uris = [u for u in context_uris]
+        bad = [FieldViolation(f"context_uris[{i}]", "must not be empty")
+               for i, u in enumerate(uris) if not u.strip()]
+        if bad:
+            raise InvalidArgument("context uris must not be empty", violations=bad)
+        if not uris and skill is None:
+            raise InvalidArgument("nothing to record", violations=[
+                FieldViolation("context_uris", "give at least one context uri or a skill")])
+        req = _request_key(identity, "RecordUsage", request_id, fingerprint)
+        rec = UsageRecord(context_uris=tuple(uris), skill=skill, created_at=rules.utcnow())
+        return await self.store.record_usage(identity, session_id, rec, req)
+
+    async def commit(self, identity: Identity, session_id: str, keep_recent_count: int,
+                     reject_if_running: bool, request_id: str = "",
+                     fingerprint: bytes = b"") -> CommitOutcome:
+        rules.check_session_id(session_id)
+        if keep_recent_count < 0:
+            raise InvalidArgument("keep_recent_count must not be negative", violations=[
+                FieldViolation("keep_recent_count", "must be >= 0")])
+        req = _request_key(identity, "Commit", request_id, fingerprint)
+        plan = CommitPlan(identity=identity, session_id=session_id,
+                          keep_recent_count=keep_recent_count,
+                          reject_if_running=reject_if_running, task_id=rules.new_task_id(),
+                          now=rules.utcnow())
+        failpoints.hit("commit.before_write")
+        outcome = await self.store.commit(plan, req)
+        failpoints.hit("commit.after_write")
+        return outcome
+
+    async def context(self, identity: Identity, session_id: str, max_messages: int
+                      ) -> SessionContextView:
+        rules.check_session_id(session_id)
+        if max_messages < 0:
+            raise InvalidArgument("max_messages must not be negative", violations=[
+                FieldViolation("max_messages", "must be >= 0")])
+        messages = await self.store.list_live_messages(identity, session_id, max_messages)
+        latest = await self.store.latest_done_archive(identity, session_id)
+        return SessionContextView(
+            session_id=session_id,
+            latest_archive_overview=latest.overview if latest else "",
+            latest_archive_uri=latest.uri if latest else "",
+            current_messages=messages)
+
+    async def list_archives(self, identity: Identity, session_id: str, page_size: int,
+                            after_index: int) -> tuple[list[Archive], int]:
+        rules.check_session_id(session_id)
+        size = rules.page_size(page_size)
+        items = await self.store.list_archives(identity, session_id, size + 1, after_index)
+        nxt = items[size - 1].index if len(items) > size else 0
+        return items[:size], nxt
+
+    async def get_archive(self, identity: Identity, session_id: str, index: int
+                          ) -> tuple[Archive, list[Message]]:
+        rules.check_session_id(session_id)
+        if index <= 0:
+            raise InvalidArgument("index must be >= 1", violations=[
+                FieldViolation("index", "archives are numbered from 1")])
+        arch = await self.store.get_archive(identity, session_id, index)
+        if arch is None:
+            if await self.store.get_session(identity, session_id) is None:
+                raise _not_found(session_id)
+            raise NotFound(f"archive {index} of session {session_id!r} not found",
+                           reason="ARCHIVE_NOT_FOUND")
+        return arch, await self.store.archive_messages(identity, session_id, index)
+
+
+class MemoryManager:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def list(self, identity: Identity, category: MemoryCategory | None, page_size: int,
+                   after: str) -> tuple[list[Memory], str]:
+        size = rules.page_size(page_size)
+        items = await self.store.list_memories(identity, category, size + 1, after)
+        token = items[size - 1].memory_id if len(items) > size else ""
+        return items[:size], token
+
+    async def get(self, identity: Identity, memory_id: str) -> Memory:
+        mem = await self.store.get_memory(identity, memory_id) if memory_id else None
+        if mem is None:
+            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")
+        return mem
+
+    async def search(self, identity: Identity, query: str, category: MemoryCategory | None,
+                     limit: int) -> list[tuple[Memory, float]]:
+        if not query.strip():
+            raise InvalidArgument("query must not be empty", violations=[
+                FieldViolation("query", "give at least one word")])
+        return await self.store.search_memories(identity, query, category,
+                                                min(rules.page_size(limit), 100))
+
+    async def delete(self, identity: Identity, memory_id: str) -> None:
+        if not memory_id or not await self.store.delete_memory(identity, memory_id):
+            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")

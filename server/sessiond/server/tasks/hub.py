@@ -1,0 +1,103 @@
+"""In-process fan-out of journal events to the watchers of this process.
+
+Publishing never blocks: each subscription keeps a bounded buffer; a subscriber that
+falls behind is marked `lagged` and re-reads the journal from the store instead, so a
+slow watcher never delays Phase 2 and never misses an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from sessiond.server.domain.values import TaskEvent
+
+BUFFER = 256
+
+
+class Subscription:
+    def __init__(self, hub: EventHub, task_id: str) -> None:
+        self._hub = hub
+        self.task_id = task_id
+        self._events: deque[TaskEvent] = deque()
+        self._signal = asyncio.Event()
+        self.lagged = False
+
+    def _push(self, ev: TaskEvent) -> None:
+        if len(self._events) >= BUFFER:
+            self.lagged = True
+            self._events.clear()
+        else:
+            self._events.append(ev)
+        self._signal.set()
+
+    def poke(self) -> None:
+        """Wake the subscriber without an event (e.g. a cross-process notification)."""
+        self._signal.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when woken, False on timeout."""
+        if self._events or self.lagged:
+            return True
+        try:
+            await asyncio.wait_for(self._signal.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._signal.clear()
+
+    def drain(self) -> tuple[list[TaskEvent], bool]:
+        """Buffered events and whether some were dropped (re-read the store then)."""
+        evs = list(self._events)
+        self._events.clear()
+        lagged, self.lagged = self.lagged, False
+        return evs, lagged
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._subs: dict[str, set[Subscription]] = {}
+
+    def subscribe(self, task_id: str) -> Subscription:
+        sub = Subscription(self, task_id)
+        self._subs.setdefault(task_id, set()).add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.task_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.task_id]
+
+    def publish(self, events: Sequence[TaskEvent]) -> None:
+        for ev in events:
+            for sub in self._subs.get(ev.task_id, ()):
+                sub._push(ev)
+
+    def poke(self, task_id: str) -> None:
+        for sub in self._subs.get(task_id, ()):
+            sub.poke()
+
+    def poke_all(self) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.poke()
+
+    def watched_tasks(self) -> list[str]:
+        return list(self._subs)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())

@@ -1,0 +1,126 @@
+"""The domain operations behind TaskService: read, list, cancel and watch tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from sessiond.server.domain import rules
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
+from sessiond.server.store.base import Store, TaskPage
+from sessiond.server.tasks.hub import EventHub
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    time: datetime
+    last_seq: int
+
+
+WatchItem = Task | TaskEvent | Heartbeat
+
+
+class TaskManager:
+    def __init__(self, store: Store, hub: EventHub, *, heartbeat_seconds: float = 5.0,
+                 poll_seconds: float = 1.0) -> None:
+        self.store = store
+        self.hub = hub
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self._closing = asyncio.Event()
+
+    def close_watches(self) -> None:
+        """Ask every open watch to end (graceful shutdown)."""
+        self._closing.set()
+        self.hub.poke_all()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    async def get(self, identity: Identity, task_id: str) -> Task:
+        task = await self.store.get_task(task_id) if task_id else None
+        if task is None or task.identity != identity:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND",
+                           metadata={"task_id": task_id})
+        return task
+
+    async def list(self, identity: Identity, session_id: str, state: TaskState | None,
+                   task_type: str, page_size: int, page_token: str) -> TaskPage:
+        if session_id:
+            rules.check_session_id(session_id)
+        return await self.store.list_tasks(identity, session_id, state, task_type,
+                                           rules.page_size(page_size), page_token)
+
+    async def cancel(self, identity: Identity, task_id: str) -> Task:
+        await self.get(identity, task_id)
+        return await self.store.request_cancel(task_id, rules.utcnow())
+
+    async def watch(self, identity: Identity, task_id: str, after_seq: int
+                    ) -> AsyncIterator[WatchItem]:
+        """Snapshot, then every event with seq > after_seq in order, heartbeats while
+        idle; returns after the terminal event. Raises before yielding anything when
+        the task is unknown or after_seq is not a position of its journal."""
+        if after_seq < 0:
+            raise InvalidArgument("after_seq must not be negative", violations=[
+                FieldViolation("after_seq", "must be >= 0")])
+        sub = self.hub.subscribe(task_id)
+        try:
+            task = await self.get(identity, task_id)
+            if after_seq > task.last_seq:
+                raise OutOfRange(f"after_seq {after_seq} is beyond the journal of task "
+                                 f"{task_id} (last seq {task.last_seq})", reason="SEQ_IN_FUTURE",
+                                 metadata={"last_seq": str(task.last_seq)})
+            if after_seq < task.first_seq - 1:
+                raise OutOfRange(f"events after seq {after_seq} of task {task_id} are no longer "
+                                 f"kept (oldest kept: {task.first_seq})", reason="SEQ_COMPACTED",
+                                 metadata={"first_seq": str(task.first_seq)})
+            yield task
+            last = after_seq
+            if task.state.terminal and last >= task.last_seq:
+                return
+            need_read = True
+            last_sent = time.monotonic()
+            while True:
+                if need_read:
+                    for ev in await self.store.list_events(task_id, last):
+                        if ev.seq != last + 1:
+                            raise OutOfRange(f"event {last + 1} of task {task_id} is no longer "
+                                             "kept", reason="SEQ_COMPACTED")
+                        yield ev
+                        last = ev.seq
+                        last_sent = time.monotonic()
+                        if ev.kind.terminal:
+                            return
+                    need_read = False
+                if self._closing.is_set():
+                    return
+                woke = await sub.wait(self.poll_seconds)
+                if self._closing.is_set():
+                    return
+                if not woke:
+                    need_read = True  # polling fallback: a missed wake-up only delays
+                    if time.monotonic() - last_sent >= self.heartbeat_seconds:
+                        yield Heartbeat(rules.utcnow(), last)
+                        last_sent = time.monotonic()
+                    continue
+                events, lagged = sub.drain()
+                fresh = [e for e in events if e.seq > last]
+                if lagged or not fresh or fresh[0].seq != last + 1:
+                    need_read = True
+                    continue
+                for ev in fresh:
+                    if ev.seq != last + 1:
+                        need_read = True
+                        break
+                    yield ev
+                    last = ev.seq
+                    last_sent = time.monotonic()
+                    if ev.kind.terminal:
+                        return
+        finally:
+            sub.close()

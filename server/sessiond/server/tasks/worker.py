@@ -1,0 +1,115 @@
+"""The Phase 2 worker: claims runnable tasks from the store, runs them with a renewed
+lease, resumes what a crash left behind, and stops at stage boundaries on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+
+from sessiond.server.commit.engine import Phase2Engine
+from sessiond.server.commit.pipeline import Phase2Pipeline
+from sessiond.server.domain.errors import SessiondError
+from sessiond.server.domain.rules import utcnow
+from sessiond.server.domain.values import Task
+from sessiond.server.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Phase2Worker:
+    def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
+                 lease_seconds: float = 30.0, poll_seconds: float = 1.0,
+                 secrets: tuple[str, ...] = (), worker_id: str | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.concurrency = concurrency
+        self.lease = timedelta(seconds=lease_seconds)
+        self.poll_seconds = poll_seconds
+        self.worker_id = worker_id or new_worker_id()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self.pipeline = Phase2Pipeline(store, engine, self.worker_id,
+                                       should_stop=lambda: self._stopping, secrets=secrets)
+        store.add_work_listener(self.wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self.store.single_process:
+            released = await self.store.release_all_leases()
+            if released:
+                log.info("resuming %d unfinished Phase 2 task(s) left by the last run", released)
+        self._loop_task = asyncio.create_task(self._loop(), name="phase2-worker")
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                while len(self._running) < self.concurrency and not self._stopping:
+                    now = utcnow()
+                    task = await self.store.claim_task(self.worker_id, now, now + self.lease)
+                    if task is None:
+                        break
+                    self._running[task.task_id] = asyncio.create_task(
+                        self._run(task), name=f"phase2-{task.task_id}")
+            except SessiondError as exc:
+                log.warning("claiming Phase 2 work failed: %s", exc)
+            except Exception:
+                log.exception("claiming Phase 2 work failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def _run(self, task: Task) -> None:
+        renew = asyncio.create_task(self._renew(task.task_id))
+        try:
+            outcome = await self.pipeline.run(task)
+            if not outcome.finished:
+                # Shutdown: hand the task back now instead of waiting for lease expiry.
+                with contextlib.suppress(Exception):
+                    await self.store.renew_lease(task.task_id, self.worker_id,
+                                                 utcnow() - timedelta(seconds=1))
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            self._running.pop(task.task_id, None)
+            self._wake.set()
+
+    async def _renew(self, task_id: str) -> None:
+        interval = max(self.lease.total_seconds() / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await self.store.renew_lease(task_id, self.worker_id, utcnow() + self.lease)
+            except Exception as exc:
+                log.warning("renewing the lease of %s failed: %s", task_id, exc)
+                continue
+            if not ok:
+                return
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; running tasks stop at their next stage boundary."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._running:
+            _, pending = await asyncio.wait(list(self._running.values()), timeout=grace)
+            for t in pending:
+                t.cancel()
