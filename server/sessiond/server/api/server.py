@@ -88,6 +88,7 @@ class App:
         self.engine = engine
         self.hub = EventHub()
         self.store.add_event_listener(self.hub.publish)
+        self.store.add_remote_event_listener(self.hub.poke)
         self.sessions = SessionManager(self.store)
         self.memories = MemoryManager(self.store)
         self.tasks = TaskManager(self.store, self.hub,

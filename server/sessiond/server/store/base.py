@@ -116,6 +116,9 @@ class SweepResult:
 EventListener = Callable[[Sequence[TaskEvent]], None]
 # Called when new runnable work may exist (a commit, a finished task).
 WorkListener = Callable[[], None]
+# Called with a task id when ANOTHER process appended journal events for it
+# (PostgreSQL LISTEN/NOTIFY); watchers of that task re-read the journal.
+RemoteEventListener = Callable[[str], None]
 
 
 class Store(abc.ABC):
@@ -125,6 +128,7 @@ class Store(abc.ABC):
     def __init__(self) -> None:
         self._event_listeners: list[EventListener] = []
         self._work_listeners: list[WorkListener] = []
+        self._remote_listeners: list[RemoteEventListener] = []
 
     # -- lifecycle -----------------------------------------------------------------
     @abc.abstractmethod
@@ -149,6 +153,13 @@ class Store(abc.ABC):
 
     def add_work_listener(self, fn: WorkListener) -> None:
         self._work_listeners.append(fn)
+
+    def add_remote_event_listener(self, fn: RemoteEventListener) -> None:
+        self._remote_listeners.append(fn)
+
+    def _emit_remote_event(self, task_id: str) -> None:
+        for fn in self._remote_listeners:
+            fn(task_id)
 
     def _emit_events(self, events: Sequence[TaskEvent]) -> None:
         if events:
