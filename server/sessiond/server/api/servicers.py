@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import AsyncIterator
 
 import grpc
@@ -42,8 +43,8 @@ def decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
         raise InvalidArgument(f"page_token {token[:40]!r} is not valid",
                               reason="BAD_PAGE_TOKEN") from exc
 
