@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-
 from sessiond.server.api.server import App
 from sessiond.server.commit.engine import Phase2Engine
 from sessiond.server.config import Settings

@@ -29,7 +29,7 @@ def _stamp(extras: str) -> str:
 
 
 def setup(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - runs before anything is installed
         raise SystemExit(f"sessiond needs Python 3.11+, this is {sys.version.split()[0]}")
     stamp_file = VENV / ".sessiond-installed"
     want = _stamp(extras)

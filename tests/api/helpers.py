@@ -10,7 +10,6 @@ import asyncio
 import threading
 
 import grpc
-
 from sessiond.server.commit.engine import (
     EngineError,
     ExtractionRequest,
@@ -73,7 +72,7 @@ class GatedEngine(OfflineEngine):
                         report: RetryReporter = no_report) -> SummaryResponse:
         self.previous_overviews.append(request.previous_overview)
         self.entered.set()
-        while not self._gate.is_set():
+        while not self._gate.is_set():  # noqa: ASYNC110 - a threading gate
             await asyncio.sleep(0.01)
         return await super().summarize(request, report)
 

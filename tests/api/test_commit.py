@@ -6,8 +6,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from sessiond.v1 import session_pb2, task_pb2
+
 from tests.api.helpers import FailingEngine, GatedEngine, add, events, wait_task, watch_all
 from tests.conftest import Running, ServerFactory
 

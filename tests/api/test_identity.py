@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from sessiond.v1 import memory_pb2, session_pb2, task_pb2
+
 from tests.api.helpers import add, wait_task
 from tests.conftest import Running
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_status import rpc_status
-
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sessiond.v1 import session_pb2
+
 from tests.api.helpers import add, text_part
 from tests.conftest import Running
 

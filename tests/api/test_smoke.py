@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from tests.conftest import Running
 from sessiond.v1 import session_pb2, task_pb2
+
+from tests.conftest import Running
 
 
 def text(role: int, t: str) -> session_pb2.AddMessageRequest:

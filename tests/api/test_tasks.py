@@ -4,8 +4,8 @@ import threading
 
 import grpc
 import pytest
-
 from sessiond.v1 import session_pb2, task_pb2
+
 from tests.api.helpers import GatedEngine, add, events, wait_task, watch_all
 from tests.conftest import Running, ServerFactory
 

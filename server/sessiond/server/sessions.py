@@ -74,7 +74,7 @@ class SessionManager:
             raise _not_found(session_id)
         return meta
 
-    async def list(self, identity: Identity, page_size: int, after: str
+    async def list_sessions(self, identity: Identity, page_size: int, after: str
                    ) -> tuple[list[SessionMeta], str]:
         size = rules.page_size(page_size)
         items = await self.store.list_sessions(identity, size + 1, after)
@@ -183,7 +183,8 @@ class MemoryManager:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def list(self, identity: Identity, category: MemoryCategory | None, page_size: int,
+    async def list_memories(self, identity: Identity, category: MemoryCategory | None,
+                            page_size: int,
                    after: str) -> tuple[list[Memory], str]:
         size = rules.page_size(page_size)
         items = await self.store.list_memories(identity, category, size + 1, after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
@@ -33,25 +34,26 @@ from sessiond.server.domain.values import (
 )
 from sessiond.v1 import common_pb2, memory_pb2, session_pb2, task_pb2
 
-_ROLE_IN = {session_pb2.ROLE_USER: Role.USER, session_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
-            session_pb2.ROLE_SYSTEM: Role.SYSTEM, session_pb2.ROLE_TOOL: Role.TOOL}
-_ROLE_OUT = {v: k for k, v in _ROLE_IN.items()}
-_CTX_IN = {session_pb2.CONTEXT_TYPE_MEMORY: ContextType.MEMORY,
+_ROLE_IN: dict[int, Role] = {
+    session_pb2.ROLE_USER: Role.USER, session_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+    session_pb2.ROLE_SYSTEM: Role.SYSTEM, session_pb2.ROLE_TOOL: Role.TOOL}
+_ROLE_OUT: dict[Role, Any] = {v: k for k, v in _ROLE_IN.items()}
+_CTX_IN: dict[int, ContextType] = {session_pb2.CONTEXT_TYPE_MEMORY: ContextType.MEMORY,
            session_pb2.CONTEXT_TYPE_RESOURCE: ContextType.RESOURCE,
            session_pb2.CONTEXT_TYPE_SKILL: ContextType.SKILL}
-_CTX_OUT = {v: k for k, v in _CTX_IN.items()}
-_TOOL_IN = {session_pb2.TOOL_STATUS_PENDING: ToolStatus.PENDING,
+_CTX_OUT: dict[ContextType, Any] = {v: k for k, v in _CTX_IN.items()}
+_TOOL_IN: dict[int, ToolStatus] = {session_pb2.TOOL_STATUS_PENDING: ToolStatus.PENDING,
             session_pb2.TOOL_STATUS_RUNNING: ToolStatus.RUNNING,
             session_pb2.TOOL_STATUS_COMPLETED: ToolStatus.COMPLETED,
             session_pb2.TOOL_STATUS_ERROR: ToolStatus.ERROR}
-_TOOL_OUT = {v: k for k, v in _TOOL_IN.items()}
-_STATE_OUT = {TaskState.PENDING: task_pb2.TASK_STATE_PENDING,
+_TOOL_OUT: dict[ToolStatus, Any] = {v: k for k, v in _TOOL_IN.items()}
+_STATE_OUT: dict[TaskState, Any] = {TaskState.PENDING: task_pb2.TASK_STATE_PENDING,
               TaskState.RUNNING: task_pb2.TASK_STATE_RUNNING,
               TaskState.COMPLETED: task_pb2.TASK_STATE_COMPLETED,
               TaskState.FAILED: task_pb2.TASK_STATE_FAILED,
               TaskState.CANCELLED: task_pb2.TASK_STATE_CANCELLED}
-_STATE_IN = {v: k for k, v in _STATE_OUT.items()}
-_KIND_OUT = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_CREATED,
+_STATE_IN: dict[int, TaskState] = {v: k for k, v in _STATE_OUT.items()}
+_KIND_OUT: dict[EventKind, Any] = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_CREATED,
              EventKind.STARTED: task_pb2.TASK_EVENT_KIND_STARTED,
              EventKind.STAGE_STARTED: task_pb2.TASK_EVENT_KIND_STAGE_STARTED,
              EventKind.STAGE_COMPLETED: task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED,
@@ -60,7 +62,7 @@ _KIND_OUT = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_CREATED,
              EventKind.COMPLETED: task_pb2.TASK_EVENT_KIND_COMPLETED,
              EventKind.FAILED: task_pb2.TASK_EVENT_KIND_FAILED,
              EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED}
-_CAT_IN = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
+_CAT_IN: dict[int, MemoryCategory] = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
            memory_pb2.MEMORY_CATEGORY_PREFERENCES: MemoryCategory.PREFERENCES,
            memory_pb2.MEMORY_CATEGORY_ENTITIES: MemoryCategory.ENTITIES,
            memory_pb2.MEMORY_CATEGORY_EVENTS: MemoryCategory.EVENTS,
@@ -68,7 +70,7 @@ _CAT_IN = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
            memory_pb2.MEMORY_CATEGORY_PATTERNS: MemoryCategory.PATTERNS,
            memory_pb2.MEMORY_CATEGORY_TOOLS: MemoryCategory.TOOLS,
            memory_pb2.MEMORY_CATEGORY_SKILLS: MemoryCategory.SKILLS}
-_CAT_OUT = {v: k for k, v in _CAT_IN.items()}
+_CAT_OUT: dict[MemoryCategory, Any] = {v: k for k, v in _CAT_IN.items()}
 
 
 def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -137,7 +139,7 @@ def skill_in(req: session_pb2.RecordUsageRequest) -> SkillUse | None:
 def state_in(value: int) -> TaskState | None:
     if value == task_pb2.TASK_STATE_UNSPECIFIED:
         return None
-    st = _STATE_IN.get(value)  # type: ignore[call-overload]
+    st = _STATE_IN.get(value)
     if st is None:
         raise InvalidArgument("unknown task state", violations=[
             FieldViolation("state", f"unknown value {value}")])
@@ -147,7 +149,7 @@ def state_in(value: int) -> TaskState | None:
 def category_in(value: int) -> MemoryCategory | None:
     if value == memory_pb2.MEMORY_CATEGORY_UNSPECIFIED:
         return None
-    cat = _CAT_IN.get(value)  # type: ignore[call-overload]
+    cat = _CAT_IN.get(value)
     if cat is None:
         raise InvalidArgument("unknown memory category", violations=[
             FieldViolation("category", f"unknown value {value}")])

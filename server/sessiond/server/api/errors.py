@@ -54,12 +54,12 @@ def to_status(exc: e.SessiondError) -> grpc.Status:
     return rpc_status.to_status(st)
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: e.SessiondError) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: e.SessiondError) -> None:
     st = to_status(exc)
     await context.abort(st.code, st.details, st.trailing_metadata)
 
 
-async def abort_internal(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     log.exception("unhandled error", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
@@ -68,10 +68,10 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
-          ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+          ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
             return await fn(self, request, context)
         except e.SessiondError as exc:
@@ -85,10 +85,10 @@ def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
     return wrapper
 
 
-def stream(fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]
-           ) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+def stream(fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]
+           ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Resp]:
         try:
             async for item in fn(self, request, context):

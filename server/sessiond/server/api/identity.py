@@ -9,6 +9,7 @@ when clients are not trusted.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import grpc
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
@@ -21,7 +22,7 @@ DEFAULT = "default"
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 
 
-def identity_of(context: grpc.aio.ServicerContext) -> Identity:
+def identity_of(context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
     md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     values = {}
     bad = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
@@ -24,14 +25,14 @@ from sessiond.v1 import (
     task_pb2_grpc,
 )
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def fingerprint(request: ProtoMessage) -> bytes:
     """The request without its request_id, serialized deterministically."""
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("request_id")  # type: ignore[arg-type]
+    copy.ClearField("request_id")
     return copy.SerializeToString(deterministic=True)
 
 
@@ -69,7 +70,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def ListSessions(self, request: session_pb2.ListSessionsRequest, context: Ctx
                            ) -> session_pb2.ListSessionsResponse:
-        items, nxt = await self.sessions.list(identity_of(context), request.page_size,
+        items, nxt = await self.sessions.list_sessions(identity_of(context), request.page_size,
                                               decode_token(request.page_token))
         return session_pb2.ListSessionsResponse(sessions=[cv.session_out(m) for m in items],
                                                 next_page_token=encode_token(nxt))
@@ -160,7 +161,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @unary
     async def ListTasks(self, request: task_pb2.ListTasksRequest, context: Ctx
                         ) -> task_pb2.ListTasksResponse:
-        page = await self.tasks.list(identity_of(context), request.session_id,
+        page = await self.tasks.list_tasks(identity_of(context), request.session_id,
                                      cv.state_in(request.state), request.task_type,
                                      request.page_size, decode_token(request.page_token))
         return task_pb2.ListTasksResponse(tasks=[cv.task_out(t) for t in page.tasks],
@@ -195,7 +196,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @unary
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Ctx
                            ) -> memory_pb2.ListMemoriesResponse:
-        items, nxt = await self.memories.list(identity_of(context),
+        items, nxt = await self.memories.list_memories(identity_of(context),
                                               cv.category_in(request.category),
                                               request.page_size, decode_token(request.page_token))
         return memory_pb2.ListMemoriesResponse(memories=[cv.memory_out(m) for m in items],

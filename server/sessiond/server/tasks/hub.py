@@ -36,7 +36,7 @@ class Subscription:
         """Wake the subscriber without an event (e.g. a cross-process notification)."""
         self._signal.set()
 
-    async def wait(self, timeout: float) -> bool:
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval
         """True when woken, False on timeout."""
         if self._events or self.lagged:
             return True

@@ -49,7 +49,7 @@ class TaskManager:
                            metadata={"task_id": task_id})
         return task
 
-    async def list(self, identity: Identity, session_id: str, state: TaskState | None,
+    async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
                    task_type: str, page_size: int, page_token: str) -> TaskPage:
         if session_id:
             rules.check_session_id(session_id)

@@ -77,7 +77,7 @@ class SqliteDatabase:
                                         daemon=True)
         self._writer.start()
 
-    def init_sync(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+    def init_sync(self, fn: Callable[[sqlite3.Connection], object]) -> None:
         """Run schema set-up on a private connection before start()."""
         conn = connect(self.path, self.synchronous)
         try:
@@ -158,17 +158,17 @@ class SqliteDatabase:
                 outcomes.append((op, result, None))
         try:
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except sqlite3.Error as commit_exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            err = Unavailable(f"sqlite: commit failed: {exc}")
+            err = Unavailable(f"sqlite: commit failed: {commit_exc}")
             for op, _, _ in outcomes:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
-        for op, result, exc in outcomes:
-            op.loop.call_soon_threadsafe(_settle, op, result, exc, self._after_commit)
+        for op, result, failure in outcomes:
+            op.loop.call_soon_threadsafe(_settle, op, result, failure, self._after_commit)
 
     def close(self) -> None:
         if self._closed:

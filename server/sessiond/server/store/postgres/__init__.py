@@ -1,0 +1,1 @@
+"""PostgreSQL adapter: several sessiond replicas share one database."""
