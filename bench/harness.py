@@ -121,9 +121,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all threads) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all threads) from /proc/PID/stat, or of
+    one of its threads (/proc/PID/task/TID/stat; the main thread's TID is the PID)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         raw = f.read()
     fields = raw[raw.rindex(")") + 2:].split()
     # fields[0] is state (field 3); utime/stime are fields 14/15 -> index 11/12.
@@ -131,24 +133,30 @@ def cpu_seconds(pid: int) -> float:
 
 
 class CpuMeter:
-    """CPU used by some processes over a window, as % of one core."""
+    """CPU used by some processes over a window, as % of one core. For each process
+    `name` it also reports `name_loop`: its main thread alone, which is where a
+    grpc.aio server runs its event loop (100% there = the loop is saturated)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self._t0 = time.monotonic()
         self._c0 = {k: self._cpu(p) for k, p in pids.items()}
+        self._m0 = {k: self._cpu(p, p) for k, p in pids.items()}
 
     @staticmethod
-    def _cpu(pid: int) -> float:
+    def _cpu(pid: int, tid: int | None = None) -> float:
         try:
-            return cpu_seconds(pid)
+            return cpu_seconds(pid, tid)
         except OSError:
             return float("nan")
 
     def read(self) -> dict[str, float]:
         dt = max(time.monotonic() - self._t0, 1e-9)
-        return {k: round(100.0 * (self._cpu(p) - self._c0[k]) / dt, 1)
-                for k, p in self.pids.items()}
+        out: dict[str, float] = {}
+        for k, p in self.pids.items():
+            out[k] = round(100.0 * (self._cpu(p) - self._c0[k]) / dt, 1)
+            out[f"{k}_loop"] = round(100.0 * (self._cpu(p, p) - self._m0[k]) / dt, 1)
+        return out
 
 
 def self_cpu_seconds() -> float:

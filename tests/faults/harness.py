@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,9 +23,8 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from sessiond.server.failpoints import ENV as FAILPOINTS_ENV
-from sessiond.v1 import memory_pb2_grpc, session_pb2_grpc, task_pb2_grpc
+from sessiond.v1 import memory_pb2_grpc, session_pb2_grpc, task_pb2, task_pb2_grpc
 
 #: Flags that keep fault tests fast: short polls, short grace, no fsync per commit
 #: (WAL + NORMAL still survives a killed process; only an OS crash could lose data).
@@ -39,10 +39,24 @@ FAST_ARGS: tuple[str, ...] = (
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TERMINAL = (task_pb2.TASK_EVENT_KIND_COMPLETED, task_pb2.TASK_EVENT_KIND_FAILED,
+            task_pb2.TASK_EVENT_KIND_CANCELLED)
+_WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
 
 
 class ServerError(RuntimeError):
     """The server did not come up (or died when it should not have)."""
+
+
+def heavy_text(rng: random.Random, sentences: int) -> str:
+    """Text the offline engine needs a while to mine (distinct preferences and events):
+    a way to make Phase 2 slow without touching the server."""
+    out = []
+    for _ in range(sentences):
+        w = " ".join(rng.choice(_WORDS) for _ in range(5))
+        out.append(f"I prefer {w} {rng.randrange(10**9)}. The project named "
+                   f"P{rng.randrange(10**6)} launched yesterday.")
+    return " ".join(out)
 
 
 def free_port() -> int:

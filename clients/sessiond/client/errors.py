@@ -69,8 +69,9 @@ class WatchInterrupted(SessiondClientError):
 
     `last_seq` is the last event delivered to the caller: watching again with
     `after_seq=last_seq` continues without gaps or repeats. `attempts` counts the
-    consecutive failed attempts since the last progress. The last underlying error
-    (usually a grpc.RpcError) is `__cause__`."""
+    consecutive failed attempts since the last progress (for WatchTimeout: the
+    attaches made). The last underlying error (usually a grpc.RpcError) is
+    `__cause__`."""
 
     def __init__(self, message: str, *, task_id: str, last_seq: int, attempts: int) -> None:
         super().__init__(message)

@@ -19,7 +19,7 @@ Two ways to get an id onto a request:
 from __future__ import annotations
 
 import uuid
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -43,6 +43,7 @@ REQUEST_ID_METHODS: frozenset[str] = frozenset({
 })
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 def new_request_id() -> str:
@@ -66,9 +67,10 @@ def with_request_id(request: M) -> M:
     return request
 
 
-def filled_request_id(request: M) -> M:
-    """`request` itself when it already has a request id (or cannot have one),
-    otherwise a copy with a fresh one. Never changes `request`."""
+def filled_request_id(request: T) -> T:
+    """`request` itself when it already has a request id (or cannot have one: not a
+    message with a request_id field), otherwise a copy with a fresh one. Never
+    changes `request`."""
     if not isinstance(request, Message) or not _has_request_id_field(request):
         return request
     if getattr(request, REQUEST_ID_FIELD):
@@ -76,4 +78,4 @@ def filled_request_id(request: M) -> M:
     copy = type(request)()
     copy.CopyFrom(request)
     setattr(copy, REQUEST_ID_FIELD, new_request_id())
-    return copy
+    return cast(T, copy)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-
 from sessiond.server.domain.errors import FailedPrecondition, Unavailable
 
 

@@ -440,7 +440,7 @@ class SqliteStore(Store):
             live = c.execute("SELECT seq, message_id FROM messages WHERE skey=? AND "
                              "archive_index IS NULL ORDER BY seq", (skey,)).fetchall()
             keep = max(0, plan.keep_recent_count)
-            to_archive = live[: len(live) - keep] if keep else live
+            to_archive = live[: max(0, len(live) - keep)]
             if not to_archive:
                 self._remember(c, request, {"archived": False}, now)
                 return CommitOutcome(archived=False)

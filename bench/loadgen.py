@@ -1,0 +1,53 @@
+"""Unary load generator process (spawned by bench/run.py to check whether one Python
+client process limits a figure). Runs the closed-loop AddMessage workload of
+`workloads.closed_loop` from a given wall-clock start time and prints one JSON line.
+
+Usage: python bench/loadgen.py --target 127.0.0.1:PORT --concurrency 32 --duration 2
+       --start-at EPOCH --sessions add-0,add-1,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from workloads import Stubs, add_message_caller, closed_loop
+
+
+async def run(target: str, concurrency: int, duration: float, warmup: float, start_at: float,
+              sessions: list[str]) -> dict[str, object]:
+    stubs = Stubs.connect(target)
+    await stubs.ready()
+    wait = start_at - time.time()
+    if 0 < wait < 60:
+        await asyncio.sleep(wait)
+    c0 = os.times()
+    res = await closed_loop(add_message_caller(stubs, sessions), concurrency, duration, warmup)
+    c1 = os.times()
+    await stubs.close()
+    return {"latencies": res.latencies, "count": res.count, "errors": res.errors,
+            "elapsed": res.elapsed, "first_error": res.first_error,
+            "cpu_seconds": (c1.user + c1.system) - (c0.user + c0.system)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", required=True)
+    p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--warmup", type=float, default=0.2)
+    p.add_argument("--start-at", type=float, default=0.0)
+    p.add_argument("--sessions", required=True, help="comma-separated session ids")
+    a = p.parse_args()
+    out = asyncio.run(run(a.target, a.concurrency, a.duration, a.warmup, a.start_at,
+                          a.sessions.split(",")))
+    sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

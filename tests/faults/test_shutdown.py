@@ -1,0 +1,173 @@
+"""Graceful shutdown: SIGTERM while Phase 2 is running. The process exits 0 within the
+grace period, health turns NOT_SERVING, open WatchTask streams end UNAVAILABLE, Phase 2
+stops at a stage boundary, and after a restart every task completes (watchers resume
+with after_seq and see the journal exactly once)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+from sessiond.v1 import session_pb2, task_pb2
+
+from tests.faults.harness import (
+    FAST_ARGS,
+    NOT_SERVING,
+    SERVING,
+    TERMINAL,
+    ServerProcess,
+    Stubs,
+    heavy_text,
+)
+
+GRACE = 3.0
+TIMEOUT = 15.0
+SESSIONS = 6
+
+
+@dataclass
+class WatchLog:
+    task_id: str
+    seqs: list[int] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    endings: list[str] = field(default_factory=list)  # "OK" or status code name + details
+
+    @property
+    def done(self) -> bool:
+        return bool(self.kinds) and self.kinds[-1] in TERMINAL
+
+
+def follow(target: str, log: WatchLog, started: threading.Event | None = None) -> None:
+    """One WatchTask call from log.seqs[-1]; records the events and how it ended."""
+    after = log.seqs[-1] if log.seqs else 0
+    with Stubs(target) as s:
+        call = s.tasks.WatchTask(task_pb2.WatchTaskRequest(task_id=log.task_id,
+                                                           after_seq=after), timeout=60)
+        try:
+            for item in call:
+                if started is not None:
+                    started.set()
+                if item.WhichOneof("kind") == "event":
+                    log.seqs.append(item.event.seq)
+                    log.kinds.append(item.event.kind)
+            log.endings.append("OK")
+        except grpc.RpcError as exc:
+            log.endings.append(f"{exc.code().name}: {exc.details()}")
+
+
+def test_sigterm_while_phase2_runs(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    args = [*FAST_ARGS, "--workers", "1", "--shutdown-grace", str(GRACE)]
+    srv = ServerProcess(tmp_path / "data", extra_args=args)
+    try:
+        srv.start()
+        task_ids: list[str] = []
+        with srv.stubs() as s:
+            for i in range(SESSIONS):
+                sid = f"shut-{i}"
+                s.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id=sid),
+                                         timeout=TIMEOUT)
+                for _ in range(5):
+                    s.sessions.AddMessage(session_pb2.AddMessageRequest(
+                        session_id=sid, role=session_pb2.ROLE_USER, parts=[session_pb2.Part(
+                            text=session_pb2.TextPart(text=heavy_text(rng, 600)))]),
+                        timeout=TIMEOUT)
+            for i in range(SESSIONS):
+                reply = s.sessions.Commit(session_pb2.CommitRequest(session_id=f"shut-{i}"),
+                                          timeout=TIMEOUT)
+                task_ids.append(reply.task_id)
+        # Health watch: SERVING now, must turn NOT_SERVING on SIGTERM.
+        statuses: list[int] = []
+        health_end: list[str] = []
+
+        def watch_health() -> None:
+            with Stubs(srv.target) as hs:
+                call = hs.health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                try:
+                    for resp in call:
+                        statuses.append(resp.status)
+                        if resp.status == NOT_SERVING:
+                            call.cancel()  # do not hold the server's grace period
+                except grpc.RpcError as exc:
+                    health_end.append(exc.code().name)
+
+        logs = {t: WatchLog(t) for t in task_ids}
+        ready = [threading.Event() for _ in task_ids]
+        threads = [threading.Thread(target=watch_health)]
+        threads += [threading.Thread(target=follow, args=(srv.target, logs[t], ev))
+                    for t, ev in zip(task_ids, ready, strict=True)]
+        for t in threads:
+            t.start()
+        for ev in ready:
+            assert ev.wait(TIMEOUT), "watch did not start"
+        # SIGTERM once the first task is done: the next one is mid-flight, the rest wait.
+        deadline = time.monotonic() + 30
+        while not logs[task_ids[0]].done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert logs[task_ids[0]].done, "Phase 2 did not progress"
+        assert statuses and statuses[0] == SERVING
+        unfinished = [t for t in task_ids if not logs[t].done]
+        assert len(unfinished) >= 2, "Phase 2 too fast for this test"
+        t0 = time.monotonic()
+        rc = srv.terminate(timeout=GRACE + 10)
+        elapsed = time.monotonic() - t0
+        for t in threads:
+            t.join(TIMEOUT)
+        assert not any(t.is_alive() for t in threads)
+        assert rc == 0, srv.log_tail()
+        assert elapsed < GRACE + 1.5, f"exit took {elapsed:.1f}s (grace {GRACE}s)"
+        assert statuses[-1] == NOT_SERVING, statuses
+        # Streams of unfinished tasks ended UNAVAILABLE (finished ones ended OK).
+        interrupted = [t for t in task_ids if not logs[t].done]
+        assert interrupted, "every task finished before the SIGTERM took effect"
+        for t in task_ids:
+            ending = logs[t].endings[-1]
+            if logs[t].done:
+                assert ending == "OK", (t, ending)
+            else:
+                assert ending.startswith("UNAVAILABLE"), (t, ending)
+        # Restart: every task completes; resumed watches complete the journal.
+        srv.start()
+        threads = [threading.Thread(target=follow, args=(srv.target, logs[t]))
+                   for t in interrupted]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with srv.stubs() as s:
+            resumed = 0
+            for tid in task_ids:
+                task = s.tasks.GetTask(task_pb2.GetTaskRequest(task_id=tid), timeout=TIMEOUT)
+                assert task.state == task_pb2.TASK_STATE_COMPLETED, task
+                log = logs[tid]
+                assert log.seqs == list(range(1, task.last_seq + 1)), (tid, log.seqs)
+                assert log.done and log.endings[-1] == "OK", log
+                events = [i.event for i in s.tasks.WatchTask(
+                    task_pb2.WatchTaskRequest(task_id=tid), timeout=TIMEOUT)
+                    if i.WhichOneof("kind") == "event"]
+                assert [e.kind for e in events] == log.kinds
+                starts = [e for e in events if e.kind == task_pb2.TASK_EVENT_KIND_STARTED]
+                if task.attempts > 1:
+                    resumed += 1
+                    assert len(starts) == task.attempts and "resumed" in starts[-1].message
+                # Each stage completed exactly once, even across the shutdown.
+                done_stages = [e.stage for e in events
+                               if e.kind == task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED]
+                assert done_stages == ["summarize", "extract", "relations", "active_counts"]
+            # The task that was running when SIGTERM came stopped at a stage boundary and
+            # was resumed by the new process.
+            assert resumed >= 1
+            print(f"SIGTERM -> exit 0 in {elapsed:.2f}s; {len(interrupted)} watch(es) ended "
+                  f"UNAVAILABLE; {resumed} task(s) resumed after the restart")
+            for i in range(SESSIONS):
+                meta = s.sessions.GetSession(session_pb2.GetSessionRequest(
+                    session_id=f"shut-{i}"), timeout=TIMEOUT)
+                assert (meta.commit_count, meta.archive_count) == (1, 1)
+        assert srv.terminate() == 0
+    finally:
+        srv.close()
