@@ -199,3 +199,88 @@ def ratio(value: float, base: float) -> float:
 def pb_time(ts: Any) -> float:
     """google.protobuf.Timestamp -> epoch seconds."""
     return float(ts.seconds) + float(ts.nanos) / 1e9
+
+
+# ---------------------------------------------------------------------- machine load
+def _machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    vals = [int(x) for x in parts[:8]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    return (sum(vals) - idle) / CLK_TCK
+
+
+def _ppid_map() -> dict[int, int]:
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        out[int(name)] = int(raw[raw.rindex(")") + 2:].split()[1])
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _live_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            total += cpu_seconds(p)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+class MachineMeter:
+    """How much CPU *other* processes used over a window: all busy CPU time minus this
+    process, its live descendants (servers, client processes), its reaped children,
+    and PostgreSQL's processes (reported apart: they work for the postgres runs).
+    Values are % of one core; the machine has os.cpu_count() of them."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._b0, self._o0, self._p0 = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        me = os.getpid()
+        ppids = _ppid_map()
+        children: dict[int, list[int]] = {}
+        for pid, ppid in ppids.items():
+            children.setdefault(ppid, []).append(pid)
+        desc: list[int] = []
+        todo = list(children.get(me, []))
+        while todo and len(desc) < 10_000:
+            p = todo.pop()
+            desc.append(p)
+            todo += children.get(p, [])
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system + _live_cpu(desc)
+        pg = _live_cpu([p for p in ppids if p not in desc and _comm(p) == "postgres"])
+        return _machine_busy_seconds(), ours, pg
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.monotonic() - self._t0, 1e-9)
+        b, o, p = self._sample()
+        busy, ours, pg = b - self._b0, o - self._o0, p - self._p0
+        return {"seconds": round(dt, 1), "machine_busy_pct": round(100 * busy / dt, 1),
+                "bench_pct": round(100 * ours / dt, 1), "postgres_pct": round(100 * pg / dt, 1),
+                "other_pct": round(max(0.0, 100 * (busy - ours - pg) / dt), 1)}
+
+
+def loadavg() -> tuple[float, float, float]:
+    with open("/proc/loadavg") as f:
+        a, b, c = f.read().split()[:3]
+    return float(a), float(b), float(c)

@@ -44,6 +44,7 @@ FANOUT_WATCHERS = 1000
 SMALL_FANOUT = 100
 E2E_MESSAGES = 10  # messages per archive in the Phase 2 tests
 COMMIT_SIZES = (10, 100, 1000)
+NOISY_PCT = 20.0  # other processes' CPU (% of one core) above which figures are flagged
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,29 @@ FULL = Mode("full", trials=5, unary_seconds=3.0, warmup=0.5, stream_samples=300,
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Phases:
+    """Names the phase being measured and records, per phase, the CPU that processes
+    other than the benchmark's own used meanwhile (a shared machine makes figures noisy)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._name = ""
+        self._meter: h.MachineMeter | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        say(name)
+        self._name, self._meter = name, h.MachineMeter()
+
+    def stop(self) -> None:
+        if self._meter is not None:
+            self.items.append({"phase": self._name, **self._meter.read()})
+        self._name, self._meter = "", None
+
+    def worst(self) -> dict[str, Any]:
+        return max(self.items, key=lambda x: x["other_pct"], default={})
 
 
 # ---------------------------------------------------------------------- environment
@@ -167,6 +191,7 @@ class Unary:
     errors: int = 0
     first_error: str = ""
     server_cpu: list[float] = field(default_factory=list)
+    loop_cpu: list[float] = field(default_factory=list)
     client_cpu: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -175,6 +200,7 @@ class Unary:
                 **h.summarize_ms(self.latencies), "errors": self.errors,
                 "first_error": self.first_error,
                 "server_cpu_pct": round(h.median(self.server_cpu), 1),
+                "server_loop_thread_cpu_pct": round(h.median(self.loop_cpu), 1),
                 "client_cpu_pct": round(h.median(self.client_cpu), 1)}
 
 
@@ -189,7 +215,9 @@ async def unary_trial(stubs: w.Stubs, sessions: list[str], conc: int, mode: Mode
     into.latencies += r.latencies
     into.errors += r.errors
     into.first_error = into.first_error or r.first_error
-    into.server_cpu.append(meter.read()["server"])
+    cpu = meter.read()
+    into.server_cpu.append(cpu["server"])
+    into.loop_cpu.append(cpu["server_loop"])
     into.client_cpu.append(100.0 * (h.self_cpu_seconds() - c0) / dt)
 
 
@@ -269,9 +297,10 @@ def cancel_trigger(stubs: w.Stubs, task_id: str) -> Callable[[], Any]:
 
 
 # ---------------------------------------------------------------------- one store
-async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
+async def bench_store(target: Target, mode: Mode, phases: Phases) -> dict[str, Any]:
     res: dict[str, Any] = {"store": target.kind}
     workdir = target.workdir
+    phases.start(f"{target.kind}: starting servers, idle RSS")
     floor = start_floor(workdir)
     sd: h.ServerProc | None = None
     fs = ss = None
@@ -286,7 +315,7 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         await fs.ready()
         await ss.ready()
 
-        say(f"{target.kind}: creating {mode.sessions} sessions (and the same calls on the floor)")
+        phases.start(f"{target.kind}: {mode.sessions} CreateSession (and on the floor)")
         ids = [f"s{i:05d}-{uuid.uuid4().hex[:6]}" for i in range(mode.sessions)]
         meter = h.CpuMeter({"server": sd.pid})
         t_create = await w.create_sessions(ss, ids, 32)
@@ -310,7 +339,7 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         await w.create_sessions(ss, add_ids)
         unary: dict[str, Any] = {}
         for conc in CONCURRENCY:
-            say(f"{target.kind}: AddMessage c{conc} vs floor ({mode.trials} trials each)")
+            phases.start(f"{target.kind}: AddMessage c{conc} vs floor ({mode.trials} trials each)")
             fl, sm = Unary(), Unary()
             for _ in range(mode.trials):
                 await unary_trial(fs, add_ids, conc, mode, floor.pid, fl)
@@ -318,14 +347,14 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
             unary[f"c{conc}"] = {"floor": fl.summary(), "sessiond": sm.summary()}
         res["unary"] = unary
 
-        say(f"{target.kind}: client check (floor c64 from 2 client processes)")
+        phases.start(f"{target.kind}: client check (floor c64 from 2 client processes)")
         res["client_check_unary"] = {
             "one_process_floor_c64": unary["c64"]["floor"],
             "two_processes_floor_c64": await loadgen_procs(floor.target, 2, 64, mode, add_ids,
                                                            workdir / "loadgen.log")}
 
         # -- floor streams: WatchTask of 10 events; Commit + watch
-        say(f"{target.kind}: floor stream and floor commit cycles")
+        phases.start(f"{target.kind}: floor stream and floor commit cycles")
         res["floor_stream"] = h.summarize_ms(await w.stream_latency(fs, "task_floor",
                                                                     mode.stream_samples))
         floor_seq = await w.sequential_commits(fs, ["floor"] * mode.e2e_samples)
@@ -337,7 +366,7 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         phase1: dict[str, Any] = {}
         for n in COMMIT_SIZES:
             k = mode.commit_samples[n]
-            say(f"{target.kind}: Commit Phase 1, {k} sessions of {n} messages")
+            phases.start(f"{target.kind}: Commit Phase 1, {k} sessions of {n} messages")
             sids = [f"commit{n}-{j}-{uuid.uuid4().hex[:6]}" for j in range(k)]
             await w.create_sessions(ss, sids)
             fill_s = await w.populate(ss, sids, n, concurrency=16, seed=n)
@@ -353,7 +382,7 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         res["commit_phase1"] = phase1
 
         # -- Phase 2 end to end, one at a time
-        say(f"{target.kind}: Phase 2 end to end, {mode.e2e_samples} commits one at a time")
+        phases.start(f"{target.kind}: Phase 2 e2e, {mode.e2e_samples} commits one at a time")
         sids = [f"e2e-{j}-{uuid.uuid4().hex[:6]}" for j in range(mode.e2e_samples)]
         await w.create_sessions(ss, sids)
         await w.populate(ss, sids, E2E_MESSAGES, concurrency=16, seed=77)
@@ -361,7 +390,7 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         res["phase2_e2e"] = {"sessiond": commit_summary(e2e), "floor": commit_summary(floor_seq)}
 
         # -- commits completed per second, 16 sessions committing at once
-        say(f"{target.kind}: commits/s, 16 sessions x {mode.tput_rounds} commits "
+        phases.start(f"{target.kind}: commits/s, 16 sessions x {mode.tput_rounds} commits "
             f"x {mode.tput_trials} trials")
         trials: list[w.CommitSamples] = []
         cpu: list[float] = []
@@ -397,8 +426,9 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
         sd = None
 
         # -- WatchTask fan-out, on a server that runs no Phase 2 worker
-        res["fanout"] = await bench_fanout(target, mode, floor, fs)
+        res["fanout"] = await bench_fanout(target, mode, floor, fs, phases)
     finally:
+        phases.stop()
         for st in (fs, ss):
             if st is not None:
                 with contextlib.suppress(Exception):
@@ -410,8 +440,8 @@ async def bench_store(target: Target, mode: Mode) -> dict[str, Any]:
 
 
 async def bench_fanout(target: Target, mode: Mode, floor: h.ServerProc,
-                       fs: w.Stubs) -> dict[str, Any]:
-    say(f"{target.kind}: WatchTask fan-out, {FANOUT_WATCHERS} watchers x "
+                       fs: w.Stubs, phases: Phases) -> dict[str, Any]:
+    phases.start(f"{target.kind}: WatchTask fan-out, {FANOUT_WATCHERS} watchers x "
         f"{mode.fanout_rounds} rounds (and the floor)")
     sd = target.serve("fanout", ["--workers", "0"])
     ss = w.Stubs.connect(sd.target)
@@ -422,6 +452,14 @@ async def bench_fanout(target: Target, mode: Mode, floor: h.ServerProc,
         rss_idle = sd.rss_mb()
         floor_rounds: list[FanoutRound] = []
         sd_rounds: list[FanoutRound] = []
+        # one unrecorded round each first: the first 1,000-stream burst of a process
+        # pays for growing its heap and is much slower than the following ones
+        tid = f"hold-warm-{uuid.uuid4().hex[:8]}"
+        await fanout_round(floor.target, tid, FANOUT_WATCHERS, 1, 0, cancel_trigger(fs, tid),
+                           floor.pid, log, settle=0.2)
+        tid = await new_pending_task(ss, f"fan-warm-{uuid.uuid4().hex[:6]}")
+        await fanout_round(sd.target, tid, FANOUT_WATCHERS, 1, 1, cancel_trigger(ss, tid), sd.pid,
+                           log, settle=0.2)
         for r in range(mode.fanout_rounds):
             tid = f"hold-{r}-{uuid.uuid4().hex[:8]}"
             floor_rounds.append(await fanout_round(
@@ -436,7 +474,7 @@ async def bench_fanout(target: Target, mode: Mode, floor: h.ServerProc,
         tid = await new_pending_task(ss, f"fan-small-{uuid.uuid4().hex[:6]}")
         small_sd = await fanout_round(sd.target, tid, SMALL_FANOUT, 1, 1,
                                       cancel_trigger(ss, tid), sd.pid, log)
-        say(f"{target.kind}: fan-out client check (floor, 2 watcher processes)")
+        phases.start(f"{target.kind}: fan-out client check (floor, 2 watcher processes)")
         tid = f"hold-2p-{uuid.uuid4().hex[:8]}"
         two = await fanout_round(floor.target, tid, FANOUT_WATCHERS, 2, 0,
                                  cancel_trigger(fs, tid), floor.pid, log)
@@ -491,8 +529,10 @@ def build_rows(r: dict[str, Any]) -> tuple[list[Row], list[dict[str, Any]]]:
         row = Row(f"AddMessage c{c} throughput (req/s)", f1(sm["throughput_rps"]),
                   f1(fl["throughput_rps"]), f2(h.ratio(sm["throughput_rps"],
                                                        fl["throughput_rps"])) + "x",
-                  note=f"cpu srv {sm['server_cpu_pct']:.0f}% cli {sm['client_cpu_pct']:.0f}% "
-                       f"(floor srv {fl['server_cpu_pct']:.0f}% cli {fl['client_cpu_pct']:.0f}%)")
+                  note=f"cpu: srv {sm['server_cpu_pct']:.0f}% (loop thread "
+                       f"{sm['server_loop_thread_cpu_pct']:.0f}%) cli {sm['client_cpu_pct']:.0f}%"
+                       f"; floor srv {fl['server_cpu_pct']:.0f}% (loop "
+                       f"{fl['server_loop_thread_cpu_pct']:.0f}%) cli {fl['client_cpu_pct']:.0f}%")
         if c == 16:
             v = h.ratio(sm["throughput_rps"], fl["throughput_rps"])
             target("AddMessage c16 throughput >= 50% of floor c16", v, 0.5, v >= 0.5, row,
@@ -596,6 +636,15 @@ def build_rows(r: dict[str, Any]) -> tuple[list[Row], list[dict[str, Any]]]:
                     f2(h.ratio(fo["sessiond"]["server_rss_mb"],
                                fo["floor"]["server_rss_mb"])) + "x",
                     note=f"fan-out server idle {f1(fo['sessiond_rss_idle_mb'])} MB"))
+    bg = r.get("background_load", [])
+    if bg:
+        worst = max(bg, key=lambda x: x["other_pct"])
+        mean = sum(x["other_pct"] * x["seconds"] for x in bg) / max(
+            1e-9, sum(x["seconds"] for x in bg))
+        rows.append(Row("other processes' CPU during the run (% of one core)",
+                        f"mean {mean:.0f}%, max {worst['other_pct']:.0f}%",
+                        note=f"max during '{worst['phase']}'"
+                             + ("  <-- NOISY" if worst["other_pct"] > NOISY_PCT else "")))
     return rows, targets
 
 
@@ -620,6 +669,23 @@ def markdown(rows: list[Row]) -> str:
 
 
 # ---------------------------------------------------------------------- main
+async def preflight(wait_quiet: float) -> None:
+    """Report (and optionally wait out) CPU used by other processes."""
+    deadline = time.monotonic() + wait_quiet
+    for _ in range(1000):
+        m = h.MachineMeter()
+        await asyncio.sleep(1.0)
+        other = m.read()["other_pct"]
+        if other <= NOISY_PCT:
+            return
+        if time.monotonic() >= deadline:
+            say(f"WARNING: other processes use {other:.0f}% of a core right now "
+                f"(loadavg {h.loadavg()[0]:.1f}); figures will be noisy")
+            return
+        say(f"waiting for a quiet machine: other processes use {other:.0f}% of a core")
+        await asyncio.sleep(min(4.0, max(0.0, deadline - time.monotonic())))
+
+
 def pg_migrate(url: str) -> None:
     mig = subprocess.run([*h.sessiond_cmd(), "migrate", "--store", url], capture_output=True,
                          text=True, timeout=120)
@@ -654,8 +720,10 @@ async def main_async(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             workdir = root / kind
             workdir.mkdir()
+            phases = Phases()
+            await preflight(args.wait_quiet)
             if kind == "sqlite":
-                res = await bench_store(Target("sqlite", "sqlite", workdir), mode)
+                res = await bench_store(Target("sqlite", "sqlite", workdir), mode, phases)
             else:
                 ok, why = pg_adapter_available()
                 if not ok:
@@ -673,17 +741,24 @@ async def main_async(args: argparse.Namespace) -> int:
                 say(f"postgres: database {name}")
                 try:
                     await asyncio.to_thread(pg_migrate, url)
-                    res = await bench_store(Target("postgres", url, workdir), mode)
+                    res = await bench_store(Target("postgres", url, workdir), mode, phases)
                     res["database"] = name
                 finally:
                     await pg_drop_db(name)
             res["seconds"] = round(time.monotonic() - t0, 1)
+            res["background_load"] = phases.items
             rows, targets = build_rows(res)
             res["targets"] = targets
             report["stores"][kind] = res
             title = (f"== {kind} ({mode.name} mode, {res['seconds']:.0f} s; "
                      f"data on {report['environment']['data_fs']}) ==")
             print("\n" + title + "\n" + render(rows) + "\n", flush=True)
+            worst = phases.worst()
+            if worst and worst["other_pct"] > NOISY_PCT:
+                print(f"WARNING: other processes used {worst['other_pct']:.0f}% of a core "
+                      f"during '{worst['phase']}' (of {os.cpu_count()} cores): figures of a "
+                      "shared machine are noisy; see background_load in the JSON\n",
+                      flush=True)
             md += [f"### {kind}", "", markdown(rows), ""]
     except Exception:
         say("benchmark failed; server logs:")
@@ -705,6 +780,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer iterations (< ~2 minutes)")
     p.add_argument("--store", choices=["sqlite", "postgres", "both"], default="sqlite")
     p.add_argument("--out", default=str(h.BENCH_DIR / "results" / "latest.json"))
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each store, wait up to this long for other processes to "
+                        f"use < {NOISY_PCT}%% of a core")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir and logs")
     return asyncio.run(main_async(p.parse_args()))
 

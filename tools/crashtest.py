@@ -2,11 +2,12 @@
 """Crash test for sessiond: "nothing lost, nothing twice".
 
 Each round runs one episode with a SIGKILL at a random moment (or more, see
---random-per-round) and one episode per failpoint (the server armed through
-SESSIOND_FAILPOINTS kills itself there). After every episode the server is restarted
-without failpoints, unacknowledged calls are retried with the same request_id, Phase 2
-settles, and the invariants are checked through the API and, after a graceful stop,
-in the SQLite file. See tests/faults/crashrun.py.
+--random-per-round), one with a graceful SIGTERM at a random moment (every other round
+followed by a SIGKILL during the graceful shutdown), and one episode per failpoint (the
+server armed through SESSIOND_FAILPOINTS kills itself there). After every episode the
+server is restarted without failpoints, unacknowledged calls are retried with the same
+request_id, Phase 2 settles, and the invariants are checked through the API and, after
+a graceful stop, in the SQLite file. See tests/faults/crashrun.py.
 
     python tools/crashtest.py --rounds 5 --seed 1234 --clients 6
 
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
                         "messages), plus one watcher")
     p.add_argument("--random-per-round", type=int, default=1,
                    help="random-SIGKILL episodes per round")
+    p.add_argument("--term-per-round", type=int, default=1,
+                   help="graceful-SIGTERM episodes per round (alternately clean, and "
+                        "SIGKILLed during the graceful shutdown)")
+    p.add_argument("--heavy", type=float, default=0.03,
+                   help="share of messages with long text (slow Phase 2, so kills land "
+                        "inside stages)")
     p.add_argument("--failpoints", default=",".join(ALL_POINTS),
                    help="comma-separated failpoints, one episode each per round ('' for none)")
     p.add_argument("--max-kill-delay", type=float, default=2.0,
@@ -51,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     ns = p.parse_args(argv)
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**31)
-    print(f"crashtest seed={seed} (replay: python tools/crashtest.py --rounds {ns.rounds} "
-          f"--seed {seed} --clients {ns.clients})", flush=True)
+    replay = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if ns.seed is None:
+        replay += ["--seed", str(seed)]
+    print(f"crashtest seed={seed} (replay: python tools/crashtest.py {' '.join(replay)})",
+          flush=True)
     points = [x.strip() for x in ns.failpoints.split(",") if x.strip()]
     unknown = [x for x in points if x not in ALL_POINTS]
     if unknown:
@@ -64,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
     work.mkdir(parents=True, exist_ok=True)
     run = CrashRun(work, seed=seed, clients=ns.clients, max_kill_delay=ns.max_kill_delay,
-                   log=lambda m: print(m, flush=True))
-    episodes = run.episodes_for(ns.rounds, points, ns.random_per_round)
+                   heavy=ns.heavy, log=lambda m: print(m, flush=True))
+    episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round)
     t0 = time.monotonic()
     try:
         stats = run.run(episodes)

@@ -364,3 +364,13 @@ def test_outage_is_unavailable_and_the_store_recovers(db: str, run: Runner) -> N
             await proxy.down()
 
     run(scenario())
+
+
+def test_missing_database_is_a_failed_precondition(db: str, run: Runner) -> None:
+    missing = db.rsplit("/", 1)[0] + "/sessiond_no_such_database"
+    with pytest.raises(FailedPrecondition) as exc:
+        run(PostgresStore(missing, min_size=1, max_size=1).open())
+    assert exc.value.reason == "DATABASE_REJECTED"
+    with pytest.raises(FailedPrecondition) as exc2:
+        run(migrations.migrate_url(missing))
+    assert exc2.value.reason == "DATABASE_REJECTED"

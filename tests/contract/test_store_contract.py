@@ -16,6 +16,7 @@ from sessiond.server.domain.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     LeaseLost,
     NotFound,
     RequestIdConflict,
@@ -1073,7 +1074,61 @@ def test_sweep_retention(store: Store, run: Runner) -> None:
     run(body())
 
 
-def test_ping_and_closed_store(make_store: StoreFactory, run: Runner) -> None:
-    store = make_store()
+def test_ping(store: Store, run: Runner) -> None:
     run(store.ping())
-    assert store.single_process in (True, False)
+
+
+def _nul(value: str) -> str:
+    """PostgreSQL stores NUL in free text as U+FFFD; SQLite keeps it. Both compare equal
+    after mapping U+FFFD back."""
+    return value.replace("\ufffd", "\x00")
+
+
+def test_nul_characters_are_accepted(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await store.create_session(ID, "s1", at(0))
+        m = await store.add_message(ID, "s1", msg("a\x00b", tools=(ToolPart("c", input="\x00"),)))
+        assert (await store.list_live_messages(ID, "s1")) == [m]  # JSON-encoded: exact
+        await store.update_tool_part(ID, "s1", m.id, "c", "out\x00", ToolStatus.COMPLETED, at(1))
+        await store.record_usage(ID, "s1", UsageRecord(("u\x00",), None, at(1)))
+        await store.commit(plan("s1", "t1", 2))
+        await claim(store, "w", 3)
+        ev = await store.append_event("t1", "w", NewEvent(EventKind.STAGE_STARTED, "go\x00"),
+                                      Stage.SUMMARIZE, at(4))
+        assert _nul(ev.message) == "go\x00"
+        await run_pipeline(store, "t1", "w", 5, uris=("sessiond://x\x00",), candidates=(
+            cand(MemoryCategory.EVENTS, "k\x00", "met Bob\x00 at noon"),))
+        arch = await store.get_archive(ID, "s1", 1)
+        assert arch is not None and arch.overview == "overview t1"
+        parts = (await store.archive_messages(ID, "s1", 1))[0].parts
+        assert parts[1] == ToolPart("c", input="\x00", output="out\x00",
+                                    status=ToolStatus.COMPLETED)
+        assert await store.archive_usage(ID, "s1", 1) == [UsageRecord(("u\x00",), None, at(1))]
+        events = await store.list_events("t1", 0)
+        assert _nul(events[2].message) == "go\x00"
+        [mem] = await store.list_memories(ID, None, 10, "")
+        assert _nul(mem.content) == "met Bob\x00 at noon"
+        assert [m for m, _ in await store.search_memories(ID, "bob", None, 5)] == [mem]
+        assert [_nul(u) for u in await store.session_relations(ID, "s1")] == ["sessiond://x\x00"]
+        assert await store.active_count("sessiond://x\x00") == 1
+        with pytest.raises(FailedPrecondition):
+            await store.update_tool_part(ID, "s1", m.id, "c", "", ToolStatus.ERROR, at(6))
+
+    run(body())
+
+
+
+def test_page_tokens(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        for i in range(3):
+            await committed(store, f"s{i}", f"t{i}", i)
+        with pytest.raises(InvalidArgument):
+            await store.list_tasks(ID, "", None, "", 10, "garbage")
+        far_future = await store.list_tasks(ID, "", None, "", 10, "1e300|t")
+        assert [t.task_id for t in far_future.tasks] == ["t2", "t1", "t0"]
+        assert (await store.list_tasks(ID, "", None, "", 10, "-1e300|t")).tasks == []
+        token = f"{at(1).timestamp()!r}|t1"
+        assert [t.task_id for t in (await store.list_tasks(ID, "", None, "", 10, token)).tasks] \
+            == ["t0"]
+
+    run(body())

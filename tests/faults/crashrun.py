@@ -34,10 +34,14 @@ from sessiond.server.failpoints import ALL_POINTS
 from sessiond.server.store import codec
 from sessiond.v1 import session_pb2, task_pb2
 
-from tests.faults.harness import ServerProcess, Stubs
+from tests.faults.harness import ServerProcess, Stubs, heavy_text
 
-RANDOM = "random"
+RANDOM = "random"  # SIGKILL at a random moment
+TERM = "term"  # graceful SIGTERM at a random moment: exit 0 expected
+TERM_KILL = "term-kill"  # SIGTERM, then SIGKILL in the middle of the graceful shutdown
+EPISODE_KINDS = (RANDOM, TERM, TERM_KILL, *ALL_POINTS)
 CALL_TIMEOUT = 10.0
+GRACE_LIMIT = 3.0 + 2.0  # the harness' --shutdown-grace plus process teardown
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED})
 TERMINAL_KINDS = frozenset({task_pb2.TASK_EVENT_KIND_COMPLETED, task_pb2.TASK_EVENT_KIND_FAILED,
@@ -45,6 +49,7 @@ TERMINAL_KINDS = frozenset({task_pb2.TASK_EVENT_KIND_COMPLETED, task_pb2.TASK_EV
 TERMINAL_STATES = frozenset({task_pb2.TASK_STATE_COMPLETED, task_pb2.TASK_STATE_FAILED,
                              task_pb2.TASK_STATE_CANCELLED})
 DEFAULT_IDENTITY = Identity("default", "default", "default")
+PIPELINE_STAGES = ("summarize", "extract", "relations", "active_counts")
 MEMORY_FIELDS = ("profile", "preferences", "entities", "events", "cases", "patterns", "tools",
                  "skills", "total")
 STAGES_AT_LEAST_RELATIONS = frozenset({"relations", "active_counts", "finalize"})
@@ -144,6 +149,7 @@ class Op:
 class Stats:
     episodes: int = 0
     random_kills: int = 0
+    term_kills: int = 0
     failpoint_kills: int = 0
     failpoints_not_reached: list[str] = field(default_factory=list)
     acked: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -158,6 +164,7 @@ class Stats:
 
     def summary(self) -> str:
         return (f"episodes={self.episodes} random_kills={self.random_kills} "
+                f"term_then_kill={self.term_kills} "
                 f"failpoint_kills={self.failpoint_kills} "
                 f"failpoints_not_reached={len(self.failpoints_not_reached)} "
                 f"graceful_stops={self.graceful_stops} acked={dict(self.acked)} "
@@ -190,8 +197,11 @@ class Model:
 
 
 # ---------------------------------------------------------------------- requests
-def _parts(rng: random.Random) -> list[session_pb2.Part]:
-    text = " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 3)))
+def _parts(rng: random.Random, heavy: float = 0.0) -> list[session_pb2.Part]:
+    if rng.random() < heavy:
+        text = heavy_text(rng, 150)  # makes this archive's Phase 2 take a while
+    else:
+        text = " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 3)))
     parts = [session_pb2.Part(text=session_pb2.TextPart(text=text))]
     if rng.random() < 0.3:
         parts.append(session_pb2.Part(context=session_pb2.ContextPart(
@@ -224,10 +234,10 @@ def _rid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def new_add(rng: random.Random, session_id: str, client: str) -> Op:
+def new_add(rng: random.Random, session_id: str, client: str, heavy: float = 0.0) -> Op:
     role = rng.choice((session_pb2.ROLE_USER, session_pb2.ROLE_ASSISTANT))
-    req = session_pb2.AddMessageRequest(session_id=session_id, role=role, parts=_parts(rng),
-                                        request_id=_rid("add"))
+    req = session_pb2.AddMessageRequest(session_id=session_id, role=role,
+                                        parts=_parts(rng, heavy), request_id=_rid("add"))
     return Op("add", session_id, client, req)
 
 
@@ -269,12 +279,14 @@ def send(stubs: Stubs, op: Op) -> Any:
 # ---------------------------------------------------------------------- the run
 class CrashRun:
     def __init__(self, work_dir: Path, *, seed: int, clients: int = 4,
-                 max_kill_delay: float = 2.0, log: Callable[[str], None] = print) -> None:
+                 max_kill_delay: float = 2.0, heavy: float = 0.03,
+                 log: Callable[[str], None] = print) -> None:
         self.work_dir = Path(work_dir)
         self.seed = seed
         self.rng = random.Random(seed)
         self.clients = max(2, clients)
         self.max_kill_delay = max_kill_delay
+        self.heavy = heavy
         self.log = log
         self.srv = ServerProcess(self.work_dir / "data")
         self.model = Model()
@@ -300,10 +312,13 @@ class CrashRun:
 
     @staticmethod
     def episodes_for(rounds: int, failpoints: Sequence[str] = ALL_POINTS,
-                     random_per_round: int = 1) -> list[str]:
+                     random_per_round: int = 1, term_per_round: int = 1) -> list[str]:
+        """Per round: random SIGKILLs, graceful stops (alternately clean and SIGKILLed
+        halfway), then one episode per failpoint."""
         out: list[str] = []
-        for _ in range(rounds):
-            out += [RANDOM] * random_per_round + list(failpoints)
+        for r in range(rounds):
+            terms = [TERM if (r + i) % 2 == 0 else TERM_KILL for i in range(term_per_round)]
+            out += [RANDOM] * random_per_round + terms + list(failpoints)
         return out
 
     def run(self, episodes: Sequence[str]) -> Stats:
@@ -325,7 +340,7 @@ class CrashRun:
         rng = self.rng
         self.stats.episodes += 1
         armed = ""
-        if kind != RANDOM:
+        if kind not in (RANDOM, TERM, TERM_KILL):
             nth = rng.randint(1, 8) if kind.startswith("commit.") else rng.randint(1, 5)
             armed = f"{kind}@{nth}"
         self.srv.start(armed)
@@ -354,6 +369,21 @@ class CrashRun:
                 time.sleep(rng.uniform(0.2, self.max_kill_delay))
                 self.srv.kill()
                 self.stats.random_kills += 1
+            elif kind == TERM:
+                time.sleep(rng.uniform(0.2, self.max_kill_delay))
+                t0 = time.monotonic()
+                rc = self.srv.terminate()
+                self.stats.graceful_stops += 1
+                if rc != 0:
+                    self.violation(f"SIGTERM under load: exit {rc}:\n{self.srv.log_tail(1500)}")
+                if time.monotonic() - t0 > GRACE_LIMIT:
+                    self.violation(f"SIGTERM under load took {time.monotonic() - t0:.1f}s")
+            elif kind == TERM_KILL:
+                time.sleep(rng.uniform(0.2, self.max_kill_delay))
+                self.srv.signal_term()
+                time.sleep(rng.uniform(0.0, 0.3))
+                self.srv.kill()
+                self.stats.term_kills += 1
             else:
                 rc = self.srv.wait_exit(8.0)
                 if rc is None:
@@ -440,7 +470,7 @@ class CrashRun:
                 sid = rng.choice(ready)
                 r = rng.random()
                 if r < 0.80:
-                    op = new_add(rng, sid, client)
+                    op = new_add(rng, sid, client, self.heavy)
                 elif r < 0.92:
                     op = new_usage(rng, sid, client)
                 else:
@@ -643,8 +673,9 @@ class CrashRun:
             token = page.next_page_token
             if not token:
                 break
-        live = list(s.GetSessionContext(session_pb2.GetSessionContextRequest(session_id=sid),
-                                        timeout=CALL_TIMEOUT).current_messages)
+        context = s.GetSessionContext(session_pb2.GetSessionContextRequest(session_id=sid),
+                                      timeout=CALL_TIMEOUT)
+        live = list(context.current_messages)
         # Archives 1..n, consecutive, each with its messages; messages in exactly one place.
         if [a.index for a in archives] != list(range(1, len(archives) + 1)):
             v(f"{sid}: archive indices {[a.index for a in archives]} not 1..n")
@@ -762,6 +793,18 @@ class CrashRun:
                 v(f"{sid}: task {t.task_id} ended {task_pb2.TaskState.Name(t.state)}")
             self._verify_journal(stubs, t)
         self._task_states.update({tid: t.state for tid, t in tasks.items()})
+        done_archives = [a for a in archives if a.state == session_pb2.ARCHIVE_STATE_DONE]
+        if done_archives:
+            newest = done_archives[-1]
+            if (context.latest_archive_uri != newest.archive_uri
+                    or context.latest_archive_overview != newest.overview):
+                v(f"{sid}: context shows {context.latest_archive_uri}, newest DONE archive is "
+                  f"{newest.archive_uri}")
+            empty = [a.index for a in done_archives if not (a.overview and a.abstract)]
+            if empty:
+                v(f"{sid}: DONE archives {empty} without overview/abstract")
+        elif context.latest_archive_uri:
+            v(f"{sid}: context shows {context.latest_archive_uri} but no archive is DONE")
         # Session counters.
         if meta.commit_count != done:
             v(f"{sid}: commit_count {meta.commit_count} != DONE archives {done}")
@@ -794,6 +837,16 @@ class CrashRun:
         if not events or events[0].kind != task_pb2.TASK_EVENT_KIND_CREATED or sum(
                 1 for e in events if e.kind == task_pb2.TASK_EVENT_KIND_CREATED) != 1:
             self.violation(f"journal of {t.task_id} does not start with its one CREATED")
+        starts = sum(1 for e in events if e.kind == task_pb2.TASK_EVENT_KIND_STARTED)
+        if starts != t.attempts:
+            self.violation(f"journal of {t.task_id} has {starts} STARTED events, attempts "
+                           f"{t.attempts}")
+        if t.state == task_pb2.TASK_STATE_COMPLETED:
+            done = [e.stage for e in events
+                    if e.kind == task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED]
+            if done != list(PIPELINE_STAGES):
+                self.violation(f"{t.task_id}: stages completed {done}, each exactly once "
+                               f"expected")
         with self.model.lock:
             rec = self.model.watches.get(t.task_id)
         if rec is not None and (rec.seqs != seqs or rec.kinds != [e.kind for e in events]):

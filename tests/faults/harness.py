@@ -204,6 +204,11 @@ class ServerProcess:
             self.kill()
             raise ServerError(f"server did not exit within {timeout}s of SIGTERM") from exc
 
+    def signal_term(self) -> None:
+        """Send SIGTERM and return at once (see `terminate` to wait)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
     def wait_exit(self, timeout: float) -> int | None:
         """Wait for the process to end by itself (e.g. a failpoint); None on timeout."""
         if self.proc is None:

@@ -1,5 +1,6 @@
-"""Nothing lost, nothing twice: a short crash run (3 random SIGKILLs + one kill at every
-failpoint). Longer runs: `python tools/crashtest.py --rounds N --seed S`."""
+"""Nothing lost, nothing twice: a short crash run (3 random SIGKILLs, a graceful SIGTERM
+under load, a SIGKILL during a graceful shutdown, and one kill at every failpoint).
+Longer runs: `python tools/crashtest.py --rounds N --seed S`."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from pathlib import Path
 
 from sessiond.server.failpoints import ALL_POINTS
 
-from tests.faults.crashrun import RANDOM, CrashRun
+from tests.faults.crashrun import RANDOM, TERM, TERM_KILL, CrashRun
 
 
 def test_crash_random_kills_and_every_failpoint(tmp_path: Path) -> None:
     seed = int(os.environ.get("SESSIOND_CRASH_SEED") or random.SystemRandom().randrange(2**31))
     lines: list[str] = []
     run = CrashRun(tmp_path, seed=seed, clients=4, max_kill_delay=1.5, log=lines.append)
-    episodes = [RANDOM] * 3 + list(ALL_POINTS)
+    episodes = [RANDOM] * 3 + [TERM, TERM_KILL] + list(ALL_POINTS)
     try:
         stats = run.run(episodes)
     finally:

@@ -3,9 +3,8 @@ helpers that drive a real sessiond (tests/conftest.py `server_factory`) through 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +16,11 @@ from sessiond.v1 import session_pb2, task_pb2
 from tests.conftest import Running
 from tests.llm.fake_openai import FakeLLM
 
-API_KEY = "sk-test-7f3a9c2e1b5d4a6f8e0c"
+API_KEY = "test-key-7f3a9c2e1b5d4a6f8e0c"  # not sk-…: only the engine redacts it
 KEY_ENV = "SESSIOND_TEST_LLM_API_KEY"
 FAST = Backoff(base=0.01, max_delay=0.05, retry_after_max=5.0)
+
+EngineFactory = Callable[..., OpenAIEngine]
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def llm_settings(fake: FakeLLM, **overrides: Any) -> LLMSettings:
 
 
 @pytest.fixture
-def make_engine(fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch) -> Any:
+def make_engine(fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch) -> EngineFactory:
     """OpenAIEngine against the fake server; the key comes from the environment."""
     monkeypatch.setenv(KEY_ENV, API_KEY)
 
@@ -94,7 +95,3 @@ def failure_reason(running: Running, task_id: str) -> str:
     error = stored_task(running, task_id).error
     assert error is not None
     return error.reason
-
-
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"

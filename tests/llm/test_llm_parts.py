@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-
 from sessiond.server.commit.engine import EngineError, SummaryRequest
 from sessiond.server.commit.llm import Backoff, OpenAIEngine, build_llm_engine, read_api_key
 from sessiond.server.commit.llm.prompts import (
@@ -36,6 +36,7 @@ from sessiond.server.commit.llm.summary import SECTIONS, parse_summary, verified
 from sessiond.server.commit.offline import _section
 from sessiond.server.config import LLMSettings
 from sessiond.server.domain.values import MemoryCategory, Message, Role, TextPart
+
 from tests.llm.conftest import API_KEY, FAST, KEY_ENV, llm_settings
 from tests.llm.fake_openai import FakeLLM, Reply
 
@@ -154,9 +155,9 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
 
 
 def test_connection_refused_is_retried_then_unavailable() -> None:
-    fake = FakeLLM()  # never started: its port refuses connections... once closed
-    url = fake.base_url
-    fake.stop()
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     engine = OpenAIEngine(LLMSettings(base_url=url, model="m", max_retries=2,
                                       timeout_seconds=2), api_key=API_KEY, backoff=FAST)
     reports: list[tuple[int, int, str]] = []

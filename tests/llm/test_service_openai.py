@@ -7,7 +7,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import pytest
@@ -19,6 +19,7 @@ from tests.llm.conftest import (
     API_KEY,
     FAST,
     KEY_ENV,
+    EngineFactory,
     commit,
     failure_reason,
     llm_settings,
@@ -59,8 +60,10 @@ def archive(running: Running, sid: str, index: int) -> session_pb2.Archive:
                                                                      index=index))
 
 
-def memories(running: Running,
-             category: memory_pb2.MemoryCategory.ValueType = memory_pb2.MEMORY_CATEGORY_UNSPECIFIED
+Category: TypeAlias = memory_pb2.MemoryCategory.ValueType
+
+
+def memories(running: Running, category: Category = memory_pb2.MEMORY_CATEGORY_UNSPECIFIED
              ) -> list[memory_pb2.Memory]:
     resp = running.memories.ListMemories(memory_pb2.ListMemoriesRequest(
         category=category, page_size=100))
@@ -93,8 +96,8 @@ def assert_key_only_in_auth_header(fake: FakeLLM) -> None:
 
 
 # ---------------------------------------------------------------------- happy path
-def test_commit_with_llm(server_factory: ServerFactory, fake_llm: FakeLLM, make_engine: Any,
-                         caplog: pytest.LogCaptureFixture) -> None:
+def test_commit_with_llm(server_factory: ServerFactory, fake_llm: FakeLLM,
+                         make_engine: EngineFactory, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
 
     def extracted(rec: Received) -> list[dict[str, Any]]:
@@ -162,7 +165,8 @@ def test_commit_with_llm(server_factory: ServerFactory, fake_llm: FakeLLM, make_
 
 
 def test_second_commit_gets_previous_overview(server_factory: ServerFactory,
-                                              fake_llm: FakeLLM, make_engine: Any) -> None:
+                                              fake_llm: FakeLLM,
+                                              make_engine: EngineFactory) -> None:
     n = {"i": 0}
 
     def numbered(rec: Received) -> str:
@@ -201,7 +205,8 @@ def test_second_commit_gets_previous_overview(server_factory: ServerFactory,
 
 # ---------------------------------------------------------------------- retries
 def test_429_retry_after_then_500_then_success(server_factory: ServerFactory,
-                                               fake_llm: FakeLLM, make_engine: Any) -> None:
+                                               fake_llm: FakeLLM,
+                                               make_engine: EngineFactory) -> None:
     fake_llm.push("summary", Reply(429, headers={"Retry-After": "1"}, error="slow down"))
     fake_llm.push("extract", Reply(500, error="boom"))
     running = server_factory(engine=make_engine(max_retries=3))
@@ -228,7 +233,7 @@ def test_429_retry_after_then_500_then_success(server_factory: ServerFactory,
 
 
 def test_timeout_is_retried(server_factory: ServerFactory, fake_llm: FakeLLM,
-                            make_engine: Any) -> None:
+                            make_engine: EngineFactory) -> None:
     fake_llm.push("summary", Reply(delay=1.5))
     running = server_factory(engine=make_engine(timeout_seconds=0.4))
     session(running, "s1", "Please remember that the deadline is Friday.", "Will do.")
@@ -244,7 +249,7 @@ def test_timeout_is_retried(server_factory: ServerFactory, fake_llm: FakeLLM,
 
 
 def test_server_errors_exhaust_retries(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                       make_engine: Any) -> None:
+                                       make_engine: EngineFactory) -> None:
     fake_llm.push("summary", *[Reply(503, error="overloaded") for _ in range(3)])
     running = server_factory(engine=make_engine(max_retries=2))
     session(running, "s1", "Hi.", "Hello.")
@@ -264,7 +269,7 @@ def test_server_errors_exhaust_retries(server_factory: ServerFactory, fake_llm: 
 
 
 def test_401_fails_at_once_and_the_key_stays_hidden(
-        server_factory: ServerFactory, fake_llm: FakeLLM, make_engine: Any,
+        server_factory: ServerFactory, fake_llm: FakeLLM, make_engine: EngineFactory,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     # A server that echoes the key it was given in its error text.
@@ -286,7 +291,7 @@ def test_401_fails_at_once_and_the_key_stays_hidden(
 
 
 def test_404_model_is_a_bad_request(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                    make_engine: Any) -> None:
+                                    make_engine: EngineFactory) -> None:
     fake_llm.push("summary", Reply(404, error="model test-model not found"))
     running = server_factory(engine=make_engine())
     session(running, "s1", "Hi.", "Hello.")
@@ -298,7 +303,7 @@ def test_404_model_is_a_bad_request(server_factory: ServerFactory, fake_llm: Fak
 
 # ---------------------------------------------------------------------- bad output
 def test_garbage_json_is_repaired_once(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                       make_engine: Any) -> None:
+                                       make_engine: EngineFactory) -> None:
     fake_llm.push("extract", Reply(content="Sure! Here are the memories: {oops"))
     fake_llm.memories_fn = lambda rec: [
         {"category": "entities", "key": "Project Atlas", "content": "Atlas is the user's app.",
@@ -324,7 +329,7 @@ def test_garbage_json_is_repaired_once(server_factory: ServerFactory, fake_llm: 
 
 
 def test_garbage_twice_fails_with_bad_output(server_factory: ServerFactory,
-                                             fake_llm: FakeLLM, make_engine: Any) -> None:
+                                             fake_llm: FakeLLM, make_engine: EngineFactory) -> None:
     fake_llm.push("extract", Reply(content="not json"),
                   Reply(content=json.dumps({"memories": [{"category": "feelings"}]})))
     running = server_factory(engine=make_engine())
@@ -342,7 +347,8 @@ def test_garbage_twice_fails_with_bad_output(server_factory: ServerFactory,
 
 
 def test_summary_without_sections_is_repaired(server_factory: ServerFactory,
-                                              fake_llm: FakeLLM, make_engine: Any) -> None:
+                                              fake_llm: FakeLLM,
+                                              make_engine: EngineFactory) -> None:
     fake_llm.push("summary", Reply(content="The user said hi."))
     running = server_factory(engine=make_engine())
     session(running, "s1", "Hi.", "Hello.")
@@ -354,7 +360,7 @@ def test_summary_without_sections_is_repaired(server_factory: ServerFactory,
 
 
 def test_invented_quotes_are_dropped(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                     make_engine: Any) -> None:
+                                     make_engine: EngineFactory) -> None:
     def quoting(rec: Received) -> str:
         base = good_summary(rec)
         return base.replace("## Key user messages\n",
@@ -374,7 +380,7 @@ def test_invented_quotes_are_dropped(server_factory: ServerFactory, fake_llm: Fa
 
 # ---------------------------------------------------------------------- memories
 def test_restated_memories_update_instead_of_duplicating(
-        server_factory: ServerFactory, fake_llm: FakeLLM, make_engine: Any,
+        server_factory: ServerFactory, fake_llm: FakeLLM, make_engine: EngineFactory,
         tmp_path: Path) -> None:
     facts: dict[str, list[dict[str, Any]]] = {"now": []}
     fake_llm.memories_fn = lambda rec: [
@@ -421,7 +427,7 @@ def test_restated_memories_update_instead_of_duplicating(
 
 # ---------------------------------------------------------------------- limits, modes
 def test_concurrent_calls_are_bounded(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                      make_engine: Any) -> None:
+                                      make_engine: EngineFactory) -> None:
     fake_llm.push("summary", *[Reply(delay=0.15) for _ in range(3)])
     running = server_factory(engine=make_engine(max_concurrency=1), worker_concurrency=4)
     tasks = []
@@ -436,7 +442,7 @@ def test_concurrent_calls_are_bounded(server_factory: ServerFactory, fake_llm: F
 
 
 def test_json_mode_auto_steps_down(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                   make_engine: Any) -> None:
+                                   make_engine: EngineFactory) -> None:
     fake_llm.push("extract", Reply(400, error="response_format json_schema is not supported"))
     running = server_factory(engine=make_engine(json_mode="auto"))
     session(running, "s1", "Hi.", "Hello.")
@@ -449,7 +455,7 @@ def test_json_mode_auto_steps_down(server_factory: ServerFactory, fake_llm: Fake
 
 
 def test_json_mode_none_reads_fenced_json(server_factory: ServerFactory, fake_llm: FakeLLM,
-                                          make_engine: Any) -> None:
+                                          make_engine: EngineFactory) -> None:
     doc = {"memories": [{"category": "events", "key": "Launch Date",
                          "content": "The launch is on 2025-03-01.", "source_message_ids": []}]}
     fake_llm.push("extract", Reply(content="Here you go:\n```json\n" + json.dumps(doc) + "\n```"))

@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             print("sessiond migrate: SQLite migrates itself at start; give --store "
                   "postgresql://...", file=sys.stderr)
             return 2
-        asyncio.run(_migrate(ns.store))
+        from sessiond.server.domain.errors import SessiondError
+
+        try:
+            asyncio.run(_migrate(ns.store))
+        except SessiondError as exc:
+            print(f"sessiond migrate: {exc.message} ({exc.reason})", file=sys.stderr)
+            return 1
         return 0
     return 2
 

@@ -174,7 +174,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def create_session(self, identity: Identity, session_id: str, now: datetime,
                              request: RequestKey | None = None) -> SessionMeta:
-        """Insert a session. `AlreadyExists` when the id is taken (by anyone)."""
+        """Insert a session. Ids are unique per identity: `AlreadyExists` when this
+        identity already has a session with that id."""
 
     @abc.abstractmethod
     async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None: ...
@@ -182,8 +183,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ensure_session(self, identity: Identity, session_id: str,
                              now: datetime) -> SessionMeta:
-        """Return the session, creating it when missing. `NotFound` when the id
-        belongs to another identity (no existence leak: same error as missing)."""
+        """Return the identity's session, creating it when missing. Another identity's
+        session with the same id is a different session and is not touched."""
 
     @abc.abstractmethod
     async def list_sessions(self, identity: Identity, page_size: int,

@@ -165,6 +165,11 @@ class OpenAIEngine:
         self._repair_prompt = prompts.load_prompt(*prompts.REPAIR_PROMPT)
         self._schema = prompts.load_schema(*prompts.EXTRACTION_SCHEMA)
         self._schema_name = "{}_v{}".format(*prompts.EXTRACTION_SCHEMA)
+        log.info("Phase 2 engine openai: model %s at %s, prompts %s, json_mode %s, "
+                 "%d concurrent calls, %d attempts per call%s", self.model,
+                 self._safe(base_url), ", ".join(self.prompt_versions), settings.json_mode,
+                 settings.max_concurrency, self.max_attempts,
+                 "" if key else ", no API key configured")
 
     @property
     def prompt_versions(self) -> tuple[str, ...]:
@@ -197,7 +202,7 @@ class OpenAIEngine:
             try:
                 overview, abstract = read(text, False)
             except BadOutput as again:
-                raise self._bad_output("summary", again) from None
+                raise self._bad_output("summary", again, meter) from None
         return SummaryResponse(overview=overview, abstract=abstract, usage=meter.total)
 
     # ------------------------------------------------------------------ extract
@@ -226,7 +231,7 @@ class OpenAIEngine:
             try:
                 candidates = read(text)
             except BadOutput as again:
-                raise self._bad_output("memory extraction", again) from None
+                raise self._bad_output("memory extraction", again, meter) from None
         return ExtractionResponse(candidates=candidates, usage=meter.total)
 
     async def _call_json(self, conversation: list[ChatCompletionMessageParam],
@@ -279,7 +284,10 @@ class OpenAIEngine:
         ]
         return await self._call(follow_up, response_format, report, meter)
 
-    def _bad_output(self, what: str, problem: BadOutput) -> EngineError:
+    def _bad_output(self, what: str, problem: BadOutput, meter: _Meter) -> EngineError:
+        log.warning("%s: the model's %s reply is unusable after the repair attempt (%d "
+                    "tokens spent in this stage are not counted)", BAD_OUTPUT, what,
+                    meter.total.total_tokens)
         return EngineError(self._safe(f"the model's {what} reply was unusable, also after "
                                       f"one repair attempt: {problem}"),
                            reason=BAD_OUTPUT, retryable=False)
@@ -313,7 +321,7 @@ class OpenAIEngine:
                 with attempt:
                     return await self._call_once(conversation, response_format, meter)
         except CallFailed as exc:
-            raise self._final(exc.failure, max_attempts) from None
+            raise self._final(exc.failure, max_attempts, meter) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call_once(self, conversation: Sequence[ChatCompletionMessageParam],
@@ -350,12 +358,13 @@ class OpenAIEngine:
                   getattr(choices[0], "finish_reason", None))
         return text
 
-    def _final(self, failure: Failure, max_attempts: int) -> LLMCallError:
+    def _final(self, failure: Failure, max_attempts: int, meter: _Meter) -> LLMCallError:
         message = failure.message()
         if failure.retryable and max_attempts > 1:
             message += f" (gave up after {max_attempts} attempts)"
         safe = self._safe(message)
-        log.warning("model call failed for good: %s", safe)
+        log.warning("model call failed for good, %s: %s (%d tokens spent in this stage "
+                    "are not counted)", failure.reason, safe, meter.total.total_tokens)
         return LLMCallError(safe, reason=failure.reason, retryable=failure.retryable,
                             status=failure.status)
 

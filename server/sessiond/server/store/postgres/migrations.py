@@ -256,6 +256,10 @@ async def migrate_url(url: str) -> tuple[int, int]:
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
         raise Unavailable(f"postgresql: cannot connect: {exc}") from exc
+    except (asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise FailedPrecondition(f"postgresql refused the connection: {exc}",
+                                 reason="DATABASE_REJECTED") from exc
     try:
         return await migrate(conn)
     finally:

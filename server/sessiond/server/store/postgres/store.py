@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -162,6 +163,22 @@ def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable(f"postgresql unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
+def _text(value: str) -> str:
+    """PostgreSQL TEXT cannot hold NUL; free text (summaries, memory contents, event
+    messages, uris) gets U+FFFD in its place. JSON-encoded columns are unaffected
+    (the encoder escapes NUL)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _token_time(epoch: float) -> datetime:
+    """The created_at of a page token; out-of-range values clamp to the ends of time
+    (a token is only compared with, so this orders like SQLite's float comparison)."""
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, ValueError, OSError):
+        return datetime.max.replace(tzinfo=UTC) if epoch > 0 else datetime.min.replace(tzinfo=UTC)
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE_ERRORS) and not isinstance(exc, _BUG_ERRORS)
 
@@ -172,6 +189,14 @@ class PostgresStore(Store):
                  auto_migrate: bool = True, connect_timeout: float = 5.0,
                  command_timeout: float = 15.0, acquire_timeout: float = 10.0,
                  listen_check_seconds: float = 10.0) -> None:
+        """`dsn`: a postgresql:// URL. The pool holds `min_size`..`max_size`
+        connections, plus one dedicated LISTEN connection on `channel`. Journals keep
+        at most `journal_cap` events per task. With `auto_migrate` (default) `open()`
+        creates the schema in an empty database; otherwise, and for any older schema,
+        `sessiond migrate` must run first. Connecting is bounded by `connect_timeout`,
+        waiting for a pooled connection by `acquire_timeout`, every statement by
+        `command_timeout` (seconds); beyond them calls raise `Unavailable`. The LISTEN
+        connection is probed every `listen_check_seconds`."""
         super().__init__()
         if max_size < 1 or min_size < 0 or min_size > max_size:
             raise ValueError(f"invalid pool bounds min_size={min_size} max_size={max_size}")
@@ -212,6 +237,10 @@ class PostgresStore(Store):
                 server_settings=self._server_settings())
         except SessiondError:
             raise
+        except (asyncpg.InvalidCatalogNameError,
+                asyncpg.InvalidAuthorizationSpecificationError) as exc:
+            raise FailedPrecondition(f"postgresql refused the connection: {exc}",
+                                     reason="DATABASE_REJECTED") from exc
         except BaseException as exc:
             if _is_unavailable(exc):
                 raise _unavailable(exc) from exc
@@ -368,7 +397,10 @@ class PostgresStore(Store):
                         await self._notify(conn, ctx)
             except SessiondError:
                 raise
-            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+                    asyncpg.InvalidCachedStatementError) as exc:
+                # InvalidCachedStatementError: another replica migrated the schema;
+                # asyncpg dropped the stale prepared statement, a retry re-prepares.
                 if attempt == MAX_ATTEMPTS:
                     raise Aborted(f"concurrent modification, retry: {exc}",
                                   reason="CONCURRENT_MODIFICATION") from exc
@@ -378,7 +410,7 @@ class PostgresStore(Store):
                 # Two calls with one request_id raced: the retry replays the winner.
                 if exc.constraint_name == REQUEST_IDS_PKEY and attempt < MAX_ATTEMPTS:
                     continue
-                raise
+                raise AlreadyExists(f"already exists ({exc.constraint_name})") from exc
             except BaseException as exc:
                 if _is_unavailable(exc):
                     raise _unavailable(exc) from exc
@@ -534,7 +566,7 @@ class PostgresStore(Store):
         await c.execute(
             "INSERT INTO task_events (task_id, seq, kind, time, state, stage, message, attempt, "
             "result, error) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-            task_id, seq, kind.value, now, state.value, stage.value, message, attempt,
+            task_id, seq, kind.value, now, state.value, stage.value, _text(message), attempt,
             codec.encode_result(result), codec.encode_error(error))
         first_seq = int(task_row["first_seq"])
         if seq - first_seq + 1 > self.journal_cap:
@@ -547,7 +579,7 @@ class PostgresStore(Store):
         new_row = await c.fetchrow(f"UPDATE tasks SET {assign} WHERE task_id=$1 RETURNING *",
                                    task_id, *cols.values())
         ev = TaskEvent(task_id=task_id, seq=seq, kind=kind, time=now, state=state, stage=stage,
-                       message=message, attempt=attempt, result=result, error=error)
+                       message=_text(message), attempt=attempt, result=result, error=error)
         ctx.events.append(ev)
         return ev, new_row
 
@@ -902,7 +934,9 @@ class PostgresStore(Store):
             add("task_type={}", task_type)
         if page_token:
             created, tid = codec.decode_task_token(page_token)
-            add("(created_at, task_id) < ({}, {})", datetime.fromtimestamp(created, UTC), tid)
+            if math.isnan(created):
+                return TaskPage([], "")  # compares with nothing (as in SQLite)
+            add("(created_at, task_id) < ({}, {})", _token_time(created), tid)
         sql = (f"SELECT * FROM tasks WHERE {' AND '.join(where)} "
                f"ORDER BY created_at DESC, task_id DESC LIMIT ${len(args) + 1}")
 
@@ -1026,8 +1060,8 @@ class PostgresStore(Store):
             detail = ""
             if isinstance(output, SummaryOutput):
                 await c.execute("UPDATE archives SET overview=$3, abstract=$4 WHERE skey=$1 "
-                                "AND idx=$2", skey, task.archive_index, output.overview,
-                                output.abstract)
+                                "AND idx=$2", skey, task.archive_index, _text(output.overview),
+                                _text(output.abstract))
                 sets["prompt_tokens"] = row["prompt_tokens"] + output.usage.prompt_tokens
                 sets["completion_tokens"] = (row["completion_tokens"]
                                              + output.usage.completion_tokens)
@@ -1040,13 +1074,13 @@ class PostgresStore(Store):
                                              + output.usage.completion_tokens)
                 detail = f"{counts.total} memories"
             elif isinstance(output, RelationsOutput):
-                uris = sorted(set(output.uris))
+                uris = sorted({_text(u) for u in output.uris})
                 await c.execute(
                     "INSERT INTO relations (skey, uri, created_at) SELECT $1, u, $3 "
                     "FROM unnest($2::text[]) AS u ON CONFLICT DO NOTHING", skey, uris, now)
                 detail = f"{len(uris)} relations"
             elif isinstance(output, ActiveCountsOutput):
-                uris = list(dict.fromkeys(output.uris))
+                uris = list(dict.fromkeys(_text(u) for u in output.uris))
                 # Sorted: concurrent tasks bumping the same uris lock them in one order.
                 await c.execute(
                     "INSERT INTO active_counts (uri, active_count, updated_at) "
@@ -1068,7 +1102,7 @@ class PostgresStore(Store):
                               now: datetime) -> MemoryCounts:
         first: dict[tuple[str, str], CandidateMemory] = {}
         for cand in candidates:
-            first.setdefault((cand.category.value, cand.key), cand)
+            first.setdefault((cand.category.value, _text(cand.key)), cand)
         per: dict[str, int] = {}
         # Sorted by key: concurrent extractions touching the same memories lock them in
         # one order (no deadlock); counts do not depend on the order.
@@ -1086,12 +1120,13 @@ class PostgresStore(Store):
                     "created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$11) "
                     "ON CONFLICT (account, user_id, agent, category, mkey) DO NOTHING "
                     "RETURNING memory_id",
-                    f"mem_{uuid.uuid4().hex}", *ident, cand.content, task.session_id,
+                    f"mem_{uuid.uuid4().hex}", *ident, _text(cand.content), task.session_id,
                     task.archive_uri, codec.dumps(list(cand.source_message_ids)), now)
                 if inserted is None:  # a concurrent extraction inserted it first
                     row = await c.fetchrow(select, *ident)
             if row is not None:
-                content = codec.merge_content(cand.category, row["content"], cand.content)
+                content = codec.merge_content(cand.category, row["content"],
+                                              _text(cand.content))
                 ids = list(dict.fromkeys([*json.loads(row["source_message_ids"]),
                                           *cand.source_message_ids]))
                 await c.execute(
@@ -1179,7 +1214,8 @@ class PostgresStore(Store):
 
     async def active_count(self, uri: str) -> int:
         async def op(c: Conn) -> int:
-            value = await c.fetchval("SELECT active_count FROM active_counts WHERE uri=$1", uri)
+            value = await c.fetchval("SELECT active_count FROM active_counts WHERE uri=$1",
+                                     _text(uri))
             return 0 if value is None else int(value)
 
         return await self._read(op)
