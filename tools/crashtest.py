@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 from sessiond.server.failpoints import ALL_POINTS  # noqa: E402
 
 from tests.faults.crashrun import CrashRun  # noqa: E402
+from tests.faults.harness import FAST_ARGS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heavy", type=float, default=0.03,
                    help="share of messages with long text (slow Phase 2, so kills land "
                         "inside stages)")
+    p.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
+                   help="server's SQLite synchronous mode (FULL is the production default; "
+                        "NORMAL is faster and equally safe against a killed process)")
+    p.add_argument("--workers", type=int, default=4, help="server's Phase 2 workers")
     p.add_argument("--failpoints", default=",".join(ALL_POINTS),
                    help="comma-separated failpoints, one episode each per round ('' for none)")
     p.add_argument("--max-kill-delay", type=float, default=2.0,
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in points if x not in ALL_POINTS]
     if unknown:
         p.error(f"unknown failpoints {unknown}; known: {', '.join(ALL_POINTS)}")
+    server_args = [*FAST_ARGS, "--workers", str(ns.workers)]
+    server_args[server_args.index("--sqlite-synchronous") + 1] = ns.sqlite_synchronous
     tmp = None
     work = ns.work_dir
     if work is None:
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
     work.mkdir(parents=True, exist_ok=True)
     run = CrashRun(work, seed=seed, clients=ns.clients, max_kill_delay=ns.max_kill_delay,
-                   heavy=ns.heavy, log=lambda m: print(m, flush=True))
+                   heavy=ns.heavy, server_args=server_args,
+                   log=lambda m: print(m, flush=True))
     episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round)
     t0 = time.monotonic()
     try:

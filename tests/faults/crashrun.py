@@ -34,7 +34,7 @@ from sessiond.server.failpoints import ALL_POINTS
 from sessiond.server.store import codec
 from sessiond.v1 import session_pb2, task_pb2
 
-from tests.faults.harness import ServerProcess, Stubs, heavy_text
+from tests.faults.harness import FAST_ARGS, ServerProcess, Stubs, heavy_text
 
 RANDOM = "random"  # SIGKILL at a random moment
 TERM = "term"  # graceful SIGTERM at a random moment: exit 0 expected
@@ -280,6 +280,7 @@ def send(stubs: Stubs, op: Op) -> Any:
 class CrashRun:
     def __init__(self, work_dir: Path, *, seed: int, clients: int = 4,
                  max_kill_delay: float = 2.0, heavy: float = 0.03,
+                 server_args: Sequence[str] = FAST_ARGS,
                  log: Callable[[str], None] = print) -> None:
         self.work_dir = Path(work_dir)
         self.seed = seed
@@ -288,7 +289,7 @@ class CrashRun:
         self.max_kill_delay = max_kill_delay
         self.heavy = heavy
         self.log = log
-        self.srv = ServerProcess(self.work_dir / "data")
+        self.srv = ServerProcess(self.work_dir / "data", extra_args=server_args)
         self.model = Model()
         self.stats = Stats()
         self.violations: list[str] = []

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+from sessiond.server.api.server import build_engine
 from sessiond.server.commit.engine import EngineError, SummaryRequest
 from sessiond.server.commit.llm import Backoff, OpenAIEngine, build_llm_engine, read_api_key
 from sessiond.server.commit.llm.prompts import (
@@ -34,7 +35,7 @@ from sessiond.server.commit.llm.schema import (
 )
 from sessiond.server.commit.llm.summary import SECTIONS, parse_summary, verified_quotes
 from sessiond.server.commit.offline import _section
-from sessiond.server.config import LLMSettings
+from sessiond.server.config import LLMSettings, Settings
 from sessiond.server.domain.values import MemoryCategory, Message, Role, TextPart
 
 from tests.llm.conftest import API_KEY, FAST, KEY_ENV, llm_settings
@@ -67,6 +68,17 @@ def test_build_returns_the_key_as_secret(monkeypatch: pytest.MonkeyPatch) -> Non
                                                    model="m", api_key_env=KEY_ENV))
     assert secrets == (API_KEY, "pw-secret")
     assert engine.name == "openai" and engine.max_attempts == 6
+    asyncio.run(engine.aclose())
+
+
+def test_the_service_builds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    settings = Settings(engine="openai")
+    with pytest.raises(ValueError, match="--llm-base-url"):
+        build_engine(settings)
+    settings.llm = LLMSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+    engine, secrets = build_engine(settings)
+    assert isinstance(engine, OpenAIEngine) and secrets == (API_KEY,)
     asyncio.run(engine.aclose())
 
 

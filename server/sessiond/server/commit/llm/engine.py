@@ -210,7 +210,7 @@ class OpenAIEngine:
                       report: RetryReporter = no_report) -> ExtractionResponse:
         meter = _Meter()
         system, user = self._extraction_prompt.render(
-            schema=json.dumps(self._schema, indent=1), session_id=request.session_id,
+            schema=json.dumps(self._schema), session_id=request.session_id,
             archive_uri=request.archive_uri,
             previous_overview=request.previous_overview.strip(),
             overview=request.overview.strip(),

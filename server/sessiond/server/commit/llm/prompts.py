@@ -117,11 +117,9 @@ def render_message(m: Message) -> str:
             if p.duration_ms:
                 head += f", {p.duration_ms} ms"
             head += ")"
-            if p.input:
-                head += f" input: {_clip(' '.join(p.input.split()), TOOL_IO_MAX)}"
-            if p.output:
-                head += f" output: {_clip(' '.join(p.output.split()), TOOL_IO_MAX)}"
-            lines.append(head)
+            io = [f"{label}: {_clip(' '.join(value.split()), TOOL_IO_MAX)}"
+                  for label, value in (("input", p.input), ("output", p.output)) if value]
+            lines.append(f"{head} {'; '.join(io)}" if io else head)
         elif isinstance(p, ContextPart):
             ref = f"  (context {p.context_type.value} {p.uri}"
             lines.append(ref + (f": {_clip(p.abstract, TOOL_IO_MAX)})" if p.abstract else ")"))

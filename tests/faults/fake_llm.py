@@ -1,0 +1,120 @@
+"""A minimal OpenAI-compatible chat-completions server on loopback for the crash test.
+
+It lives in the test process, so it survives the sessiond kills. Summary requests get
+a well-formed overview, extraction requests a couple of memories; every reply carries
+a distinct `usage` (prompt 100+11n, completion 20+3n for the n-th reply, so no sum of
+two replies equals a sum of three), and each reply is recorded with the message ids its
+prompt contained, so a task's token usage can be traced to the replies it counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_MSG_ID = re.compile(r"msg_[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Served:
+    kind: str  # "summary" | "extract" | "other"
+    message_ids: frozenset[str]
+    usage: tuple[int, int]
+
+
+class FakeLLM:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.served: list[Served] = []
+        self._n = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> FakeLLM:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def for_archive(self, message_ids: set[str]) -> dict[str, list[tuple[int, int]]]:
+        """Usage of the replies whose prompt held (only) messages of this archive."""
+        out: dict[str, list[tuple[int, int]]] = {"summary": [], "extract": []}
+        with self.lock:
+            for s in self.served:
+                if s.kind in out and s.message_ids and s.message_ids <= message_ids:
+                    out[s.kind].append(s.usage)
+        return out
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = {}
+                data = json.dumps(fake._reply(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def _reply(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = body.get("messages") or [{}]
+        system = str(messages[0].get("content", ""))
+        prompt = "\n".join(str(m.get("content", "")) for m in messages[1:])
+        kind = ("summary" if "archive summarizer" in system else
+                "extract" if "memory extractor" in system else "other")
+        ids = frozenset(_MSG_ID.findall(prompt))
+        if kind == "summary":
+            content = "\n".join([
+                "ABSTRACT: The user and the agent test sessiond.", "",
+                "## Overview", "A test conversation.", "",
+                "## Historical context", "- none", "",
+                "## New information", "- Some facts.", "",
+                "## Current archive analysis", "Facts were stated.", "",
+                "## Key user messages", "- none", "",
+                "## Open loops", "- none", "",
+                "## Next step", "- Continue."])
+        else:
+            first = sorted(ids)[:1]
+            content = json.dumps({"memories": [
+                {"category": "preferences", "key": "Preferred drink",
+                 "content": "The user prefers tea.", "source_message_ids": first},
+                {"category": "entities", "key": f"Archive {first[0] if first else 'none'}",
+                 "content": "An archive of the crash test.", "source_message_ids": first},
+            ]})
+        with self.lock:
+            self._n += 1
+            n = self._n
+            usage = (100 + 11 * n, 20 + 3 * n)
+            self.served.append(Served(kind, ids, usage))
+        return {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "fake"),
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                          "total_tokens": usage[0] + usage[1]}}
