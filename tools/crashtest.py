@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sqlite-synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                    help="server's SQLite synchronous mode (FULL is the production default; "
                         "NORMAL is faster and equally safe against a killed process)")
+    p.add_argument("--engine", choices=["offline", "openai"], default="offline",
+                   help="Phase 2 engine; 'openai' talks to a fake OpenAI-compatible server "
+                        "run by this tool, so token usage is counted too")
     p.add_argument("--workers", type=int, default=4, help="server's Phase 2 workers")
     p.add_argument("--failpoints", default=",".join(ALL_POINTS),
                    help="comma-separated failpoints, one episode each per round ('' for none)")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
     work.mkdir(parents=True, exist_ok=True)
     run = CrashRun(work, seed=seed, clients=ns.clients, max_kill_delay=ns.max_kill_delay,
-                   heavy=ns.heavy, server_args=server_args,
+                   heavy=ns.heavy, server_args=server_args, engine=ns.engine,
                    log=lambda m: print(m, flush=True))
     episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round)
     t0 = time.monotonic()

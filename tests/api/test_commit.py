@@ -156,7 +156,7 @@ def test_phase2_failure_is_sanitized_and_archive_stays(server_factory: ServerFac
     task = r.tasks.GetTask(task_pb2.GetTaskRequest(task_id=reply.task_id))
     assert task.state == task_pb2.TASK_STATE_FAILED
     msg = task.error.message
-    assert task.error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert task.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]  # LLM_AUTH
     assert "sk-live" not in msg and "abc.def.ghi" not in msg and len(msg) <= 512
     assert "[REDACTED]" in msg
     arch = r.sessions.GetArchive(session_pb2.GetArchiveRequest(session_id="f", index=1))

@@ -34,6 +34,7 @@ from sessiond.server.failpoints import ALL_POINTS
 from sessiond.server.store import codec
 from sessiond.v1 import session_pb2, task_pb2
 
+from tests.faults.fake_llm import FakeLLM
 from tests.faults.harness import FAST_ARGS, ServerProcess, Stubs, heavy_text
 
 RANDOM = "random"  # SIGKILL at a random moment
@@ -41,6 +42,7 @@ TERM = "term"  # graceful SIGTERM at a random moment: exit 0 expected
 TERM_KILL = "term-kill"  # SIGTERM, then SIGKILL in the middle of the graceful shutdown
 EPISODE_KINDS = (RANDOM, TERM, TERM_KILL, *ALL_POINTS)
 CALL_TIMEOUT = 10.0
+LLM_KEY_ENV = "SESSIOND_CRASH_LLM_KEY"
 GRACE_LIMIT = 3.0 + 2.0  # the harness' --shutdown-grace plus process teardown
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.CANCELLED})
@@ -280,7 +282,7 @@ def send(stubs: Stubs, op: Op) -> Any:
 class CrashRun:
     def __init__(self, work_dir: Path, *, seed: int, clients: int = 4,
                  max_kill_delay: float = 2.0, heavy: float = 0.03,
-                 server_args: Sequence[str] = FAST_ARGS,
+                 server_args: Sequence[str] = FAST_ARGS, engine: str = "offline",
                  log: Callable[[str], None] = print) -> None:
         self.work_dir = Path(work_dir)
         self.seed = seed
@@ -289,7 +291,19 @@ class CrashRun:
         self.max_kill_delay = max_kill_delay
         self.heavy = heavy
         self.log = log
-        self.srv = ServerProcess(self.work_dir / "data", extra_args=server_args)
+        # With engine="openai" Phase 2 talks to a fake OpenAI-compatible server in this
+        # process: real token usage to count (the offline engine reports none).
+        self.llm: FakeLLM | None = None
+        env: dict[str, str] = {}
+        if engine == "openai":
+            self.llm = FakeLLM().start()
+            server_args = [*server_args, "--engine", "openai", "--llm-base-url",
+                           self.llm.base_url, "--llm-model", "fake-model", "--llm-api-key-env",
+                           LLM_KEY_ENV, "--llm-timeout", "10", "--llm-max-retries", "2"]
+            env[LLM_KEY_ENV] = "crash-test-key"
+        elif engine != "offline":
+            raise ValueError(f"engine {engine!r}")
+        self.srv = ServerProcess(self.work_dir / "data", extra_args=server_args, env=env)
         self.model = Model()
         self.stats = Stats()
         self.violations: list[str] = []
@@ -306,6 +320,9 @@ class CrashRun:
 
     def close(self) -> None:
         self.srv.close()
+        if self.llm is not None:
+            self.llm.stop()
+            self.llm = None
 
     def _next_session_id(self) -> str:
         self._session_counter += 1
@@ -681,6 +698,7 @@ class CrashRun:
         if [a.index for a in archives] != list(range(1, len(archives) + 1)):
             v(f"{sid}: archive indices {[a.index for a in archives]} not 1..n")
         stored: list[tuple[int, session_pb2.Message]] = []  # (archive index or 0, message)
+        arch_ids: dict[int, set[str]] = {}
         for a in archives:
             full = s.GetArchive(session_pb2.GetArchiveRequest(session_id=sid, index=a.index),
                                 timeout=CALL_TIMEOUT)
@@ -696,6 +714,7 @@ class CrashRun:
                 self.model.archive_msg_uris[(sid, a.index)] = frozenset(
                     part_uris(p for m in msgs for p in m.parts))
             stored += [(a.index, m) for m in msgs]
+            arch_ids[a.index] = {m.id for m in msgs}
         stored += [(0, m) for m in live]
         seqs = [m.seq for _, m in stored]
         if any(b <= a for a, b in itertools.pairwise(seqs)):
@@ -780,8 +799,11 @@ class CrashRun:
                     v(f"{sid}: task {t.task_id} result for {t.result.archive_uri}")
                 for f in MEMORY_FIELDS:
                     mem_sum[f] += getattr(t.result.memories_extracted, f)
-                tok[0] += t.result.token_usage.prompt_tokens
-                tok[1] += t.result.token_usage.completion_tokens
+                used = (t.result.token_usage.prompt_tokens,
+                        t.result.token_usage.completion_tokens)
+                tok[0] += used[0]
+                tok[1] += used[1]
+                self._check_tokens(sid, a.index, t.task_id, used, arch_ids.get(a.index, set()))
             elif a.state == session_pb2.ARCHIVE_STATE_DONE:
                 v(f"{sid}: archive {a.index} DONE but its task is "
                   f"{task_pb2.TaskState.Name(t.state)}")
@@ -822,6 +844,21 @@ class CrashRun:
         u = meta.llm_token_usage
         if (u.prompt_tokens, u.completion_tokens) != tuple(tok) or u.total_tokens != sum(tok):
             v(f"{sid}: llm_token_usage {u} != sum over completed tasks {tok}")
+
+    def _check_tokens(self, sid: str, index: int, task_id: str, used: tuple[int, int],
+                      message_ids: set[str]) -> None:
+        """A completed task counts exactly one summary reply and one extraction reply
+        of its archive (a retried stage's wasted reply is not counted, none twice)."""
+        if self.llm is None:
+            if used != (0, 0):
+                self.violation(f"{sid}: task {task_id} used {used} tokens offline")
+            return
+        got = self.llm.for_archive(message_ids)
+        pairs = {(s[0] + e[0], s[1] + e[1]) for s in got["summary"] for e in got["extract"]}
+        if used not in pairs:
+            self.violation(f"{sid}: task {task_id} of archive {index} counted {used} tokens; "
+                           f"its replies were summary {got['summary']}, extract "
+                           f"{got['extract']}")
 
     def _verify_journal(self, stubs: Stubs, t: task_pb2.Task) -> None:
         """The journal is 1..last_seq with one CREATED first and one terminal event last,

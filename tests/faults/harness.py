@@ -103,12 +103,13 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, *, port: int | None = None,
                  extra_args: Sequence[str] = FAST_ARGS, log_path: Path | None = None,
-                 python: str = sys.executable) -> None:
+                 env: Mapping[str, str] | None = None, python: str = sys.executable) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.server.log"
         self.python = python
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.kills = 0
@@ -135,6 +136,7 @@ class ServerProcess:
     def _env(self, failpoints: str, env: Mapping[str, str] | None) -> dict[str, str]:
         out = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
         out["PYTHONUNBUFFERED"] = "1"
+        out.update(self.env)
         if env:
             out.update(env)
         if failpoints:

@@ -91,7 +91,18 @@ def stored_task(running: Running, task_id: str) -> Task:
 
 
 def failure_reason(running: Running, task_id: str) -> str:
-    """The machine-readable reason the store keeps with a failed task."""
+    """The machine-readable reason of a failed task, as a client sees it: the
+    ErrorInfo detail of Task.error (checked against what the store keeps)."""
+    from google.rpc import error_details_pb2
+    from sessiond.v1 import task_pb2
+
+    task = running.tasks.GetTask(task_pb2.GetTaskRequest(task_id=task_id))
+    infos = []
+    for d in task.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if d.Unpack(info):
+            infos.append(info)
+    assert len(infos) == 1 and infos[0].domain == "sessiond.v1"
     error = stored_task(running, task_id).error
-    assert error is not None
-    return error.reason
+    assert error is not None and error.reason == infos[0].reason
+    return infos[0].reason

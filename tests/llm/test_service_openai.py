@@ -281,7 +281,7 @@ def test_401_fails_at_once_and_the_key_stays_hidden(
     assert w.last.kind == FAILED, w.events
     assert not w.of_kind(RETRYING)
     assert len(fake_llm.received) == 1
-    assert w.last.error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert w.last.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "HTTP 401" in w.last.error.message and "API key" in w.last.error.message
     assert "[REDACTED]" in w.last.error.message
     assert failure_reason(running, task_id) == "LLM_AUTH"

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-temperature", type=float, default=env.llm.temperature)
     serve.add_argument("--llm-max-concurrency", type=int, default=env.llm.max_concurrency)
     serve.add_argument("--llm-max-retries", type=int, default=env.llm.max_retries)
+    serve.add_argument("--llm-json-mode", default=env.llm.json_mode,
+                       choices=["auto", "json_schema", "json_object", "none"],
+                       help="structured-output mode of the endpoint for extraction")
     serve.add_argument("--workers", type=int, default=env.worker_concurrency,
                        help="Phase 2 tasks run at once by this process")
     serve.add_argument("--lease-seconds", type=float, default=env.lease_seconds)
@@ -61,6 +64,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.llm.api_key_env, s.llm.api_key_file = ns.llm_api_key_env, ns.llm_api_key_file
     s.llm.timeout_seconds, s.llm.temperature = ns.llm_timeout, ns.llm_temperature
     s.llm.max_concurrency, s.llm.max_retries = ns.llm_max_concurrency, ns.llm_max_retries
+    s.llm.json_mode = ns.llm_json_mode
     s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
     s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
     s.shutdown_grace_seconds = ns.shutdown_grace

@@ -59,4 +59,10 @@ class Settings:
         s.llm.model = _env("LLM_MODEL", s.llm.model)
         s.llm.api_key_env = _env("LLM_API_KEY_ENV", s.llm.api_key_env)
         s.llm.api_key_file = _env("LLM_API_KEY_FILE", s.llm.api_key_file)
+        s.llm.timeout_seconds = float(_env("LLM_TIMEOUT", str(s.llm.timeout_seconds)))
+        s.llm.temperature = float(_env("LLM_TEMPERATURE", str(s.llm.temperature)))
+        s.llm.max_concurrency = int(_env("LLM_MAX_CONCURRENCY", str(s.llm.max_concurrency)))
+        s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
+        s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
+        s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
         return s

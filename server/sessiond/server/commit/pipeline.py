@@ -49,6 +49,7 @@ STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 GRPC_DEADLINE_EXCEEDED = 4
+GRPC_FAILED_PRECONDITION = 9
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -184,8 +185,11 @@ class RetryReporterImpl:
 
 
 def _engine_code(exc: EngineError) -> int:
-    if exc.reason in ("LLM_TIMEOUT",):
+    """The google.rpc code of a failed stage: what a watcher should make of it."""
+    if exc.reason == "LLM_TIMEOUT":
         return GRPC_DEADLINE_EXCEEDED
     if exc.reason in ("LLM_UNAVAILABLE", "LLM_RATE_LIMITED"):
         return GRPC_UNAVAILABLE
+    if exc.reason in ("LLM_AUTH", "LLM_BAD_REQUEST"):
+        return GRPC_FAILED_PRECONDITION  # the engine's configuration must change
     return GRPC_INTERNAL
