@@ -21,6 +21,7 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,7 +29,7 @@ from sessiond.server.api.server import server_options
 from sessiond.server.config import Settings
 from sessiond.v1 import session_pb2, session_pb2_grpc, task_pb2, task_pb2_grpc
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 HOLD_PREFIX = "hold-"
 HOLD_MAX_SECONDS = 300.0
 TEXT = ("The quick brown fox jumps over the lazy dog while the agent reads the logs. " * 7)[:500]

@@ -7,6 +7,7 @@ answers with canned replies, so a figure and its baseline run the very same clie
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,13 +50,15 @@ def add_request(session_id: str, seed: int) -> session_pb2.AddMessageRequest:
 @dataclass
 class Stubs:
     channel: grpc.aio.Channel
-    sessions: session_pb2_grpc.SessionServiceStub
-    tasks: task_pb2_grpc.TaskServiceStub
+    sessions: session_pb2_grpc.SessionServiceAsyncStub  # annotation only (see connect)
+    tasks: task_pb2_grpc.TaskServiceAsyncStub
 
     @classmethod
     def connect(cls, target: str) -> Stubs:
         ch = grpc.aio.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        # The generated stubs are typed as their *AsyncStub variants (which exist for the
+        # type checker only) when built on an aio channel.
         return cls(ch, session_pb2_grpc.SessionServiceStub(ch), task_pb2_grpc.TaskServiceStub(ch))
 
     async def ready(self, wait_s: float = 15.0) -> None:
@@ -171,7 +174,7 @@ async def create_sessions(stubs: Stubs, session_ids: Sequence[str], concurrency:
                 raise
 
     t0 = time.perf_counter()
-    await run_bounded([lambda s=sid: one(s) for sid in session_ids], concurrency)
+    await run_bounded([functools.partial(one, sid) for sid in session_ids], concurrency)
     return time.perf_counter() - t0
 
 
@@ -185,14 +188,14 @@ async def populate(stubs: Stubs, session_ids: Sequence[str], per_session: int,
                                             timeout=RPC_TIMEOUT)
 
     t0 = time.perf_counter()
-    await run_bounded([lambda j=j, s=s: fill(j, s) for j, s in enumerate(session_ids)],
+    await run_bounded([functools.partial(fill, j, s) for j, s in enumerate(session_ids)],
                       concurrency)
     return time.perf_counter() - t0
 
 
 @dataclass
 class WatchOutcome:
-    terminal_kind: int = 0
+    terminal_kind: task_pb2.TaskEventKind.ValueType = task_pb2.TASK_EVENT_KIND_UNSPECIFIED
     events: int = 0
     t_end: float = 0.0  # perf_counter when the terminal event arrived
 
@@ -226,6 +229,8 @@ class CommitSamples:
     failed: int = 0
     elapsed: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
+    done_at: list[float] = field(default_factory=list)  # perf_counter of each completion
+    steady_rate: float = float("nan")  # completions/s while every session was still busy
 
 
 async def commit_and_watch(stubs: Stubs, session_id: str, keep_recent: int, out: CommitSamples,
@@ -244,6 +249,7 @@ async def commit_and_watch(stubs: Stubs, session_id: str, keep_recent: int, out:
     out.kinds[name] = out.kinds.get(name, 0) + 1
     if w.terminal_kind == task_pb2.TASK_EVENT_KIND_COMPLETED:
         out.completed += 1
+        out.done_at.append(w.t_end)
         if record_e2e:
             out.e2e.append(w.t_end - t1)
     else:
@@ -272,17 +278,26 @@ async def concurrent_commits(stubs: Stubs, session_ids: Sequence[str], rounds: i
     out = CommitSamples()
     t0 = time.perf_counter()
     deadline = t0 + time_budget
+    finished: list[float] = []
 
     async def one_session(sid: str) -> None:
         live = rounds * per_commit
-        for _ in range(rounds):
-            if time.perf_counter() > deadline:
-                return
-            live -= per_commit
-            await commit_and_watch(stubs, sid, live, out)
+        try:
+            for _ in range(rounds):
+                if time.perf_counter() > deadline:
+                    return
+                live -= per_commit
+                await commit_and_watch(stubs, sid, live, out)
+        finally:
+            finished.append(time.perf_counter())
 
     await asyncio.gather(*(one_session(s) for s in session_ids))
     out.elapsed = time.perf_counter() - t0
+    # Steady state: up to the moment the first session ran out of work, all of them
+    # were committing; the tail after it runs at falling concurrency.
+    t_first = min(finished, default=t0)
+    if t_first > t0:
+        out.steady_rate = sum(1 for t in out.done_at if t <= t_first) / (t_first - t0)
     return out
 
 

@@ -3,7 +3,8 @@
 
 Each round runs one episode with a SIGKILL at a random moment (or more, see
 --random-per-round), one with a graceful SIGTERM at a random moment (every other round
-followed by a SIGKILL during the graceful shutdown), and one episode per failpoint (the
+followed by a SIGKILL during the graceful shutdown), one killed under load and again
+while it recovers, and one episode per failpoint (the
 server armed through SESSIOND_FAILPOINTS kills itself there). After every episode the
 server is restarted without failpoints, unacknowledged calls are retried with the same
 request_id, Phase 2 settles, and the invariants are checked through the API and, after
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--term-per-round", type=int, default=1,
                    help="graceful-SIGTERM episodes per round (alternately clean, and "
                         "SIGKILLed during the graceful shutdown)")
+    p.add_argument("--recovery-kills-per-round", type=int, default=1,
+                   help="episodes that SIGKILL under load and again during the recovery")
     p.add_argument("--heavy", type=float, default=0.03,
                    help="share of messages with long text (slow Phase 2, so kills land "
                         "inside stages)")
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     run = CrashRun(work, seed=seed, clients=ns.clients, max_kill_delay=ns.max_kill_delay,
                    heavy=ns.heavy, server_args=server_args, engine=ns.engine,
                    log=lambda m: print(m, flush=True))
-    episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round)
+    episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round,
+                                ns.recovery_kills_per_round)
     t0 = time.monotonic()
     try:
         stats = run.run(episodes)

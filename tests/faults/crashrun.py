@@ -1,13 +1,21 @@
 """Crash test engine: "nothing lost, nothing twice".
 
 An *episode* starts the server (optionally armed with one failpoint), lets concurrent
-clients create sessions, add messages, record usage, commit and watch tasks, and
-kills the server: with SIGKILL at a random moment, or by the armed failpoint
-(`os._exit(137)`). The server is then restarted without failpoints, every call that
-was not acknowledged is retried with the SAME request_id, a sample of acknowledged
-calls is replayed too, all Phase 2 tasks are left to settle, and the invariants are
-checked through the API; finally the server is stopped gracefully (exit 0 expected)
-and the SQLite file is checked read-only (active counts, relations, usage rows).
+clients create sessions, add messages, record usage, commit and watch tasks, and ends
+the server: SIGKILL at a random moment (RANDOM), the armed failpoint (`os._exit(137)`),
+a graceful SIGTERM under load (TERM, exit 0 expected), a SIGKILL in the middle of a
+graceful shutdown (TERM_KILL), or a SIGKILL followed by a second one while the new
+process resumes Phase 2 and the clients retry (RECOVERY_KILL). The server is then
+restarted without failpoints, every call that was not acknowledged is retried with the
+SAME request_id, a sample of acknowledged calls is replayed too, all Phase 2 tasks are
+left to settle, and the invariants are checked through the API; finally the server is
+stopped gracefully (exit 0 expected) and the SQLite file is checked read-only (usage
+rows, active counts, relations, one task per archive).
+
+Every call is stamped from one counter when first sent and when acknowledged, so "A was
+acknowledged before B was sent" is also a fact about the server's order; usage and
+message placement across archives is checked against it. With engine="openai" Phase 2
+talks to a fake model (tests/faults/fake_llm.py) and token usage is traced to replies.
 
 Used by `tools/crashtest.py` (long runs, replayable by seed) and
 `tests/faults/test_crash.py` (a short run).
@@ -40,7 +48,10 @@ from tests.faults.harness import FAST_ARGS, ServerProcess, Stubs, heavy_text
 RANDOM = "random"  # SIGKILL at a random moment
 TERM = "term"  # graceful SIGTERM at a random moment: exit 0 expected
 TERM_KILL = "term-kill"  # SIGTERM, then SIGKILL in the middle of the graceful shutdown
-EPISODE_KINDS = (RANDOM, TERM, TERM_KILL, *ALL_POINTS)
+# SIGKILL under load, then SIGKILL again while the restarted server resumes Phase 2 and
+# the clients retry (a crash during crash recovery).
+RECOVERY_KILL = "recovery-kill"
+EPISODE_KINDS = (RANDOM, TERM, TERM_KILL, RECOVERY_KILL, *ALL_POINTS)
 CALL_TIMEOUT = 10.0
 LLM_KEY_ENV = "SESSIOND_CRASH_LLM_KEY"
 GRACE_LIMIT = 3.0 + 2.0  # the harness' --shutdown-grace plus process teardown
@@ -152,6 +163,7 @@ class Stats:
     episodes: int = 0
     random_kills: int = 0
     term_kills: int = 0
+    recovery_kills: int = 0
     failpoint_kills: int = 0
     failpoints_not_reached: list[str] = field(default_factory=list)
     acked: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -166,7 +178,7 @@ class Stats:
 
     def summary(self) -> str:
         return (f"episodes={self.episodes} random_kills={self.random_kills} "
-                f"term_then_kill={self.term_kills} "
+                f"term_then_kill={self.term_kills} recovery_kills={self.recovery_kills} "
                 f"failpoint_kills={self.failpoint_kills} "
                 f"failpoints_not_reached={len(self.failpoints_not_reached)} "
                 f"graceful_stops={self.graceful_stops} acked={dict(self.acked)} "
@@ -226,6 +238,22 @@ def part_uris(parts: Iterable[session_pb2.Part]) -> list[str]:
         elif kind == "tool" and p.tool.skill_uri:
             out.append(p.tool.skill_uri)
     return out
+
+
+def _session_key(r: Any) -> tuple[Any, ...]:
+    return (r.session_id,)
+
+
+def _message_key(r: Any) -> tuple[Any, ...]:
+    return (r.message.id, r.message.seq)
+
+
+def _commit_key(r: Any) -> tuple[Any, ...]:
+    return (r.archived, r.task_id, r.archive_uri)
+
+
+def _no_key(r: Any) -> tuple[Any, ...]:
+    return ()
 
 
 def one_line(msg: Any, limit: int = 300) -> str:
@@ -325,18 +353,21 @@ class CrashRun:
             self.llm = None
 
     def _next_session_id(self) -> str:
-        self._session_counter += 1
-        return f"crash-{self.seed}-{self._session_counter:04d}"
+        with self._vlock:
+            self._session_counter += 1
+            return f"crash-{self.seed}-{self._session_counter:04d}"
 
     @staticmethod
     def episodes_for(rounds: int, failpoints: Sequence[str] = ALL_POINTS,
-                     random_per_round: int = 1, term_per_round: int = 1) -> list[str]:
+                     random_per_round: int = 1, term_per_round: int = 1,
+                     recovery_kills_per_round: int = 1) -> list[str]:
         """Per round: random SIGKILLs, graceful stops (alternately clean and SIGKILLed
-        halfway), then one episode per failpoint."""
+        halfway), kills during recovery, then one episode per failpoint."""
         out: list[str] = []
         for r in range(rounds):
             terms = [TERM if (r + i) % 2 == 0 else TERM_KILL for i in range(term_per_round)]
-            out += [RANDOM] * random_per_round + terms + list(failpoints)
+            out += ([RANDOM] * random_per_round + terms
+                    + [RECOVERY_KILL] * recovery_kills_per_round + list(failpoints))
         return out
 
     def run(self, episodes: Sequence[str]) -> Stats:
@@ -358,7 +389,7 @@ class CrashRun:
         rng = self.rng
         self.stats.episodes += 1
         armed = ""
-        if kind not in (RANDOM, TERM, TERM_KILL):
+        if kind not in (RANDOM, TERM, TERM_KILL, RECOVERY_KILL):
             nth = rng.randint(1, 8) if kind.startswith("commit.") else rng.randint(1, 5)
             armed = f"{kind}@{nth}"
         self.srv.start(armed)
@@ -383,7 +414,7 @@ class CrashRun:
         for t in threads:
             t.start()
         try:
-            if kind == RANDOM:
+            if kind in (RANDOM, RECOVERY_KILL):
                 time.sleep(rng.uniform(0.2, self.max_kill_delay))
                 self.srv.kill()
                 self.stats.random_kills += 1
@@ -403,13 +434,13 @@ class CrashRun:
                 self.srv.kill()
                 self.stats.term_kills += 1
             else:
-                rc = self.srv.wait_exit(8.0)
-                if rc is None:
+                status = self.srv.wait_exit(8.0)
+                if status is None:
                     self.srv.kill()
                     self.stats.failpoints_not_reached.append(armed)
                     self.log(f"failpoint {armed} not reached; killed")
-                elif rc != 137:
-                    self.violation(f"{armed}: server exited with {rc}, expected 137:\n"
+                elif status != 137:
+                    self.violation(f"{armed}: server exited with {status}, expected 137:\n"
                                    f"{self.srv.log_tail(1500)}")
                 else:
                     self.stats.failpoint_kills += 1
@@ -420,7 +451,30 @@ class CrashRun:
                 t.join(60)
                 if t.is_alive():
                     self.violation(f"client thread {t.name} hung after the kill")
+        if kind == RECOVERY_KILL:
+            pending = self._crash_during_recovery(pending)
         self.recover(pending)
+
+    def _crash_during_recovery(self, pending: list[Op]) -> list[Op]:
+        """Restart, start retrying, and SIGKILL again within 0.3 s (Phase 2 is being
+        resumed then). Returns the calls still not acknowledged."""
+        self.srv.start()
+        killer = threading.Timer(self.rng.uniform(0.0, 0.3), self.srv.kill)
+        killer.start()
+        still: list[Op] = []
+        lock = threading.Lock()
+        try:
+            with Stubs(self.srv.target) as stubs:
+                for i, op in enumerate(pending):
+                    self.stats.retried[op.kind] += 1
+                    if self._call(stubs, op, still, lock) is None:
+                        still += pending[i + 1:]
+                        break
+        finally:
+            killer.join()
+        self.srv.kill()  # (no-op when the timer already did it)
+        self.stats.recovery_kills += 1
+        return still
 
     # --------------------------------------------------------------- clients
     def _call(self, stubs: Stubs, op: Op, pending: list[Op] | None = None,
@@ -491,9 +545,17 @@ class CrashRun:
                     op = new_add(rng, sid, client, self.heavy)
                 elif r < 0.92:
                     op = new_usage(rng, sid, client)
-                else:
+                elif r < 0.99:
                     op = new_commit(rng, sid, client)
+                else:  # now and then a new session, so CreateSession gets killed too
+                    sid = self._next_session_id()
+                    with self.model.lock:
+                        self.model.sessions[sid] = SessionModel(sid)
+                    op = new_create(sid, client)
                 resp = self._call(stubs, op, pending, plock)
+                if op.kind == "create":
+                    sessions.append(sid)  # in the model even if unacknowledged (retried)
+                    self._touched.add(sid)
                 if resp is None:
                     return
                 if op.kind == "commit" and resp.task_id:
@@ -613,24 +675,21 @@ class CrashRun:
         for sm in sessions:
             create = session_pb2.CreateSessionRequest(session_id=sm.session_id,
                                                       request_id=sm.create_request_id)
-            self._replay_one(stubs, "create", create,
-                             lambda r, sm=sm: bool(r.session_id == sm.session_id))
+            self._replay_one(stubs, "create", create, _session_key, (sm.session_id,))
             with self.model.lock:
                 msgs = self.model.all_msgs(sm.session_id)
                 commits = list(sm.commits)
                 usage = list(sm.usage)
             for m in rng.sample(msgs, min(3, len(msgs))):
-                self._replay_one(stubs, "add", m.request, lambda r, m=m: bool(
-                    (r.message.id, r.message.seq) == (m.message_id, m.seq)))
+                self._replay_one(stubs, "add", m.request, _message_key, (m.message_id, m.seq))
             for u in rng.sample(usage, min(2, len(usage))):
-                self._replay_one(stubs, "usage", u.request, lambda r: True)
+                self._replay_one(stubs, "usage", u.request, _no_key, ())
             for c in rng.sample(commits, min(2, len(commits))):
-                self._replay_one(stubs, "commit", c.request, lambda r, c=c: bool(
-                    (r.archived, r.task_id, r.archive_uri) == (c.archived, c.task_id,
-                                                               c.archive_uri)))
+                self._replay_one(stubs, "commit", c.request, _commit_key,
+                                 (c.archived, c.task_id, c.archive_uri))
 
     def _replay_one(self, stubs: Stubs, kind: str, req: Any,
-                    same: Callable[[Any], bool]) -> None:
+                    key: Callable[[Any], tuple[Any, ...]], expected: tuple[Any, ...]) -> None:
         try:
             resp = send(stubs, Op(kind, req.session_id, "replay", req))
         except grpc.RpcError as exc:
@@ -638,7 +697,7 @@ class CrashRun:
                            f"{exc.details()}")
             return
         self.stats.replayed += 1
-        if not same(resp):
+        if key(resp) != expected:
             self.violation(f"replay of acked {kind} {req.request_id} returned a different "
                            f"result: {one_line(resp)}")
 
@@ -773,11 +832,12 @@ class CrashRun:
               f"archives stored")
         by_uri = {a.archive_uri: a for a in archives}
         for c in archived:
-            a = by_uri.get(c.archive_uri)
-            if a is None:
+            found = by_uri.get(c.archive_uri)
+            if found is None:
                 v(f"{sid}: archive {c.archive_uri} of commit {c.request_id} missing")
-            elif a.task_id != c.task_id:
-                v(f"{sid}: archive {a.index} has task {a.task_id}, commit said {c.task_id}")
+            elif found.task_id != c.task_id:
+                v(f"{sid}: archive {found.index} has task {found.task_id}, commit said "
+                  f"{c.task_id}")
         if len({c.archive_uri for c in archived}) != len(archived):
             v(f"{sid}: two acknowledged commits got the same archive")
         tasks = {t.task_id: t for t in self.list_tasks(stubs, sid)}

@@ -32,6 +32,8 @@ class FakeLLM:
         self.lock = threading.Lock()
         self.served: list[Served] = []
         self._n = 0
+        self.delay = 0.0  # seconds each reply waits (a slow model)
+        self.started = threading.Event()  # set when a request arrives
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -73,12 +75,18 @@ class FakeLLM:
                     body = json.loads(raw)
                 except ValueError:
                     body = {}
+                fake.started.set()
+                if fake.delay:
+                    time.sleep(fake.delay)
                 data = json.dumps(fake._reply(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client (a killed or stopping server) has gone
 
         return Handler
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -70,8 +71,8 @@ def health_status(target: str, timeout: float = 1.0) -> int | None:
     """The overall health status of `target`, or None when it does not answer."""
     with grpc.insecure_channel(target) as ch:
         try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                       timeout=timeout)
+            stub: Any = health_pb2_grpc.HealthStub(ch)
+            resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
             return None
         return int(resp.status)
@@ -86,7 +87,7 @@ class Stubs:
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
         self.tasks = task_pb2_grpc.TaskServiceStub(self.channel)
         self.memories = memory_pb2_grpc.MemoryServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.health: Any = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

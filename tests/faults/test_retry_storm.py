@@ -7,7 +7,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +42,8 @@ def stubs(srv: ServerProcess) -> Iterator[Stubs]:
         yield s
 
 
-def storm(srv: ServerProcess, calls: list[Callable[[Stubs], T]]) -> list[T | grpc.RpcError]:
+def storm(srv: ServerProcess, calls: Sequence[Callable[[Stubs], T]]
+          ) -> list[T | grpc.RpcError]:
     """Run calls[i] on thread i, each with its own channel, released together."""
     n = len(calls)
     barrier = threading.Barrier(n)
@@ -101,6 +103,22 @@ def new_session(stubs: Stubs) -> str:
     return sid
 
 
+def create(req: session_pb2.CreateSessionRequest, s: Stubs) -> session_pb2.Session:
+    return s.sessions.CreateSession(req, timeout=TIMEOUT)
+
+
+def add(req: session_pb2.AddMessageRequest, s: Stubs) -> session_pb2.AddMessageResponse:
+    return s.sessions.AddMessage(req, timeout=TIMEOUT)
+
+
+def usage(req: session_pb2.RecordUsageRequest, s: Stubs) -> session_pb2.RecordUsageResponse:
+    return s.sessions.RecordUsage(req, timeout=TIMEOUT)
+
+
+def commit(req: session_pb2.CommitRequest, s: Stubs) -> session_pb2.CommitReply:
+    return s.sessions.Commit(req, timeout=TIMEOUT)
+
+
 def rid() -> str:
     return f"req-{uuid.uuid4().hex}"
 
@@ -110,14 +128,12 @@ def test_create_session_storm(srv: ServerProcess, stubs: Stubs) -> None:
     for _ in range(ROUNDS):
         sid, r = f"storm-{uuid.uuid4().hex[:12]}", rid()
         req = session_pb2.CreateSessionRequest(session_id=sid, request_id=r)
-        got = ok(storm(srv, [lambda s, q=req: s.sessions.CreateSession(q, timeout=TIMEOUT)]
-                       * CLIENTS))
+        got = ok(storm(srv, [partial(create, req)] * CLIENTS))
         assert {g.session_id for g in got} == {sid}
         assert len({g.created_at.ToNanoseconds() for g in got}) == 1
         # Server-chosen id: derived from the request id, so one session for all.
         req2 = session_pb2.CreateSessionRequest(request_id=rid())
-        got2 = ok(storm(srv, [lambda s, q=req2: s.sessions.CreateSession(q, timeout=TIMEOUT)]
-                        * CLIENTS))
+        got2 = ok(storm(srv, [partial(create, req2)] * CLIENTS))
         ids = {g.session_id for g in got2}
         assert len(ids) == 1, ids
         assert len({g.created_at.ToNanoseconds() for g in got2}) == 1
@@ -130,8 +146,7 @@ def test_add_message_storm(srv: ServerProcess, stubs: Stubs) -> None:
     for _ in range(ROUNDS):
         sid = new_session(stubs)
         req = text_msg(sid, "I prefer tea.", rid())
-        got = ok(storm(srv, [lambda s, q=req: s.sessions.AddMessage(q, timeout=TIMEOUT)]
-                       * CLIENTS))
+        got = ok(storm(srv, [partial(add, req)] * CLIENTS))
         assert len({(g.message.id, g.message.seq) for g in got}) == 1, got
         meta = stubs.sessions.GetSession(session_pb2.GetSessionRequest(session_id=sid),
                                          timeout=TIMEOUT)
@@ -146,8 +161,7 @@ def test_record_usage_storm(srv: ServerProcess, stubs: Stubs) -> None:
         sid = new_session(stubs)
         req = session_pb2.RecordUsageRequest(session_id=sid, context_uris=["ctx://a"],
                                              request_id=rid())
-        got = ok(storm(srv, [lambda s, q=req: s.sessions.RecordUsage(q, timeout=TIMEOUT)]
-                       * CLIENTS))
+        got = ok(storm(srv, [partial(usage, req)] * CLIENTS))
         assert {g.pending_usage_count for g in got} == {1}
         other = stubs.sessions.RecordUsage(session_pb2.RecordUsageRequest(
             session_id=sid, context_uris=["ctx://b"], request_id=rid()), timeout=TIMEOUT)
@@ -161,8 +175,7 @@ def test_commit_storm(srv: ServerProcess, stubs: Stubs) -> None:
             stubs.sessions.AddMessage(text_msg(sid, f"My name is Bob. step {i}", rid()),
                                       timeout=TIMEOUT)
         req = session_pb2.CommitRequest(session_id=sid, request_id=rid())
-        got = ok(storm(srv, [lambda s, q=req: s.sessions.Commit(q, timeout=TIMEOUT)]
-                       * CLIENTS))
+        got = ok(storm(srv, [partial(commit, req)] * CLIENTS))
         assert len({(g.archived, g.task_id, g.archive_uri) for g in got}) == 1, got
         assert got[0].archived and got[0].task_id
         archives = stubs.sessions.ListArchives(
@@ -223,9 +236,7 @@ def test_mixed_payload_storm_one_wins(srv: ServerProcess, stubs: Stubs) -> None:
         sid = new_session(stubs)
         r = rid()
         reqs = [text_msg(sid, "payload A", r), text_msg(sid, "payload B", r)]
-        calls = [(lambda s, q=reqs[i % 2]: s.sessions.AddMessage(q, timeout=TIMEOUT))
-                 for i in range(CLIENTS)]
-        results = storm(srv, calls)
+        results = storm(srv, [partial(add, reqs[i % 2]) for i in range(CLIENTS)])
         by_payload: dict[int, list[Any]] = {0: [], 1: []}
         for i, res in enumerate(results):
             by_payload[i % 2].append(res)

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from sessiond.v1 import session_pb2, task_pb2
 
+from tests.faults.fake_llm import FakeLLM
 from tests.faults.harness import (
     FAST_ARGS,
     NOT_SERVING,
@@ -125,12 +126,12 @@ def test_sigterm_while_phase2_runs(tmp_path: Path) -> None:
         # Streams of unfinished tasks ended UNAVAILABLE (finished ones ended OK).
         interrupted = [t for t in task_ids if not logs[t].done]
         assert interrupted, "every task finished before the SIGTERM took effect"
-        for t in task_ids:
-            ending = logs[t].endings[-1]
-            if logs[t].done:
-                assert ending == "OK", (t, ending)
+        for tid in task_ids:
+            ending = logs[tid].endings[-1]
+            if logs[tid].done:
+                assert ending == "OK", (tid, ending)
             else:
-                assert ending.startswith("UNAVAILABLE"), (t, ending)
+                assert ending.startswith("UNAVAILABLE"), (tid, ending)
         # Restart: every task completes; resumed watches complete the journal.
         srv.start()
         threads = [threading.Thread(target=follow, args=(srv.target, logs[t]))
@@ -171,3 +172,57 @@ def test_sigterm_while_phase2_runs(tmp_path: Path) -> None:
         assert srv.terminate() == 0
     finally:
         srv.close()
+
+
+def test_sigterm_during_a_slow_model_call(tmp_path: Path) -> None:
+    """A stage that outlasts the grace period (the model hangs) does not hold the
+    process: it exits 0 shortly after the grace period, and the new process redoes that
+    stage and counts its tokens once."""
+    llm = FakeLLM().start()
+    llm.delay = 30.0
+    args = [*FAST_ARGS, "--shutdown-grace", "1", "--engine", "openai", "--llm-base-url",
+            llm.base_url, "--llm-model", "fake", "--llm-api-key-env", "SESSIOND_T_KEY",
+            "--llm-timeout", "60", "--llm-max-retries", "0"]
+    srv = ServerProcess(tmp_path / "data", extra_args=args, env={"SESSIOND_T_KEY": "k"})
+    try:
+        srv.start()
+        with srv.stubs() as s:
+            s.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="slow"),
+                                     timeout=TIMEOUT)
+            s.sessions.AddMessage(session_pb2.AddMessageRequest(
+                session_id="slow", role=session_pb2.ROLE_USER, parts=[session_pb2.Part(
+                    text=session_pb2.TextPart(text="I prefer tea."))]), timeout=TIMEOUT)
+            task_id = s.sessions.Commit(session_pb2.CommitRequest(session_id="slow"),
+                                        timeout=TIMEOUT).task_id
+        assert llm.started.wait(TIMEOUT), "Phase 2 never called the model"
+        t0 = time.monotonic()
+        rc = srv.terminate(timeout=15)
+        elapsed = time.monotonic() - t0
+        assert rc == 0, srv.log_tail()
+        assert elapsed < 1.0 + 2.0, f"exit took {elapsed:.1f}s with a 1 s grace period"
+        llm.delay = 0.0
+        srv.start()
+        with srv.stubs() as s:
+            log = WatchLog(task_id)
+            follow(srv.target, log)
+            assert log.done and log.kinds[-1] == task_pb2.TASK_EVENT_KIND_COMPLETED, log
+            task = s.tasks.GetTask(task_pb2.GetTaskRequest(task_id=task_id), timeout=TIMEOUT)
+            served = llm.for_archive({m.id for m in s.sessions.GetArchive(
+                session_pb2.GetArchiveRequest(session_id="slow", index=1),
+                timeout=TIMEOUT).messages})
+            # (The hung call is still hanging in the fake: only the new process' calls
+            # were answered, one summary and one extraction, each counted once.)
+            assert len(served["summary"]) == 1 and len(served["extract"]) == 1, served
+            used = (task.result.token_usage.prompt_tokens,
+                    task.result.token_usage.completion_tokens)
+            assert used == (served["summary"][0][0] + served["extract"][0][0],
+                            served["summary"][0][1] + served["extract"][0][1]), (used, served)
+            meta = s.sessions.GetSession(session_pb2.GetSessionRequest(session_id="slow"),
+                                         timeout=TIMEOUT)
+            assert (meta.llm_token_usage.prompt_tokens,
+                    meta.llm_token_usage.completion_tokens) == used
+            assert task.attempts == 2
+        assert srv.terminate() == 0
+    finally:
+        srv.close()
+        llm.stop()

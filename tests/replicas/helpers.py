@@ -126,7 +126,7 @@ class FailoverClient:
             try:
                 return getattr(stub, method)(request, timeout=CALL_TIMEOUT), index
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if code not in TRANSIENT or time.monotonic() > deadline:
                     raise
             with self._lock:
@@ -139,7 +139,8 @@ class TcpProxy:
     """A loopback TCP proxy in front of PostgreSQL, run by an event loop in its own
     thread. `cut()` stops listening and aborts every open connection (the database
     "goes away": refused connections, reset sockets); `restore()` listens again on the
-    same port."""
+    same port. `freeze()` is a silent network partition instead: connections stay
+    open and new ones are accepted, but no byte goes through until `thaw()`."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -147,6 +148,7 @@ class TcpProxy:
         self.accepted = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing: asyncio.Event | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pg-proxy",
                                         daemon=True)
@@ -165,8 +167,28 @@ class TcpProxy:
     def cut(self) -> None:
         self._run(self._down())
 
+    def freeze(self) -> None:
+        self._run(self._set_flowing(False))
+
+    def thaw(self) -> None:
+        self._run(self._set_flowing(True))
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        event = self._flow()
+        if flowing:
+            event.set()
+        else:
+            event.clear()
+
+    def _flow(self) -> asyncio.Event:
+        if self._flowing is None:  # created on the proxy's loop
+            self._flowing = asyncio.Event()
+            self._flowing.set()
+        return self._flowing
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
+            self._run(self._set_flowing(True))  # releases connections waiting on a freeze
             self._run(self._down())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
@@ -195,6 +217,9 @@ class TcpProxy:
         if self._server is None:
             writer.transport.abort()
             return
+        flowing = self._flow()
+        self._writers.add(writer)
+        await flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -206,6 +231,7 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.IncompleteReadError):

@@ -39,6 +39,12 @@ SERVICE_NAMES = (
 )
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a background task's exception as seen (no 'never retrieved' warning)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def build_store(settings: Settings) -> Store:
     if settings.store in ("", "sqlite"):
         from sessiond.server.store.sqlite.store import SqliteStore
@@ -136,17 +142,26 @@ class App:
             await self.health.set(name, status)
 
     async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            try:
-                await asyncio.wait_for(self.store.ping(), 5.0)
-                ok = True
-            except Exception:
-                ok = False
-            if ok != self._serving:
-                log.warning("store %s; health %s", "is back" if ok else "unreachable",
-                            "SERVING" if ok else "NOT_SERVING")
-                await self._set_serving(ok)
+        # The ping runs as its own task and is not cancelled on timeout: on a silent
+        # network a cancelled asyncpg query unwinds only at its own timeouts (10-15 s),
+        # and asyncio.wait_for would wait for that. A ping still pending counts as a
+        # failure; no second one starts until it ends.
+        probe: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(2.0)
+                if probe is None or probe.done():
+                    probe = asyncio.create_task(self.store.ping(), name="store-ping")
+                    probe.add_done_callback(_retrieve)
+                done, _ = await asyncio.wait({probe}, timeout=5.0)
+                ok = bool(done) and not probe.cancelled() and probe.exception() is None
+                if ok != self._serving:
+                    log.warning("store %s; health %s", "is back" if ok else "unreachable",
+                                "SERVING" if ok else "NOT_SERVING")
+                    await self._set_serving(ok)
+        finally:
+            if probe is not None:
+                probe.cancel()
 
     async def sweep_once(self) -> int:
         s, now = self.settings, utcnow()

@@ -20,7 +20,7 @@ from sessiond.server.commit.engine import (
     SummaryRequest,
 )
 from sessiond.server.commit.sanitize import sanitize
-from sessiond.server.domain.errors import LeaseLost, NotFound
+from sessiond.server.domain.errors import LeaseLost, NotFound, Unavailable
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
@@ -90,6 +90,11 @@ class Phase2Pipeline:
         except LeaseLost:
             log.warning("lost the lease of %s; another worker owns it now", task.task_id)
             return RunOutcome(True)
+        except Unavailable as exc:
+            # The store is unreachable: not the task's fault. Hand it back unfinished;
+            # it resumes from its last finished stage once the store answers again.
+            log.warning("Phase 2 of %s paused, store unavailable: %s", task.task_id, exc)
+            return RunOutcome(False)
         except EngineError as exc:
             await self._fail(task, TaskError(code=_engine_code(exc), reason=exc.reason,
                                              message=sanitize(str(exc), self.secrets)))

@@ -75,8 +75,13 @@ class Phase2Worker:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
             outcome = await self.pipeline.run(task)
+            # Stop renewing first, so no renewal in flight can land after the hand-back.
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
             if not outcome.finished:
-                # Shutdown: hand the task back now instead of waiting for lease expiry.
+                # Shutdown or store outage: hand the task back now instead of making
+                # another worker wait for the lease to expire.
                 with contextlib.suppress(Exception):
                     await self.store.renew_lease(task.task_id, self.worker_id,
                                                  utcnow() - timedelta(seconds=1))
