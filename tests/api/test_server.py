@@ -57,3 +57,17 @@ def test_graceful_stop_ends_watches_unavailable_and_health(server_factory: Serve
     r2 = server_factory(data_dir=tmp_path / "g")
     final = list(r2.tasks.WatchTask(task_pb2.WatchTaskRequest(task_id=tid), timeout=20))
     assert final[-1].event.kind == task_pb2.TASK_EVENT_KIND_COMPLETED
+
+
+def test_second_process_on_same_data_dir_is_refused(server_factory: ServerFactory,
+                                                    tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    data = tmp_path / "locked"
+    server_factory(data_dir=data)
+    proc = subprocess.run([sys.executable, "-m", "sessiond.server.cli", "serve", "--address",
+                           "127.0.0.1:0", "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    assert "DATA_DIR_LOCKED" in proc.stderr

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sessiond.server.config import Settings
+from sessiond.server.domain.errors import SessiondError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sqlite-synchronous", default=env.sqlite_synchronous,
                        choices=["FULL", "NORMAL"])
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
+    serve.add_argument("--pg-channel", default=env.pg_channel,
+                       help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO")
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
@@ -71,7 +74,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.completed_retention_hours = ns.completed_retention_hours
     s.failed_retention_hours = ns.failed_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
-    s.pg_pool_max = ns.pg_pool_max
+    s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
     return s
 
 
@@ -109,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"sessiond: {exc}", file=sys.stderr)
             return 2
+        except SessiondError as exc:
+            print(f"sessiond: {exc.message} ({exc.reason})", file=sys.stderr)
+            return 1
         return 0
     if ns.command == "migrate":
         if not ns.store.startswith(("postgresql://", "postgres://")):
             print("sessiond migrate: SQLite migrates itself at start; give --store "
                   "postgresql://...", file=sys.stderr)
             return 2
-        from sessiond.server.domain.errors import SessiondError
-
         try:
             asyncio.run(_migrate(ns.store))
         except SessiondError as exc:

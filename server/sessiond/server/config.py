@@ -54,6 +54,8 @@ class Settings:
         s.address = _env("ADDRESS", s.address)
         s.data_dir = Path(_env("DATA_DIR", str(s.data_dir)))
         s.store = _env("STORE", s.store)
+        s.pg_channel = _env("PG_CHANNEL", s.pg_channel)
+        s.pg_pool_max = int(_env("PG_POOL_MAX", str(s.pg_pool_max)))
         s.engine = _env("ENGINE", s.engine)
         s.llm.base_url = _env("LLM_BASE_URL", s.llm.base_url)
         s.llm.model = _env("LLM_MODEL", s.llm.model)

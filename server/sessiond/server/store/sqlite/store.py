@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -77,6 +79,7 @@ class SqliteStore(Store):
         self.path = self.data_dir / "sessiond.sqlite3"
         self.journal_cap = journal_cap
         self._db = SqliteDatabase(self.path, synchronous=synchronous)
+        self._lock_fd: int | None = None
 
     @property
     def single_process(self) -> bool:
@@ -84,11 +87,28 @@ class SqliteStore(Store):
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         self._db.init_sync(migrate)
         self._db.start(self._after_commit)
 
+    def _lock_data_dir(self) -> None:
+        """One process per data directory: a second one would release the first
+        one's Phase 2 leases at start. The lock dies with the process."""
+        fd = os.open(self.data_dir / "sessiond.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise FailedPrecondition(
+                f"data directory {self.data_dir} is in use by another sessiond process; "
+                "use PostgreSQL to run several processes", reason="DATA_DIR_LOCKED") from exc
+        self._lock_fd = fd
+
     async def close(self) -> None:
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def ping(self) -> None:
         await self._db.read(lambda c: c.execute("SELECT 1").fetchone())
