@@ -28,7 +28,7 @@ def text_part(t: str) -> session_pb2.Part:
 
 
 def add(stub: session_pb2_grpc.SessionServiceStub, sid: str, t: str,
-        role: int = session_pb2.ROLE_USER,
+        role: session_pb2.Role.ValueType = session_pb2.ROLE_USER,
         metadata: tuple[tuple[str, str], ...] = ()) -> session_pb2.Message:
     return stub.AddMessage(session_pb2.AddMessageRequest(session_id=sid, role=role,
                                                          parts=[text_part(t)]),
@@ -52,7 +52,7 @@ def wait_task(tasks: task_pb2_grpc.TaskServiceStub, task_id: str,
 
 
 def code_of(call: grpc.RpcError) -> grpc.StatusCode:
-    return call.code()  # type: ignore[no-any-return]
+    return call.code()
 
 
 class GatedEngine(OfflineEngine):

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 from sessiond.v1 import memory_pb2, session_pb2, task_pb2
 
-from tests.api.helpers import add, wait_task
+from tests.api.helpers import add
 from tests.conftest import Running
 
 ALICE = (("x-sessiond-user", "alice"),)
@@ -16,10 +18,9 @@ def test_other_identity_gets_not_found_everywhere(server: Running) -> None:
     s.CreateSession(session_pb2.CreateSessionRequest(session_id="shared"), metadata=ALICE)
     add(s, "shared", "My name is Alice. I prefer dark mode.", metadata=ALICE)
     reply = s.Commit(session_pb2.CommitRequest(session_id="shared"), metadata=ALICE)
-    wait_task(server.tasks.__class__(server.channel), reply.task_id) if False else None
     list(server.tasks.WatchTask(task_pb2.WatchTaskRequest(task_id=reply.task_id),
                                 metadata=ALICE, timeout=20))
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: s.GetSession(session_pb2.GetSessionRequest(session_id="shared"), metadata=BOB),
         lambda: add(s, "shared", "intrude", metadata=BOB),
         lambda: s.Commit(session_pb2.CommitRequest(session_id="shared"), metadata=BOB),

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,11 +15,11 @@ from tests.conftest import Running, ServerFactory
 
 
 def test_health_and_reflection(server: Running) -> None:
-    health = health_pb2_grpc.HealthStub(server.channel)
+    health: Any = health_pb2_grpc.HealthStub(server.channel)
     for name in ("", "sessiond.v1.SessionService", "sessiond.v1.TaskService"):
         resp = health.Check(health_pb2.HealthCheckRequest(service=name))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    refl: Any = reflection_pb2_grpc.ServerReflectionStub(server.channel)
     reqs = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     names = {s.name for r in refl.ServerReflectionInfo(reqs)
              for s in r.list_services_response.service}
@@ -26,7 +28,7 @@ def test_health_and_reflection(server: Running) -> None:
 
 
 def test_graceful_stop_ends_watches_unavailable_and_health(server_factory: ServerFactory,
-                                                           tmp_path) -> None:  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
     engine = GatedEngine()
     r = server_factory(engine=engine, data_dir=tmp_path / "g")
     r.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="g"))
@@ -52,7 +54,8 @@ def test_graceful_stop_ends_watches_unavailable_and_health(server_factory: Serve
     t.join(10)
     assert outcome == [grpc.StatusCode.UNAVAILABLE]
     with pytest.raises(grpc.RpcError):
-        health_pb2_grpc.HealthStub(r.channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        stub: Any = health_pb2_grpc.HealthStub(r.channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
     engine.release()
     r2 = server_factory(data_dir=tmp_path / "g")
     final = list(r2.tasks.WatchTask(task_pb2.WatchTaskRequest(task_id=tid), timeout=20))
@@ -60,7 +63,7 @@ def test_graceful_stop_ends_watches_unavailable_and_health(server_factory: Serve
 
 
 def test_second_process_on_same_data_dir_is_refused(server_factory: ServerFactory,
-                                                    tmp_path) -> None:  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
     import subprocess
     import sys
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -7,7 +9,7 @@ from grpc_status import rpc_status
 from sessiond.v1 import session_pb2
 
 from tests.api.helpers import add, text_part
-from tests.conftest import Running
+from tests.conftest import Running, ServerFactory
 
 
 def details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None,
@@ -122,7 +124,8 @@ def test_messages_parts_and_tool_update(server: Running) -> None:
     assert ctx.current_messages[0].parts[2].tool.output == "found"
 
 
-def test_record_usage_persists_across_restart(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_record_usage_persists_across_restart(server_factory: ServerFactory,
+                                             tmp_path: Path) -> None:
     data = tmp_path / "d"
     r = server_factory(data_dir=data)
     r.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="u"))

@@ -5,7 +5,7 @@ from sessiond.v1 import session_pb2, task_pb2
 from tests.conftest import Running
 
 
-def text(role: int, t: str) -> session_pb2.AddMessageRequest:
+def text(role: session_pb2.Role.ValueType, t: str) -> session_pb2.AddMessageRequest:
     return session_pb2.AddMessageRequest(role=role, parts=[session_pb2.Part(
         text=session_pb2.TextPart(text=t))])
 

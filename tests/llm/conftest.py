@@ -105,4 +105,4 @@ def failure_reason(running: Running, task_id: str) -> str:
     assert len(infos) == 1 and infos[0].domain == "sessiond.v1"
     error = stored_task(running, task_id).error
     assert error is not None and error.reason == infos[0].reason
-    return infos[0].reason
+    return str(infos[0].reason)
