@@ -66,6 +66,7 @@ def summarize(path: Path, top: int = 25) -> str:
     frames = doc["shared"]["frames"]
     self_c: Counter[str] = Counter()
     incl_c: Counter[str] = Counter()
+    ours_c: Counter[str] = Counter()
     file_c: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     total = 0.0
@@ -82,6 +83,10 @@ def summarize(path: Path, top: int = 25) -> str:
             self_c[labels[-1]] += weight
             for lab in set(labels):
                 incl_c[lab] += weight
+            for lab in {frame_label(frames[i]).split(" (")[0] for i in stack
+                        if "/sessiond/server/" in str(frames[i].get("file", ""))
+                        and not str(frames[i].get("file", "")).endswith("/cli.py")}:
+                ours_c[lab] += weight
             leaf_file = str(frames[stack[-1]].get("file", "?"))
             file_c[_module_group(leaf_file)] += weight
     if not total:
@@ -99,6 +104,8 @@ def summarize(path: Path, top: int = 25) -> str:
     out += [f"  {pct(v)}  {k}" for k, v in self_c.most_common(top)]
     out += ["", f"top {top} functions by inclusive time:"]
     out += [f"  {pct(v)}  {k}" for k, v in incl_c.most_common(top)]
+    out += ["", f"top {top} sessiond functions by inclusive time (all lines of a function):"]
+    out += [f"  {pct(v)}  {k}" for k, v in ours_c.most_common(top)]
     return "\n".join(out) + "\n"
 
 

@@ -612,6 +612,29 @@ def test_worker_writes_check_the_lease(store: Store, run: Runner) -> None:
     run(body())
 
 
+def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
+                                                                  run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "s1", "t1", 1, n=2)
+        await claim(store, "w", 2)
+        ev = await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryOutput("o", "a"),
+                                        at(3), next_stage=Stage.EXTRACT)
+        assert ev.kind is EventKind.STAGE_COMPLETED and ev.seq == 3
+        tail = await store.list_events("t1", 2)
+        assert [(e.seq, e.kind, e.stage) for e in tail] == [
+            (3, EventKind.STAGE_COMPLETED, Stage.SUMMARIZE),
+            (4, EventKind.STAGE_STARTED, Stage.EXTRACT)]
+        t = await store.get_task("t1")
+        assert t is not None and t.stage is Stage.EXTRACT and t.last_seq == 4
+        await store.request_cancel("t1", at(4))
+        await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionOutput(()), at(5),
+                                   next_stage=Stage.RELATIONS)
+        kinds = [e.kind for e in await store.list_events("t1", 4)]
+        assert kinds == [EventKind.CANCEL_REQUESTED, EventKind.STAGE_COMPLETED]
+
+    run(body())
+
+
 def test_complete_stage_is_applied_once(store: Store, run: Runner) -> None:
     async def body() -> None:
         await committed(store, "s1", "t1", 1, n=2)

@@ -125,7 +125,8 @@ class Phase2Pipeline:
         previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
         prev_overview = previous.overview if previous is not None else ""
         overview = ""
-        for stage in PIPELINE:
+        started = False  # whether the previous complete_stage already announced this stage
+        for i, stage in enumerate(PIPELINE):
             if STAGE_INDEX[stage] <= STAGE_INDEX[task.done_stage]:
                 continue
             current = await store.get_task(task.task_id)
@@ -136,9 +137,10 @@ class Phase2Pipeline:
                 return RunOutcome(True)
             if self.should_stop():
                 return RunOutcome(False)
-            await store.append_event(task.task_id, self.worker_id,
-                                     NewEvent(EventKind.STAGE_STARTED, f"{stage.value} started"),
-                                     stage, utcnow())
+            if not started:
+                await store.append_event(task.task_id, self.worker_id,
+                                         NewEvent(EventKind.STAGE_STARTED,
+                                                  f"{stage.value} started"), stage, utcnow())
             failpoints.hit(f"phase2.{stage.value}.before")
             if stage is Stage.FINALIZE:
                 await store.finalize_task(task.task_id, self.worker_id, utcnow())
@@ -165,7 +167,10 @@ class Phase2Pipeline:
                 output = RelationsOutput(used_uris(messages, usage))
             else:
                 output = ActiveCountsOutput(used_uris(messages, usage))
-            await store.complete_stage(task.task_id, self.worker_id, stage, output, utcnow())
+            following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
+            await store.complete_stage(task.task_id, self.worker_id, stage, output, utcnow(),
+                                       next_stage=following)
+            started = True
             failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
 

@@ -292,10 +292,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
-                             output: StageOutput, now: datetime) -> TaskEvent:
+                             output: StageOutput, now: datetime,
+                             next_stage: Stage | None = None) -> TaskEvent:
         """Apply a stage's durable writes, add its token usage to the task, mark the
-        stage done and append STAGE_COMPLETED, all at once. A stage already done is
-        not applied again (returns the existing journal tail)."""
+        stage done and append STAGE_COMPLETED, all at once; returns that event. With
+        `next_stage`, also append STAGE_STARTED for it in the same transaction unless
+        cancellation was requested (saves the pipeline one transaction per stage).
+        A stage already done is not applied again (returns the existing journal tail)."""
 
     @abc.abstractmethod
     async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:

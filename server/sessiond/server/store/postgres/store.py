@@ -1049,7 +1049,8 @@ class PostgresStore(Store):
         return self._event(row)
 
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
-                             output: StageOutput, now: datetime) -> TaskEvent:
+                             output: StageOutput, now: datetime,
+                             next_stage: Stage | None = None) -> TaskEvent:
         async def op(c: Conn, ctx: _Ctx) -> TaskEvent:
             row = await self._leased_task(c, task_id, worker_id)
             if STAGE_ORDER[Stage(row["done_stage"])] >= STAGE_ORDER[stage]:
@@ -1090,9 +1091,13 @@ class PostgresStore(Store):
                     sorted(uris), now)
                 sets["active_count_updated"] = len(uris)
                 detail = f"{len(uris)} active counts updated"
-            ev, _ = await self._append_event(
+            ev, after = await self._append_event(
                 c, ctx, row, EventKind.STAGE_COMPLETED, TaskState.RUNNING, stage, now,
                 message=f"{stage.value} done: {detail}", sets=sets)
+            if next_stage is not None and not row["cancel_requested"]:
+                await self._append_event(c, ctx, after, EventKind.STAGE_STARTED,
+                                         TaskState.RUNNING, next_stage, now,
+                                         message=f"{next_stage.value} started")
             return ev
 
         return await self._write(op)

@@ -675,7 +675,8 @@ class SqliteStore(Store):
         return self._event(row)
 
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
-                             output: StageOutput, now: datetime) -> TaskEvent:
+                             output: StageOutput, now: datetime,
+                             next_stage: Stage | None = None) -> TaskEvent:
         def op(c: Conn, ctx: WriteContext) -> TaskEvent:
             row = self._leased_task(c, task_id, worker_id)
             if STAGE_ORDER[Stage(row["done_stage"])] >= STAGE_ORDER[stage]:
@@ -713,9 +714,14 @@ class SqliteStore(Store):
                 extra += ", active_count_updated=?"
                 args.append(len(uris))
                 detail = f"{len(uris)} active counts updated"
-            return self._append_event(c, ctx, row, EventKind.STAGE_COMPLETED, TaskState.RUNNING,
+            done = self._append_event(c, ctx, row, EventKind.STAGE_COMPLETED, TaskState.RUNNING,
                                       stage, now, message=f"{stage.value} done: {detail}",
                                       extra_sets=extra, extra_args=args)
+            if next_stage is not None and not row["cancel_requested"]:
+                self._append_event(c, ctx, self._task_row(c, task_id), EventKind.STAGE_STARTED,
+                                   TaskState.RUNNING, next_stage, now,
+                                   message=f"{next_stage.value} started")
+            return done
 
         return await self._db.write(op)
 
