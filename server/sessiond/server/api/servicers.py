@@ -29,7 +29,10 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def fingerprint(request: ProtoMessage) -> bytes:
-    """The request without its request_id, serialized deterministically."""
+    """The request without its request_id, serialized deterministically (only
+    computed when the request carries a request_id)."""
+    if not getattr(request, "request_id", ""):
+        return b""
     copy = type(request)()
     copy.CopyFrom(request)
     copy.ClearField("request_id")
