@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BENCH_DIR, CpuMeter, rss_mb
+from bench.harness import BENCH_DIR, CpuMeter, rss_mb
 
 
 @dataclass

@@ -14,8 +14,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-from workloads import Stubs, add_message_caller, closed_loop
+if __package__ in (None, ""):  # run as a script (python bench/x.py): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.workloads import Stubs, add_message_caller, closed_loop
 
 
 async def run(target: str, concurrency: int, duration: float, warmup: float, start_at: float,

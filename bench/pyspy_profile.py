@@ -36,8 +36,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import harness as h
-import workloads as w
+if __package__ in (None, ""):  # run as a script (python bench/x.py): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import harness as h
+from bench import workloads as w
 
 
 def pyspy_exe() -> str:

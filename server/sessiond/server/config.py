@@ -36,7 +36,7 @@ class Settings:
     pg_channel: str = "sessiond_events"
     engine: str = "offline"  # offline | openai
     llm: LLMSettings = field(default_factory=LLMSettings)
-    worker_concurrency: int = 4
+    worker_concurrency: int = 16
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0

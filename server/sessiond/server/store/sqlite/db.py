@@ -167,8 +167,13 @@ class SqliteDatabase:
             for op, _, _ in outcomes:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
-        for op, result, failure in outcomes:
-            op.loop.call_soon_threadsafe(_settle, op, result, failure, self._after_commit)
+        # One wake-up of each event loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op[Any], Any, BaseException | None]]]
+        by_loop = {}
+        for item in outcomes:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_settle_batch, items, self._after_commit)
 
     def close(self) -> None:
         if self._closed:
@@ -187,6 +192,12 @@ class SqliteDatabase:
                 except sqlite3.Error:
                     pass
             self._reader_conns.clear()
+
+
+def _settle_batch(items: list[tuple[_Op[Any], Any, BaseException | None]],
+                  after_commit: AfterCommit | None) -> None:
+    for op, result, exc in items:
+        _settle(op, result, exc, after_commit)
 
 
 def _settle(op: _Op[Any], result: Any, exc: BaseException | None,
