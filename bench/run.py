@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script (python bench/x.py): make `benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
+from sessiond.server.config import Settings
 from sessiond.v1 import session_pb2, task_pb2
 
 from bench import harness as h
@@ -318,8 +319,11 @@ async def bench_store(target: Target, mode: Mode, phases: Phases) -> dict[str, A
     fs = ss = None
     try:
         sd = target.serve("sessiond")
-        res["server_cmd_defaults"] = ("sessiond serve defaults: workers 4, poll 1 s, "
-                                      "sqlite synchronous FULL, offline engine")
+        d = Settings.from_env()  # what `sessiond serve` falls back to without flags
+        res["server_defaults"] = {"workers": d.worker_concurrency, "poll_seconds": d.poll_seconds,
+                                  "heartbeat_seconds": d.heartbeat_seconds,
+                                  "sqlite_synchronous": d.sqlite_synchronous,
+                                  "engine": d.engine, "pg_pool_max": d.pg_pool_max}
         await asyncio.sleep(1.5)
         rss: dict[str, Any] = {"sessiond_idle_mb": round(sd.rss_mb(), 1),
                                "floor_idle_mb": round(floor.rss_mb(), 1)}
@@ -582,8 +586,8 @@ def build_rows(r: dict[str, Any]) -> tuple[list[Row], list[dict[str, Any]]]:
     rows.append(Row("client check: floor c64 from 2 client procs (req/s)",
                     "", f"{f1(two_rps)} (1 proc: {f1(one_rps)})",
                     f2(h.ratio(two_rps, one_rps)) + "x",
-                    note=f"median of {len(cc['two_processes_floor_c64'].get('trials', [1]))} "
-                         "alternating trials each; >1 means one client process limits"))
+                    note=f"{len(cc['two_processes_floor_c64'].get('trials', [1]))} alternating "
+                         "trial(s) of each, medians; >1 means one client process limits"))
     fstream = r["floor_stream"]
     rows.append(Row("floor WatchTask 10-event stream p50 / p99 (ms)", "",
                     f"{f2(fstream['p50_ms'])} / {f2(fstream['p99_ms'])}"))
