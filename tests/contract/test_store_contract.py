@@ -619,7 +619,7 @@ def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
         await claim(store, "w", 2)
         ev = await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryOutput("o", "a"),
                                         at(3), next_stage=Stage.EXTRACT)
-        assert ev.kind is EventKind.STAGE_COMPLETED and ev.seq == 3
+        assert (ev.kind, ev.stage, ev.seq) == (EventKind.STAGE_STARTED, Stage.EXTRACT, 4)
         tail = await store.list_events("t1", 2)
         assert [(e.seq, e.kind, e.stage) for e in tail] == [
             (3, EventKind.STAGE_COMPLETED, Stage.SUMMARIZE),
@@ -627,10 +627,16 @@ def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
         t = await store.get_task("t1")
         assert t is not None and t.stage is Stage.EXTRACT and t.last_seq == 4
         await store.request_cancel("t1", at(4))
-        await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionOutput(()), at(5),
-                                   next_stage=Stage.RELATIONS)
+        last = await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionOutput(()), at(5),
+                                          next_stage=Stage.RELATIONS)
         kinds = [e.kind for e in await store.list_events("t1", 4)]
-        assert kinds == [EventKind.CANCEL_REQUESTED, EventKind.STAGE_COMPLETED]
+        assert kinds == [EventKind.CANCEL_REQUESTED, EventKind.STAGE_COMPLETED,
+                         EventKind.CANCELLED]
+        assert last.kind is EventKind.CANCELLED and last.state is TaskState.CANCELLED
+        t = await store.get_task("t1")
+        assert t is not None and t.state is TaskState.CANCELLED and t.lease_owner == ""
+        arch = await store.get_archive(ID, "s1", 1)
+        assert arch is not None and arch.state.value == "pending"
 
     run(body())
 

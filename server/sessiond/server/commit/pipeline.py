@@ -129,10 +129,9 @@ class Phase2Pipeline:
         for i, stage in enumerate(PIPELINE):
             if STAGE_INDEX[stage] <= STAGE_INDEX[task.done_stage]:
                 continue
-            current = await store.get_task(task.task_id)
-            if current is None or current.state.terminal:
-                return RunOutcome(True)
-            if current.cancel_requested:
+            if not started and task.cancel_requested:
+                # Requested before this attempt started; later requests are honoured by
+                # complete_stage at the boundary it crosses (no extra read per stage).
                 await store.cancel_task(task.task_id, self.worker_id, utcnow())
                 return RunOutcome(True)
             if self.should_stop():
@@ -168,8 +167,10 @@ class Phase2Pipeline:
             else:
                 output = ActiveCountsOutput(used_uris(messages, usage))
             following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
-            await store.complete_stage(task.task_id, self.worker_id, stage, output, utcnow(),
-                                       next_stage=following)
+            last = await store.complete_stage(task.task_id, self.worker_id, stage, output,
+                                              utcnow(), next_stage=following)
+            if last.state.terminal:  # cancelled at this boundary
+                return RunOutcome(True)
             started = True
             failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)

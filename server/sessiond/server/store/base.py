@@ -295,10 +295,11 @@ class Store(abc.ABC):
                              output: StageOutput, now: datetime,
                              next_stage: Stage | None = None) -> TaskEvent:
         """Apply a stage's durable writes, add its token usage to the task, mark the
-        stage done and append STAGE_COMPLETED, all at once; returns that event. With
-        `next_stage`, also append STAGE_STARTED for it in the same transaction unless
-        cancellation was requested (saves the pipeline one transaction per stage).
-        A stage already done is not applied again (returns the existing journal tail)."""
+        stage done and append STAGE_COMPLETED, all at once; returns that event.
+        With `next_stage` the same transaction also crosses the stage boundary: when a
+        cancel was requested the task ends CANCELLED (terminal event), otherwise
+        STAGE_STARTED is appended for `next_stage`; the last event appended is
+        returned. A stage already done is not applied again (returns the journal tail)."""
 
     @abc.abstractmethod
     async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:

@@ -1094,11 +1094,22 @@ class PostgresStore(Store):
             ev, after = await self._append_event(
                 c, ctx, row, EventKind.STAGE_COMPLETED, TaskState.RUNNING, stage, now,
                 message=f"{stage.value} done: {detail}", sets=sets)
-            if next_stage is not None and not row["cancel_requested"]:
-                await self._append_event(c, ctx, after, EventKind.STAGE_STARTED,
-                                         TaskState.RUNNING, next_stage, now,
-                                         message=f"{next_stage.value} started")
-            return ev
+            if next_stage is None:
+                return ev
+            if row["cancel_requested"]:
+                err = TaskError(code=1, message=f"cancelled by request after {stage.value}",
+                                reason="CANCELLED")
+                ctx.work = True
+                cancelled, _ = await self._append_event(
+                    c, ctx, after, EventKind.CANCELLED, TaskState.CANCELLED, stage, now,
+                    message=err.message, error=err,
+                    sets={"error": codec.encode_error(err), "finished_at": now,
+                          "lease_owner": "", "lease_expires_at": None})
+                return cancelled
+            started, _ = await self._append_event(c, ctx, after, EventKind.STAGE_STARTED,
+                                                  TaskState.RUNNING, next_stage, now,
+                                                  message=f"{next_stage.value} started")
+            return started
 
         return await self._write(op)
 

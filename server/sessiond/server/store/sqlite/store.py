@@ -352,14 +352,16 @@ class SqliteStore(Store):
                     raise NotFound("the message of this request_id no longer exists",
                                    reason="MESSAGE_NOT_FOUND")
                 return self._message(row)
-            srow = self._require_session(c, identity, session_id)
-            seq = srow["next_seq"]
+            bumped = c.execute(
+                "UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
+                "live_count=live_count+1, updated_at=? WHERE skey=? RETURNING next_seq",
+                (_ts(message.created_at), skey)).fetchone()
+            if bumped is None:
+                self._require_session(c, identity, session_id)  # raises NotFound
+            seq = int(bumped[0]) - 1
             c.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,NULL)",
                       (skey, seq, message.id, message.role.value,
                        codec.encode_parts(message.parts), _ts(message.created_at)))
-            c.execute("UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-                      "live_count=live_count+1, updated_at=? WHERE skey=?",
-                      (_ts(message.created_at), skey))
             self._remember(c, request, {"message_id": message.id}, message.created_at)
             return Message(id=message.id, role=message.role, parts=message.parts,
                            created_at=message.created_at, seq=seq)
@@ -717,11 +719,20 @@ class SqliteStore(Store):
             done = self._append_event(c, ctx, row, EventKind.STAGE_COMPLETED, TaskState.RUNNING,
                                       stage, now, message=f"{stage.value} done: {detail}",
                                       extra_sets=extra, extra_args=args)
-            if next_stage is not None and not row["cancel_requested"]:
-                self._append_event(c, ctx, self._task_row(c, task_id), EventKind.STAGE_STARTED,
-                                   TaskState.RUNNING, next_stage, now,
-                                   message=f"{next_stage.value} started")
-            return done
+            if next_stage is None:
+                return done
+            after = self._task_row(c, task_id)
+            if row["cancel_requested"]:
+                err = TaskError(code=1, message=f"cancelled by request after {stage.value}",
+                                reason="CANCELLED")
+                ctx.work = True
+                return self._append_event(
+                    c, ctx, after, EventKind.CANCELLED, TaskState.CANCELLED, stage, now,
+                    message=err.message, error=err,
+                    extra_sets=", error=?, finished_at=?, lease_owner='', lease_expires_at=NULL",
+                    extra_args=(codec.encode_error(err), _ts(now)))
+            return self._append_event(c, ctx, after, EventKind.STAGE_STARTED, TaskState.RUNNING,
+                                      next_stage, now, message=f"{next_stage.value} started")
 
         return await self._db.write(op)
 
