@@ -162,18 +162,21 @@ class OfflineEngine:
             if m.role is not Role.USER:
                 continue
             for sentence in _sentences(m.text()):
-                for label, rx in _PROFILE:
-                    hit = rx.search(sentence)
+                lowered = sentence.lower()
+                first_person = "i " in lowered or "i'm" in lowered or "my " in lowered
+                for label, cue, rx in _PROFILE:
+                    hit = rx.search(sentence) if any(c in lowered for c in cue) else None
                     if hit:
                         profile_lines.append(f"{label}: {_clip(hit.group(1), 120)}")
                         profile_ids.append(m.id)
-                for rx in _PREFERENCE:
+                for rx in _PREFERENCE if first_person or "always" in lowered else ():
                     hit = rx.search(sentence)
                     if hit:
                         text = _clip(sentence, 240)
                         out.append(CandidateMemory(MemoryCategory.PREFERENCES,
                                                    _key(hit.group("obj")), text, (m.id,)))
-                for hit in _ENTITY.finditer(sentence):
+                entities = _ENTITY.finditer(sentence) if _ENTITY_CUE.search(lowered) else ()
+                for hit in entities:
                     name = hit.group("name")
                     out.append(CandidateMemory(MemoryCategory.ENTITIES, _key(name),
                                                f"{hit.group('kind').lower()} {name}: "
@@ -251,15 +254,19 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
 
+# (label, lower-case cues one of which must be in the sentence, pattern): the cues
+# skip the regular expression for the many sentences that cannot match.
 _PROFILE = [
-    ("name", re.compile(r"\bmy name is ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)")),
-    ("name", re.compile(r"\bcall me ([A-Z][\w'-]*)")),
-    ("occupation", re.compile(r"\bI (?:work as|am working as) (?:an? )?([^.,;!?]+)", re.I)),
-    ("role", re.compile(r"\bI(?: am|'m) an? ((?:[a-z-]+ ){0,3}(?:engineer|developer|designer|"
+    ("name", ("my name",), re.compile(r"\bmy name is ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)")),
+    ("name", ("call me",), re.compile(r"\bcall me ([A-Z][\w'-]*)")),
+    ("occupation", ("work",), re.compile(r"\bI (?:work as|am working as) (?:an? )?([^.,;!?]+)",
+                                      re.I)),
+    ("role", ("i am a", "i'm a"), re.compile(
+        r"\bI(?: am|'m) an? ((?:[a-z-]+ ){0,3}(?:engineer|developer|designer|"
                         r"manager|scientist|student|teacher|researcher|analyst|writer|doctor|"
                         r"lawyer|founder|consultant))\b", re.I)),
-    ("location", re.compile(r"\bI (?:live|am based|'m based) in ([A-Z][^.,;!?]*)")),
-    ("employer", re.compile(r"\bI work (?:at|for) ([A-Z][^.,;!?]*)")),
+    ("location", (" in ",), re.compile(r"\bI (?:live|am based|'m based) in ([A-Z][^.,;!?]*)")),
+    ("employer", ("work",), re.compile(r"\bI work (?:at|for) ([A-Z][^.,;!?]*)")),
 ]
 
 _PREFERENCE = [
@@ -271,6 +278,8 @@ _PREFERENCE = [
 
 _ENTITY = re.compile(r"\b(?P<kind>project|repo|repository|company|team|service|product|"
                      r"library|customer|client) (?:named |called )?(?P<name>[A-Z][\w.-]+)")
+
+_ENTITY_CUE = re.compile(r"project|repo|company|team|service|product|library|customer|client")
 
 _EVENT = re.compile(r"\b(yesterday|today|tomorrow|last (?:week|month|year)|next (?:week|month|"
                     r"year)|on (?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)|"
