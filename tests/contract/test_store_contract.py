@@ -612,6 +612,23 @@ def test_worker_writes_check_the_lease(store: Store, run: Runner) -> None:
     run(body())
 
 
+def test_claim_can_announce_the_first_stage_not_done(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "s1", "t1", 1, n=2)
+        task = await store.claim_task("w1", at(1), at(1 + LEASE), announce=True)
+        assert task is not None and task.stage is Stage.SUMMARIZE and task.last_seq == 3
+        evs = await store.list_events("t1", 1)
+        assert [(e.kind, e.stage) for e in evs] == [(EventKind.STARTED, Stage.QUEUED),
+                                                    (EventKind.STAGE_STARTED, Stage.SUMMARIZE)]
+        await store.complete_stage("t1", "w1", Stage.SUMMARIZE, SummaryOutput("o", "a"), at(2))
+        # the lease runs out; the next claim resumes and announces the stage after
+        again = await store.claim_task("w2", at(2 + LEASE + 1), at(3 + 2 * LEASE),
+                                       announce=True)
+        assert again is not None and again.stage is Stage.EXTRACT and again.attempts == 2
+
+    run(body())
+
+
 def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
                                                                   run: Runner) -> None:
     async def body() -> None:

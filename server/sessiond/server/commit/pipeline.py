@@ -82,11 +82,12 @@ class Phase2Pipeline:
         self.should_stop = should_stop
         self.secrets = secrets
 
-    async def run(self, task: Task) -> RunOutcome:
-        """Run the stages after `task.done_stage`. Returns finished=False when it
-        stopped for shutdown (the lease is left to be released by the worker)."""
+    async def run(self, task: Task, announced: bool = False) -> RunOutcome:
+        """Run the stages after `task.done_stage`; `announced` when the claim already
+        appended STAGE_STARTED for the first of them. Returns finished=False when it
+        stopped for shutdown or a store outage (the worker hands the task back)."""
         try:
-            return await self._run(task)
+            return await self._run(task, announced)
         except LeaseLost:
             log.warning("lost the lease of %s; another worker owns it now", task.task_id)
             return RunOutcome(True)
@@ -115,7 +116,7 @@ class Phase2Pipeline:
         except LeaseLost:
             log.warning("could not fail %s: lease lost", task.task_id)
 
-    async def _run(self, task: Task) -> RunOutcome:
+    async def _run(self, task: Task, announced: bool) -> RunOutcome:
         store, ident = self.store, task.identity
         messages = await store.archive_messages(ident, task.session_id, task.archive_index)
         if not messages:
@@ -125,7 +126,8 @@ class Phase2Pipeline:
         previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
         prev_overview = previous.overview if previous is not None else ""
         overview = ""
-        started = False  # whether the previous complete_stage already announced this stage
+        # Whether this stage was already announced (by the claim or the previous stage).
+        started = announced and not task.cancel_requested
         for i, stage in enumerate(PIPELINE):
             if STAGE_INDEX[stage] <= STAGE_INDEX[task.done_stage]:
                 continue

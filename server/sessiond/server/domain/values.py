@@ -285,6 +285,13 @@ PIPELINE: tuple[Stage, ...] = (Stage.SUMMARIZE, Stage.EXTRACT, Stage.RELATIONS,
                                Stage.ACTIVE_COUNTS, Stage.FINALIZE)
 
 
+def next_stage_after(done: Stage) -> Stage:
+    """The stage Phase 2 runs after `done` (FINALIZE is the last)."""
+    if done is Stage.QUEUED:
+        return PIPELINE[0]
+    return PIPELINE[min(PIPELINE.index(done) + 1, len(PIPELINE) - 1)]
+
+
 class EventKind(enum.StrEnum):
     CREATED = "created"
     STARTED = "started"

@@ -272,11 +272,14 @@ class Store(abc.ABC):
 
     # -- tasks: the worker side; every write checks the caller still holds the lease
     @abc.abstractmethod
-    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime) -> Task | None:
+    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                         announce: bool = False) -> Task | None:
         """Lease the oldest runnable task: PENDING or RUNNING with an expired lease,
         not cancel-requested-and-terminal, and whose session has no earlier
         (lower archive index) unfinished task. Marks it RUNNING, attempts += 1,
-        appends a STARTED event. None when nothing is runnable."""
+        appends a STARTED event. With `announce` (and no cancel requested) the same
+        transaction appends STAGE_STARTED for the first stage not done. None when
+        nothing is runnable."""
 
     @abc.abstractmethod
     async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool: ...

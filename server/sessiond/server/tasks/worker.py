@@ -59,7 +59,8 @@ class Phase2Worker:
             try:
                 while len(self._running) < self.concurrency and not self._stopping:
                     now = utcnow()
-                    task = await self.store.claim_task(self.worker_id, now, now + self.lease)
+                    task = await self.store.claim_task(self.worker_id, now, now + self.lease,
+                                                       announce=True)
                     if task is None:
                         break
                     self._running[task.task_id] = asyncio.create_task(
@@ -74,7 +75,7 @@ class Phase2Worker:
     async def _run(self, task: Task) -> None:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
-            outcome = await self.pipeline.run(task)
+            outcome = await self.pipeline.run(task, announced=True)
             # Stop renewing first, so no renewal in flight can land after the hand-back.
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):

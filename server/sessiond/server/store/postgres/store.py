@@ -81,6 +81,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
     memory_owner,
+    next_stage_after,
 )
 from sessiond.server.store import codec
 from sessiond.server.store.base import (
@@ -986,7 +987,7 @@ class PostgresStore(Store):
 
     # ------------------------------------------------------------------ tasks: worker side
     async def claim_task(self, worker_id: str, now: datetime,
-                         lease_until: datetime) -> Task | None:
+                         lease_until: datetime, announce: bool = False) -> Task | None:
         async def op(c: Conn, ctx: _Ctx) -> Task | None:
             # SKIP LOCKED: replicas claiming at once take different tasks. A locked row
             # that changed meanwhile is re-checked against the WHERE clause.
@@ -1009,6 +1010,11 @@ class PostgresStore(Store):
                 sets={"attempts": attempt, "lease_owner": worker_id,
                       "lease_expires_at": lease_until,
                       "started_at": row["started_at"] if row["started_at"] is not None else now})
+            if announce and not row["cancel_requested"]:
+                first = next_stage_after(Stage(row["done_stage"]))
+                _, row = await self._append_event(c, ctx, row, EventKind.STAGE_STARTED,
+                                                  TaskState.RUNNING, first, now,
+                                                  message=f"{first.value} started")
             return self._task(row)
 
         return await self._write(op)

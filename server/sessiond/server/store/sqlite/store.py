@@ -43,6 +43,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
     memory_owner,
+    next_stage_after,
 )
 from sessiond.server.store import codec
 from sessiond.server.store.base import (
@@ -620,7 +621,8 @@ class SqliteStore(Store):
         return await self._db.write(op)
 
     # ------------------------------------------------------------------ tasks: worker side
-    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime) -> Task | None:
+    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                         announce: bool = False) -> Task | None:
         def op(c: Conn, ctx: WriteContext) -> Task | None:
             row = c.execute(
                 "SELECT t.* FROM tasks t WHERE t.state IN (?,?) "
@@ -640,7 +642,13 @@ class SqliteStore(Store):
                                extra_sets=", attempts=?, lease_owner=?, lease_expires_at=?, "
                                "started_at=COALESCE(started_at, ?)",
                                extra_args=(attempt, worker_id, _ts(lease_until), _ts(now)))
-            return self._task(self._task_row(c, row["task_id"]))
+            after = self._task_row(c, row["task_id"])
+            if announce and not row["cancel_requested"]:
+                first = next_stage_after(Stage(row["done_stage"]))
+                self._append_event(c, ctx, after, EventKind.STAGE_STARTED, TaskState.RUNNING,
+                                   first, now, message=f"{first.value} started")
+                after = self._task_row(c, row["task_id"])
+            return self._task(after)
 
         return await self._db.write(op)
 
