@@ -49,7 +49,7 @@ def pyspy_exe() -> str:
         return str(local)
     found = shutil.which("py-spy")
     if not found:
-        raise SystemExit("py-spy not found: pip install -e ".[bench]"")
+        raise SystemExit('py-spy not found: pip install -e ".[bench]"')
     return found
 
 

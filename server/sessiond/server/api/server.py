@@ -97,9 +97,13 @@ class App:
         self.store.add_remote_event_listener(self.hub.poke)
         self.sessions = SessionManager(self.store)
         self.memories = MemoryManager(self.store)
+        # A single-process store publishes every event in-process, so idle watches only
+        # need the polling fallback (a store read) at heartbeat pace.
+        watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
+                      if self.store.single_process else settings.poll_seconds)
         self.tasks = TaskManager(self.store, self.hub,
                                  heartbeat_seconds=settings.heartbeat_seconds,
-                                 poll_seconds=settings.poll_seconds)
+                                 poll_seconds=watch_poll)
         self.worker = Phase2Worker(self.store, self.engine,
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from sessiond.server.api import converters as cv
 from sessiond.server.api.errors import stream, unary
 from sessiond.server.api.identity import identity_of
 from sessiond.server.domain.errors import InvalidArgument
-from sessiond.server.domain.values import Task
+from sessiond.server.domain.values import Task, TaskEvent
 from sessiond.server.sessions import MemoryManager, SessionManager
 from sessiond.server.tasks.service import Heartbeat, TaskManager
 from sessiond.v1 import (
@@ -154,8 +155,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
+    # Many watchers of one task receive the same events: convert each event once.
+    EVENT_CACHE = 4096
+
     def __init__(self, tasks: TaskManager) -> None:
         self.tasks = tasks
+        self._events: OrderedDict[tuple[str, int], task_pb2.WatchTaskResponse] = OrderedDict()
+
+    def _event_response(self, event: TaskEvent) -> task_pb2.WatchTaskResponse:
+        key = (event.task_id, event.seq)
+        resp = self._events.get(key)
+        if resp is None:
+            resp = task_pb2.WatchTaskResponse(event=cv.event_out(event))
+            self._events[key] = resp
+            if len(self._events) > self.EVENT_CACHE:
+                self._events.popitem(last=False)
+        return resp
 
     @unary
     async def GetTask(self, request: task_pb2.GetTaskRequest, context: Ctx) -> task_pb2.Task:
@@ -181,7 +196,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                 yield task_pb2.WatchTaskResponse(heartbeat=task_pb2.Heartbeat(
                     time=cv.ts(item.time), last_seq=item.last_seq))
             else:
-                yield task_pb2.WatchTaskResponse(event=cv.event_out(item))
+                yield self._event_response(item)
         if self.tasks.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "server is shutting down; resume the watch with after_seq")
