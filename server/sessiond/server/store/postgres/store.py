@@ -386,16 +386,22 @@ class PostgresStore(Store):
             raise Unavailable("store is closed")
         return self._pool
 
-    async def _write(self, fn: Callable[[Conn, _Ctx], Awaitable[T]]) -> T:
-        """Run `fn` in one read-write transaction; announce its events after commit."""
+    async def _write(self, fn: Callable[[Conn, _Ctx], Awaitable[T]],
+                     single_statement: bool = False) -> T:
+        """Run `fn` in one read-write transaction; announce its events after commit.
+        `single_statement`: `fn` runs exactly one statement, which PostgreSQL makes
+        atomic by itself, so no BEGIN/COMMIT round trips are spent on it."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             pool = self._require_pool()
             ctx = _Ctx()
             try:
                 async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                    async with conn.transaction():
+                    if single_statement:
                         result = await fn(conn, ctx)
-                        await self._notify(conn, ctx)
+                    else:
+                        async with conn.transaction():
+                            result = await fn(conn, ctx)
+                            await self._notify(conn, ctx)
             except SessiondError:
                 raise
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
@@ -696,6 +702,9 @@ class PostgresStore(Store):
     # ------------------------------------------------------------------ messages
     async def add_message(self, identity: Identity, session_id: str, message: Message,
                           request: RequestKey | None = None) -> Message:
+        if request is None:
+            return await self._append_message(identity, session_id, message)
+
         async def op(c: Conn, ctx: _Ctx) -> Message:
             skey = codec.session_key(identity, session_id)
             replay = await self._replay(c, request)
@@ -723,6 +732,29 @@ class PostgresStore(Store):
                            created_at=message.created_at, seq=int(seq))
 
         return await self._write(op)
+
+    async def _append_message(self, identity: Identity, session_id: str,
+                              message: Message) -> Message:
+        """AddMessage without a request id: one atomic statement, one round trip."""
+        skey = codec.session_key(identity, session_id)
+
+        async def op(c: Conn, ctx: _Ctx) -> Message:
+            seq = await c.fetchval(
+                "WITH s AS (UPDATE sessions SET next_seq=next_seq+1, "
+                "message_count=message_count+1, live_count=live_count+1, updated_at=$6 "
+                "WHERE skey=$1 RETURNING next_seq-1 AS seq) "
+                "INSERT INTO messages (skey, seq, message_id, role, parts, created_at) "
+                "SELECT $1::text, s.seq, $2::text, $3::text, $4::text, $5::timestamptz FROM s "
+                "RETURNING seq",
+                skey, message.id, message.role.value, codec.encode_parts(message.parts),
+                message.created_at, message.created_at)
+            if seq is None:
+                raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND",
+                               metadata={"session_id": session_id})
+            return Message(id=message.id, role=message.role, parts=message.parts,
+                           created_at=message.created_at, seq=int(seq))
+
+        return await self._write(op, single_statement=True)
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
