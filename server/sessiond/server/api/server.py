@@ -134,7 +134,8 @@ class App:
         await self._set_serving(True)
         self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
-        log.info("sessiond listening on %s (store %s, engine %s)", self.settings.address,
+        host = self.settings.address.rsplit(":", 1)[0]
+        log.info("sessiond listening on %s:%d (store %s, engine %s)", host, self.port,
                  type(self.store).__name__, self.engine.name)
         return self.port
 
