@@ -113,7 +113,7 @@ class SessionManager:
                            context_uris: Sequence[str], skill: SkillUse | None,
                            request_id: str = "", fingerprint: bytes = b"") -> int:
         rules.check_session_id(session_id)
-        uris = [u for u in context_uris]
+        uris = list(context_uris)
         bad = [FieldViolation(f"context_uris[{i}]", "must not be empty")
                for i, u in enumerate(uris) if not u.strip()]
         if bad:

@@ -125,6 +125,7 @@ class Phase2Pipeline:
         usage = await store.archive_usage(ident, task.session_id, task.archive_index)
         previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
         prev_overview = previous.overview if previous is not None else ""
+        uris = used_uris(messages, usage)  # what relations and active_counts both write
         overview = ""
         # Whether this stage was already announced (by the claim or the previous stage).
         started = announced and not task.cancel_requested
@@ -165,9 +166,9 @@ class Phase2Pipeline:
                     usage=usage), reporter)
                 output = ExtractionOutput(e.candidates, e.usage)
             elif stage is Stage.RELATIONS:
-                output = RelationsOutput(used_uris(messages, usage))
+                output = RelationsOutput(uris)
             else:
-                output = ActiveCountsOutput(used_uris(messages, usage))
+                output = ActiveCountsOutput(uris)
             following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
             last = await store.complete_stage(task.task_id, self.worker_id, stage, output,
                                               utcnow(), next_stage=following)

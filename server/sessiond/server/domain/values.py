@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -108,17 +108,6 @@ class Message:
     def text(self) -> str:
         """The message's text parts joined; what summaries and extraction read."""
         return "\n".join(p.text for p in self.parts if isinstance(p, TextPart))
-
-    def size_bytes(self) -> int:
-        total = 0
-        for p in self.parts:
-            if isinstance(p, TextPart):
-                total += len(p.text.encode())
-            elif isinstance(p, ContextPart):
-                total += len(p.uri) + len(p.abstract.encode())
-            else:
-                total += len(p.input.encode()) + len(p.output.encode()) + len(p.tool_name)
-        return total
 
 
 class MemoryCategory(enum.StrEnum):
@@ -367,9 +356,6 @@ class Task:
     @property
     def archive_uri(self) -> str:
         return archive_uri(self.session_id, self.archive_index)
-
-    def evolve(self, **changes: Any) -> Task:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True)

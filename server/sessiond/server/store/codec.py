@@ -10,7 +10,6 @@ from typing import Any
 
 from sessiond.server.domain.errors import InvalidArgument
 from sessiond.server.domain.values import (
-    CandidateMemory,
     CommitResult,
     Identity,
     MemoryCategory,
@@ -100,18 +99,6 @@ def from_epoch(x: float | None) -> datetime | None:
 
 def from_epoch_req(x: float) -> datetime:
     return datetime.fromtimestamp(x, UTC)
-
-
-def count_candidates(candidates: Iterable[CandidateMemory]) -> MemoryCounts:
-    per: dict[str, int] = {}
-    seen: set[tuple[str, str]] = set()
-    for c in candidates:
-        k = (c.category.value, c.key)
-        if k in seen:
-            continue
-        seen.add(k)
-        per[c.category.value] = per.get(c.category.value, 0) + 1
-    return MemoryCounts.from_dict(per)
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -95,9 +95,3 @@ class EventHub:
             for sub in subs:
                 sub.poke()
 
-    def watched_tasks(self) -> list[str]:
-        return list(self._subs)
-
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._subs.values())

@@ -75,11 +75,13 @@ class Phase2Worker:
     async def _run(self, task: Task) -> None:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
-            outcome = await self.pipeline.run(task, announced=True)
-            # Stop renewing first, so no renewal in flight can land after the hand-back.
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renew
+            try:
+                outcome = await self.pipeline.run(task, announced=True)
+            finally:
+                # Stop renewing first, so no renewal in flight can land after the hand-back.
+                renew.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renew
             if not outcome.finished:
                 # Shutdown or store outage: hand the task back now instead of making
                 # another worker wait for the lease to expire.
@@ -87,9 +89,6 @@ class Phase2Worker:
                     await self.store.renew_lease(task.task_id, self.worker_id,
                                                  utcnow() - timedelta(seconds=1))
         finally:
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renew
             self._running.pop(task.task_id, None)
             self._wake.set()
 
