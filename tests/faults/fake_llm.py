@@ -14,8 +14,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback_http import LoopbackHTTPServer
 
 _MSG_ID = re.compile(r"msg_[0-9a-f]{32}")
 
@@ -27,29 +29,14 @@ class Served:
     usage: tuple[int, int]
 
 
-class FakeLLM:
+class FakeLLM(LoopbackHTTPServer):
     def __init__(self) -> None:
+        super().__init__()
         self.lock = threading.Lock()
         self.served: list[Served] = []
         self._n = 0
         self.delay = 0.0  # seconds each reply waits (a slow model)
         self.started = threading.Event()  # set when a request arrives
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def start(self) -> FakeLLM:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def for_archive(self, message_ids: set[str]) -> dict[str, list[tuple[int, int]]]:
         """Usage of the replies whose prompt held (only) messages of this archive."""
@@ -60,35 +47,24 @@ class FakeLLM:
                     out[s.kind].append(s.usage)
         return out
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    body = {}
-                fake.started.set()
-                if fake.delay:
-                    time.sleep(fake.delay)
-                data = json.dumps(fake._reply(body)).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client (a killed or stopping server) has gone
-
-        return Handler
+    def handle_post(self, h: BaseHTTPRequestHandler) -> None:
+        raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        self.started.set()
+        if self.delay:
+            time.sleep(self.delay)
+        data = json.dumps(self._reply(body)).encode()
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+        except OSError:
+            pass  # the client (a killed or stopping server) has gone
 
     def _reply(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = body.get("messages") or [{}]

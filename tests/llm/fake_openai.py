@@ -16,8 +16,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.loopback_http import LoopbackHTTPServer
 
 SUMMARY_MARK = "archive summarizer of sessiond"
 EXTRACT_MARK = "memory extractor of sessiond"
@@ -103,8 +105,9 @@ def good_summary(rec: Received, marker: str = "") -> str:
     ])
 
 
-class FakeLLM:
+class FakeLLM(LoopbackHTTPServer):
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[Received] = []
         self.scripts: dict[str, deque[Reply]] = {"summary": deque(), "extract": deque()}
         self.summary_fn: Callable[[Received], str] = good_summary
@@ -113,25 +116,8 @@ class FakeLLM:
         self.in_flight = 0
         self.max_in_flight = 0
         self._tokens = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._server.block_on_close = False
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
 
     # ---------------------------------------------------------------- control
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def start(self) -> FakeLLM:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
     def push(self, kind: str, *replies: Reply) -> None:
         with self.lock:
             self.scripts[kind].extend(replies)
@@ -147,21 +133,7 @@ class FakeLLM:
         return sum(u[0] for u in done), sum(u[1] for u in done)
 
     # ---------------------------------------------------------------- serving
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-            def do_POST(self) -> None:
-                fake._serve(self)
-
-        return Handler
-
-    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+    def handle_post(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length)
         headers = {k.lower(): v for k, v in h.headers.items()}
