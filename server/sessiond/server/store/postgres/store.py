@@ -69,14 +69,12 @@ from sessiond.server.domain.values import (
     MemoryCounts,
     Message,
     NewEvent,
-    Role,
     SessionMeta,
     Stage,
     Task,
     TaskError,
     TaskEvent,
     TaskState,
-    TokenUsage,
     ToolPart,
     ToolStatus,
     UsageRecord,
@@ -98,6 +96,7 @@ from sessiond.server.store.base import (
     TaskPage,
 )
 from sessiond.server.store.postgres import migrations
+from sessiond.server.store.rows import RowMapper
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +181,13 @@ def _token_time(epoch: float) -> datetime:
 
 def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE_ERRORS) and not isinstance(exc, _BUG_ERRORS)
+
+
+def _as_datetime(value: datetime | None) -> datetime | None:
+    return value  # asyncpg returns TIMESTAMPTZ columns as aware datetimes
+
+
+_ROWS = RowMapper(_as_datetime)
 
 
 class PostgresStore(Store):
@@ -448,69 +454,12 @@ class PostgresStore(Store):
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ row mapping
-    @staticmethod
-    def _meta(row: Row) -> SessionMeta:
-        return SessionMeta(
-            identity=Identity(row["account"], row["user_id"], row["agent"]),
-            session_id=row["session_id"],
-            created_at=row["created_at"], updated_at=row["updated_at"],
-            message_count=row["message_count"], live_message_count=row["live_count"],
-            archive_count=row["archive_count"], commit_count=row["commit_count"],
-            memories_extracted=codec.decode_counts(row["memory_counts"]),
-            last_commit_at=row["last_commit_at"],
-            llm_token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]))
-
-    @staticmethod
-    def _message(row: Row) -> Message:
-        return Message(id=row["message_id"], role=Role(row["role"]),
-                       parts=codec.decode_parts(row["parts"]),
-                       created_at=row["created_at"], seq=row["seq"])
-
-    @staticmethod
-    def _archive(row: Row) -> Archive:
-        return Archive(session_id=row["session_id"], index=row["idx"],
-                       state=ArchiveState(row["state"]), task_id=row["task_id"],
-                       message_count=row["message_count"], created_at=row["created_at"],
-                       overview=row["overview"], abstract=row["abstract"],
-                       first_message_id=row["first_message_id"],
-                       last_message_id=row["last_message_id"],
-                       completed_at=row["completed_at"])
-
-    @staticmethod
-    def _task(row: Row) -> Task:
-        return Task(
-            task_id=row["task_id"],
-            identity=Identity(row["account"], row["user_id"], row["agent"]),
-            session_id=row["session_id"], archive_index=row["archive_index"],
-            state=TaskState(row["state"]), stage=Stage(row["stage"]),
-            created_at=row["created_at"], updated_at=row["updated_at"],
-            task_type=row["task_type"],
-            started_at=row["started_at"], finished_at=row["finished_at"],
-            result=codec.decode_result(row["result"]),
-            error=codec.decode_error(row["error"]),
-            attempts=row["attempts"], last_seq=row["last_seq"], first_seq=row["first_seq"],
-            cancel_requested=bool(row["cancel_requested"]),
-            done_stage=Stage(row["done_stage"]),
-            token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]),
-            lease_owner=row["lease_owner"], lease_expires_at=row["lease_expires_at"])
-
-    @staticmethod
-    def _event(row: Row) -> TaskEvent:
-        return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),
-                         time=row["time"], state=TaskState(row["state"]),
-                         stage=Stage(row["stage"]), message=row["message"],
-                         attempt=row["attempt"], result=codec.decode_result(row["result"]),
-                         error=codec.decode_error(row["error"]))
-
-    @staticmethod
-    def _memory(row: Row) -> Memory:
-        return Memory(memory_id=row["memory_id"],
-                      identity=Identity(row["account"], row["user_id"], row["agent"]),
-                      category=MemoryCategory(row["category"]), content=row["content"],
-                      source_session_id=row["source_session_id"],
-                      source_archive_uri=row["source_archive_uri"],
-                      source_message_ids=tuple(json.loads(row["source_message_ids"])),
-                      created_at=row["created_at"], updated_at=row["updated_at"])
+    _meta = staticmethod(_ROWS.meta)
+    _message = staticmethod(_ROWS.message)
+    _archive = staticmethod(_ROWS.archive)
+    _task = staticmethod(_ROWS.task)
+    _event = staticmethod(_ROWS.event)
+    _memory = staticmethod(_ROWS.memory)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -31,14 +31,12 @@ from sessiond.server.domain.values import (
     MemoryCounts,
     Message,
     NewEvent,
-    Role,
     SessionMeta,
     Stage,
     Task,
     TaskError,
     TaskEvent,
     TaskState,
-    TokenUsage,
     ToolPart,
     ToolStatus,
     UsageRecord,
@@ -59,6 +57,7 @@ from sessiond.server.store.base import (
     SweepResult,
     TaskPage,
 )
+from sessiond.server.store.rows import RowMapper
 from sessiond.server.store.sqlite.db import SqliteDatabase, WriteContext
 from sessiond.server.store.sqlite.schema import migrate
 
@@ -70,6 +69,9 @@ STAGE_ORDER = {s: i for i, s in enumerate(Stage)}
 
 def _ts(dt: datetime | None) -> float | None:
     return codec.to_epoch(dt)
+
+
+_ROWS = RowMapper(codec.from_epoch)  # timestamps are epoch seconds
 
 
 class SqliteStore(Store):
@@ -120,6 +122,13 @@ class SqliteStore(Store):
             self._emit_work()
 
     # ------------------------------------------------------------------ helpers
+    _meta = staticmethod(_ROWS.meta)
+    _message = staticmethod(_ROWS.message)
+    _archive = staticmethod(_ROWS.archive)
+    _task = staticmethod(_ROWS.task)
+    _event = staticmethod(_ROWS.event)
+    _memory = staticmethod(_ROWS.memory)
+
     @staticmethod
     def _session_row(c: Conn, identity: Identity, session_id: str) -> Row | None:
         row: Row | None = c.execute("SELECT * FROM sessions WHERE skey=?",
@@ -132,76 +141,6 @@ class SqliteStore(Store):
             raise NotFound(f"session {session_id!r} not found", reason="SESSION_NOT_FOUND",
                            metadata={"session_id": session_id})
         return row
-
-    @staticmethod
-    def _meta(row: Row) -> SessionMeta:
-        return SessionMeta(
-            identity=Identity(row["account"], row["user_id"], row["agent"]),
-            session_id=row["session_id"],
-            created_at=codec.from_epoch_req(row["created_at"]),
-            updated_at=codec.from_epoch_req(row["updated_at"]),
-            message_count=row["message_count"], live_message_count=row["live_count"],
-            archive_count=row["archive_count"], commit_count=row["commit_count"],
-            memories_extracted=codec.decode_counts(row["memory_counts"]),
-            last_commit_at=codec.from_epoch(row["last_commit_at"]),
-            llm_token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]))
-
-    @staticmethod
-    def _message(row: Row) -> Message:
-        return Message(id=row["message_id"], role=Role(row["role"]),
-                       parts=codec.decode_parts(row["parts"]),
-                       created_at=codec.from_epoch_req(row["created_at"]), seq=row["seq"])
-
-    @staticmethod
-    def _archive(row: Row) -> Archive:
-        return Archive(session_id=row["session_id"], index=row["idx"],
-                       state=ArchiveState(row["state"]), task_id=row["task_id"],
-                       message_count=row["message_count"],
-                       created_at=codec.from_epoch_req(row["created_at"]),
-                       overview=row["overview"], abstract=row["abstract"],
-                       first_message_id=row["first_message_id"],
-                       last_message_id=row["last_message_id"],
-                       completed_at=codec.from_epoch(row["completed_at"]))
-
-    @staticmethod
-    def _task(row: Row) -> Task:
-        return Task(
-            task_id=row["task_id"],
-            identity=Identity(row["account"], row["user_id"], row["agent"]),
-            session_id=row["session_id"], archive_index=row["archive_index"],
-            state=TaskState(row["state"]), stage=Stage(row["stage"]),
-            created_at=codec.from_epoch_req(row["created_at"]),
-            updated_at=codec.from_epoch_req(row["updated_at"]),
-            task_type=row["task_type"],
-            started_at=codec.from_epoch(row["started_at"]),
-            finished_at=codec.from_epoch(row["finished_at"]),
-            result=codec.decode_result(row["result"]),
-            error=codec.decode_error(row["error"]),
-            attempts=row["attempts"], last_seq=row["last_seq"], first_seq=row["first_seq"],
-            cancel_requested=bool(row["cancel_requested"]),
-            done_stage=Stage(row["done_stage"]),
-            token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]),
-            lease_owner=row["lease_owner"],
-            lease_expires_at=codec.from_epoch(row["lease_expires_at"]))
-
-    @staticmethod
-    def _event(row: Row) -> TaskEvent:
-        return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),
-                         time=codec.from_epoch_req(row["time"]), state=TaskState(row["state"]),
-                         stage=Stage(row["stage"]), message=row["message"],
-                         attempt=row["attempt"], result=codec.decode_result(row["result"]),
-                         error=codec.decode_error(row["error"]))
-
-    @staticmethod
-    def _memory(row: Row) -> Memory:
-        return Memory(memory_id=row["memory_id"],
-                      identity=Identity(row["account"], row["user_id"], row["agent"]),
-                      category=MemoryCategory(row["category"]), content=row["content"],
-                      source_session_id=row["source_session_id"],
-                      source_archive_uri=row["source_archive_uri"],
-                      source_message_ids=tuple(json.loads(row["source_message_ids"])),
-                      created_at=codec.from_epoch_req(row["created_at"]),
-                      updated_at=codec.from_epoch_req(row["updated_at"]))
 
     @staticmethod
     def _replay(c: Conn, request: RequestKey | None) -> Any | None:
