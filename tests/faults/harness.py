@@ -67,9 +67,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def health_status(target: str, timeout: float = 1.0) -> int | None:
-    """The overall health status of `target`, or None when it does not answer."""
-    with grpc.insecure_channel(target) as ch:
+def health_status(target: str, timeout: float = 1.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int | None:
+    """The overall health status of `target`, or None when it does not answer
+    (over TLS when `credentials` are given)."""
+    with (grpc.secure_channel(target, credentials) if credentials is not None
+          else grpc.insecure_channel(target)) as ch:
         try:
             stub: Any = health_pb2_grpc.HealthStub(ch)
             resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
@@ -104,8 +107,10 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, *, port: int | None = None,
                  extra_args: Sequence[str] = FAST_ARGS, log_path: Path | None = None,
-                 env: Mapping[str, str] | None = None, python: str = sys.executable) -> None:
+                 env: Mapping[str, str] | None = None, python: str = sys.executable,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.credentials = credentials  # for the health check of a TLS server
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.data_dir.parent / f"{self.data_dir.name}.server.log"
@@ -181,7 +186,7 @@ class ServerProcess:
             if self.proc is None or self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc and self.proc.returncode} "
                                   f"before serving:\n{self.log_tail()}")
-            if health_status(self.target, timeout=0.5) == SERVING:
+            if health_status(self.target, 0.5, self.credentials) == SERVING:
                 return
             time.sleep(0.05)
         raise ServerError(f"server not SERVING after {timeout}s:\n{self.log_tail()}")

@@ -1,7 +1,8 @@
 """sessiond.client: what the generated stubs cannot do on their own.
 
 * `connect` / `aio_connect`: channels with retries for idempotent calls, keepalive,
-  16 MiB messages, and an interceptor adding identity metadata and request ids.
+  16 MiB messages, an interceptor adding identity metadata and request ids, and
+  TLS / mTLS / API-key / JWT credentials (`sessiond.client.auth`).
 * `with_request_id`: AIP-155 idempotency keys for your own retries.
 * `watch_task` / `aio_watch_task`: task watches that re-attach after a broken stream
   without repeating or skipping events.
@@ -11,6 +12,7 @@ Use the generated modules (`sessiond.v1.session_pb2`, `..._pb2_grpc`, ...) for t
 messages and stubs themselves.
 """
 
+from sessiond.client.auth import RefreshingToken, TokenSource, channel_credentials
 from sessiond.client.channel import (
     DEFAULT_OPTIONS,
     RETRYABLE_METHODS,
@@ -53,6 +55,7 @@ __all__ = [
     "TERMINAL_STATES",
     "AioTaskWatch",
     "Identity",
+    "RefreshingToken",
     "ResumePolicy",
     "SessiondClientError",
     "SessiondInterceptor",
@@ -60,6 +63,7 @@ __all__ = [
     "TaskFailed",
     "TaskNotSuccessful",
     "TaskWatch",
+    "TokenSource",
     "WatchInterrupted",
     "WatchItem",
     "WatchTimeout",
@@ -67,6 +71,7 @@ __all__ = [
     "aio_interceptors",
     "aio_wait_for_task",
     "aio_watch_task",
+    "channel_credentials",
     "channel_options",
     "connect",
     "is_terminal",

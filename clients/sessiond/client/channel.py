@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from sessiond.client.auth import TokenSource, channel_credentials
 from sessiond.client.identity import Identity
 from sessiond.client.interceptors import SessiondInterceptor, aio_interceptors
 
@@ -89,25 +90,34 @@ def channel_options(options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, 
     return list(merged.items())
 
 
-def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None
-                 ) -> grpc.ChannelCredentials | None:
-    if credentials is not None:
-        return credentials
-    return grpc.ssl_channel_credentials() if secure else None
+def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None,
+                 auth: dict[str, Any]) -> grpc.ChannelCredentials | None:
+    tls = bool(secure or auth.pop("tls", False))
+    return channel_credentials(tls=tls, credentials=credentials, **auth)
 
 
 def connect(target: str, *, identity: Identity | None = None, secure: bool = False,
             credentials: grpc.ChannelCredentials | None = None,
             options: Sequence[tuple[str, Any]] = (),
-            fill_request_ids: bool = True) -> grpc.Channel:
+            fill_request_ids: bool = True, api_key: str | None = None,
+            token: TokenSource | None = None, tls: bool = False,
+            root_certificates: bytes | str | None = None,
+            client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
+            plaintext_loopback: bool = False) -> grpc.Channel:
     """A sync channel to sessiond at `target` ("host:port").
 
     `identity` is sent on every call (per-call metadata may override single keys).
-    TLS when `secure` (system roots) or when `credentials` are given. `options` are
-    gRPC channel arguments merged over DEFAULT_OPTIONS. `fill_request_ids=False`
-    stops the interceptor from adding request ids (then do not rely on the retries
-    of the mutating calls)."""
-    creds = _credentials(secure, credentials)
+    TLS when `tls`/`secure` (system roots), with `root_certificates` (PEM bytes or a
+    path), with `client_cert` + `client_key` (mTLS), or with your own `credentials`.
+    `api_key=` or `token=` (a string or a callable returning the current token)
+    authenticate every call; they need TLS, or `plaintext_loopback=True` for a
+    server on this machine (see `sessiond.client.auth`). `options` are gRPC channel
+    arguments merged over DEFAULT_OPTIONS. `fill_request_ids=False` stops the
+    interceptor from adding request ids (then do not rely on the retries of the
+    mutating calls)."""
+    creds = _credentials(secure, credentials, dict(
+        api_key=api_key, token=token, tls=tls, root_certificates=root_certificates,
+        client_cert=client_cert, client_key=client_key, plaintext_loopback=plaintext_loopback))
     opts = channel_options(options)
     raw = (grpc.secure_channel(target, creds, options=opts) if creds is not None
            else grpc.insecure_channel(target, options=opts))
@@ -118,9 +128,16 @@ def connect(target: str, *, identity: Identity | None = None, secure: bool = Fal
 def aio_connect(target: str, *, identity: Identity | None = None, secure: bool = False,
                 credentials: grpc.ChannelCredentials | None = None,
                 options: Sequence[tuple[str, Any]] = (),
-                fill_request_ids: bool = True) -> grpc.aio.Channel:
-    """The grpc.aio twin of `connect`. Create, use and close it on one event loop."""
-    creds = _credentials(secure, credentials)
+                fill_request_ids: bool = True, api_key: str | None = None,
+                token: TokenSource | None = None, tls: bool = False,
+                root_certificates: bytes | str | None = None,
+                client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
+                plaintext_loopback: bool = False) -> grpc.aio.Channel:
+    """The grpc.aio twin of `connect`. Create, use and close it on one event loop.
+    A token callable runs on a gRPC thread before each call, not on the event loop."""
+    creds = _credentials(secure, credentials, dict(
+        api_key=api_key, token=token, tls=tls, root_certificates=root_certificates,
+        client_cert=client_cert, client_key=client_key, plaintext_loopback=plaintext_loopback))
     opts = channel_options(options)
     interceptors = aio_interceptors(identity, fill_request_ids=fill_request_ids)
     if creds is not None:

@@ -1,4 +1,4 @@
-"""The `sessiond` command: serve, migrate."""
+"""The `sessiond` command: serve, migrate, keys."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ import signal
 import sys
 from pathlib import Path
 
+from sessiond.server.cli_auth import (
+    add_keys_command,
+    add_security_flags,
+    apply_security_flags,
+    keys_main,
+)
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
 
@@ -55,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO")
+    add_security_flags(serve, env)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
+    add_keys_command(sub, env)
     return p
 
 
@@ -75,6 +83,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.failed_retention_hours = ns.failed_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
+    apply_security_flags(ns, s)
     return s
 
 
@@ -85,11 +94,12 @@ async def _serve(settings: Settings) -> None:
     port = await app.start()
     host = settings.address.rsplit(":", 1)[0]
     print(f"sessiond serving on {host}:{port} (store={settings.store}, "
-          f"engine={settings.engine})", flush=True)
+          f"engine={settings.engine}; {app.security.describe()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     await stop.wait()
     print("sessiond: shutting down", flush=True)
     await app.stop()
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sessiond: {exc.message} ({exc.reason})", file=sys.stderr)
             return 1
         return 0
+    if ns.command == "keys":
+        return keys_main(ns)
     if ns.command == "migrate":
         if not ns.store.startswith(("postgresql://", "postgres://")):
             print("sessiond migrate: SQLite migrates itself at start; give --store "

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sessiond.server.auth.policy import AuthSettings
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"SESSIOND_{name}", default)
@@ -25,6 +27,28 @@ class LLMSettings:
 
 
 @dataclass
+class TlsSettings:
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""  # set: clients must present a certificate signed by it (mTLS)
+    client_identity: bool = False  # take account/user/agent from the client cert SAN URI
+    identity_uri_prefix: str = "sessiond://"
+    reload_seconds: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key)
+
+    def validate(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.client_ca and not self.enabled:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.client_identity and not self.client_ca:
+            raise ValueError("--tls-client-identity needs --tls-client-ca (mTLS)")
+
+
+@dataclass
 class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
@@ -36,6 +60,8 @@ class Settings:
     pg_channel: str = "sessiond_events"
     engine: str = "offline"  # offline | openai
     llm: LLMSettings = field(default_factory=LLMSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     worker_concurrency: int = 16
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
@@ -67,4 +93,12 @@ class Settings:
         s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
         s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
         s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
+        s.auth.mode = _env("AUTH", s.auth.mode)
+        s.tls.cert, s.tls.key = _env("TLS_CERT", s.tls.cert), _env("TLS_KEY", s.tls.key)
+        s.tls.client_ca = _env("TLS_CLIENT_CA", s.tls.client_ca)
+        jwt = s.auth.jwt
+        jwt.secret_file = _env("JWT_SECRET_FILE", jwt.secret_file)
+        jwt.jwks_file = _env("JWT_JWKS_FILE", jwt.jwks_file)
+        jwt.issuer, jwt.audience = _env("JWT_ISSUER", jwt.issuer), _env("JWT_AUDIENCE",
+                                                                         jwt.audience)
         return s

@@ -26,6 +26,8 @@ CODES: list[tuple[type[e.SessiondError], grpc.StatusCode]] = [
     (e.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (e.LeaseLost, grpc.StatusCode.ABORTED),
+    (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sessiond.server.api.security import Security
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
 from sessiond.server.commit.engine import Phase2Engine
 from sessiond.server.commit.offline import OfflineEngine
@@ -108,6 +109,7 @@ class App:
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,
                                    poll_seconds=settings.poll_seconds, secrets=secrets)
+        self.security = Security(settings, self.store)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -116,16 +118,18 @@ class App:
 
     async def start(self) -> int:
         await self.store.open()
-        server = grpc.aio.server(options=server_options(self.settings))
+        server = grpc.aio.server(interceptors=[self.security.interceptor],
+                                 options=server_options(self.settings))
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.sessions), server)
         task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks), server)
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.memories), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.settings.address)
+        if self.security.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), server)
+        self.port = self.security.bind(server, self.settings.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
         await server.start()
@@ -134,10 +138,15 @@ class App:
         await self._set_serving(True)
         self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
+        self._background.extend(self.security.background())
         host = self.settings.address.rsplit(":", 1)[0]
-        log.info("sessiond listening on %s:%d (store %s, engine %s)", host, self.port,
-                 type(self.store).__name__, self.engine.name)
+        log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
+                 type(self.store).__name__, self.engine.name, self.security.describe())
         return self.port
+
+    def reload(self) -> None:
+        """SIGHUP: re-read TLS certificates and token keys (open connections stay)."""
+        self.security.reload()
 
     async def _set_serving(self, serving: bool) -> None:
         self._serving = serving

@@ -79,3 +79,21 @@ class Phase2Error(SessiondError):
     """A Phase 2 stage failed; the message is already safe to show a user."""
 
     reason = "PHASE2_FAILED"
+
+
+class Unauthenticated(SessiondError):
+    """The call carries no valid credential (missing, malformed, expired, revoked).
+
+    Reasons: CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED,
+    CREDENTIALS_REVOKED, TOKEN_NOT_YET_VALID, TOKEN_WRONG_AUDIENCE, TOKEN_WRONG_ISSUER,
+    CLIENT_CERT_REQUIRED, CLIENT_CERT_NO_IDENTITY, CLIENT_CERT_MISMATCH."""
+
+    reason = "CREDENTIALS_INVALID"
+
+
+class PermissionDenied(SessiondError):
+    """The caller is known but its credential does not allow this call.
+
+    Reasons: SCOPE_MISSING (metadata `required_scope`), IDENTITY_NOT_ALLOWED."""
+
+    reason = "PERMISSION_DENIED"

@@ -417,3 +417,20 @@ def memory_owner(identity: Identity, category: MemoryCategory) -> Identity:
     if category.space == "user":
         return Identity(identity.account, identity.user, "")
     return identity
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A stored API key: never the key itself, only the SHA-256 of it (`secret_hash`).
+    `user`/`agent` None: not bound. `scopes`: names of auth.principal.Scope."""
+
+    key_id: str
+    secret_hash: str
+    account: str
+    user: str | None
+    agent: str | None
+    scopes: tuple[str, ...]
+    name: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None

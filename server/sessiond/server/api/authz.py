@@ -1,0 +1,177 @@
+"""Authentication and authorization of every call, in one server interceptor.
+
+Per call, in this order:
+
+1. identity and `authorization` headers sent more than once: INVALID_ARGUMENT
+   (DUPLICATE_METADATA), in every mode;
+2. the principal from the credential and/or client certificate (`auth/policy.py`):
+   UNAUTHENTICATED with an ErrorInfo reason when missing, invalid, expired, revoked;
+3. the scope the method needs (`SCOPES`): PERMISSION_DENIED (SCOPE_MISSING);
+4. the identity the call acts for (`auth/principal.select_identity`):
+   PERMISSION_DENIED (IDENTITY_NOT_ALLOWED) when the headers ask for more than the
+   principal allows.
+
+Health is open. Reflection is open (`on`), absent (`off`) or needs any valid
+credential (`authenticated`). A method missing from `SCOPES` needs `admin`, so a new
+RPC is closed until it is classified here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from sessiond.server.api.errors import abort
+from sessiond.server.api.identity import (
+    AUTHORIZATION_KEY,
+    CURRENT,
+    CallAuth,
+    requested_identity,
+    single_values,
+)
+from sessiond.server.auth.policy import AuthPolicy, Presented
+from sessiond.server.auth.principal import Scope, select_identity
+from sessiond.server.domain.errors import PermissionDenied, SessiondError, Unauthenticated
+
+log = logging.getLogger(__name__)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIX = "/grpc.reflection."
+_R, _W = Scope.READ, Scope.WRITE
+
+#: Scope each RPC needs (admin satisfies every scope).
+SCOPES: dict[str, Scope] = {
+    "/sessiond.v1.SessionService/CreateSession": _W,
+    "/sessiond.v1.SessionService/GetSession": _R,  # write when auto_create is set
+    "/sessiond.v1.SessionService/ListSessions": _R,
+    "/sessiond.v1.SessionService/DeleteSession": _W,
+    "/sessiond.v1.SessionService/AddMessage": _W,
+    "/sessiond.v1.SessionService/UpdateToolPart": _W,
+    "/sessiond.v1.SessionService/RecordUsage": _W,
+    "/sessiond.v1.SessionService/Commit": _W,
+    "/sessiond.v1.SessionService/GetSessionContext": _R,
+    "/sessiond.v1.SessionService/ListArchives": _R,
+    "/sessiond.v1.SessionService/GetArchive": _R,
+    "/sessiond.v1.TaskService/GetTask": _R,
+    "/sessiond.v1.TaskService/ListTasks": _R,
+    "/sessiond.v1.TaskService/WatchTask": _R,
+    "/sessiond.v1.TaskService/CancelTask": _W,
+    "/sessiond.v1.MemoryService/ListMemories": _R,
+    "/sessiond.v1.MemoryService/GetMemory": _R,
+    "/sessiond.v1.MemoryService/SearchMemories": _R,
+    "/sessiond.v1.MemoryService/DeleteMemory": _W,
+}
+
+
+def required_scope(method: str, request: Any) -> Scope:
+    if method == "/sessiond.v1.SessionService/GetSession" and getattr(
+            request, "auto_create", False):
+        return Scope.WRITE
+    return SCOPES.get(method, Scope.ADMIN)
+
+
+def bearer_of(value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme, _, credential = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise Unauthenticated("the authorization header must be 'Bearer <credential>'",
+                              reason="CREDENTIALS_INVALID")
+    return credential.strip()
+
+
+def _peer_certificate(context: Ctx) -> tuple[bool, list[str]]:
+    props = context.auth_context() or {}
+    presented = bool(props.get("x509_pem_cert") or props.get("x509_subject"))
+    uris = [v.decode(errors="replace") for v in props.get("peer_uri", ())]
+    return presented, uris
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, policy: AuthPolicy, reflection: str = "authenticated") -> None:
+        self.policy = policy
+        self.reflection = reflection
+
+    async def _authorize(self, method: str, request: Any, context: Ctx, acts: bool) -> None:
+        headers = single_values(context.invocation_metadata() or ())
+        presented, uris = (_peer_certificate(context) if self.policy.cert_identity
+                           else (False, []))
+        principal = await self.policy.principal(
+            Presented(bearer_of(headers.get(AUTHORIZATION_KEY)), presented, uris))
+        identity = None
+        if acts:
+            scope = required_scope(method, request)
+            if not principal.allows(scope):
+                raise PermissionDenied(f"this call needs the {scope.value!r} scope",
+                                       reason="SCOPE_MISSING",
+                                       metadata={"required_scope": scope.value})
+            identity = select_identity(principal, requested_identity(headers))
+        CURRENT.set(CallAuth(principal, identity))
+
+    async def _guard(self, method: str, request: Any, context: Ctx, acts: bool) -> None:
+        """Authorize the call or abort it (context.abort raises)."""
+        try:
+            await self._authorize(method, request, context, acts)
+        except SessiondError as exc:
+            if isinstance(exc, Unauthenticated | PermissionDenied):
+                log.debug("%s refused: %s (%s)", method, exc.reason, context.peer())
+            await abort(context, exc)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        if method.startswith(REFLECTION_PREFIX):
+            if self.reflection == "on" or self.policy.open:
+                return handler
+            return self._wrap(handler, method, acts=False)
+        return self._wrap(handler, method, acts=True)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Req, Resp], method: str, acts: bool
+              ) -> grpc.RpcMethodHandler[Req, Resp]:
+        # grpc.aio handlers are coroutines / async generators; the stubs type the sync API.
+        h: Any = handler
+        guard = self._guard
+        des, ser = h.request_deserializer, h.response_serializer
+        if h.unary_unary is not None:
+            inner_uu = h.unary_unary
+
+            async def unary_unary(request: Any, context: Ctx) -> Any:
+                await guard(method, request, context, acts)
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+        if h.unary_stream is not None:
+            inner_us = h.unary_stream
+
+            async def unary_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
+                await guard(method, request, context, acts)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
+        if h.stream_stream is not None:
+            inner_ss = h.stream_stream
+
+            async def stream_stream(requests: Any, context: Ctx) -> AsyncIterator[Any]:
+                await guard(method, None, context, acts)
+                async for item in inner_ss(requests, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
+        inner_su = h.stream_unary
+
+        async def stream_unary(requests: Any, context: Ctx) -> Any:
+            await guard(method, None, context, acts)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
