@@ -75,9 +75,9 @@ def get_session(s: Stubs, sid: str = "s1", md: tuple[tuple[str, str], ...] = (),
         session_id=sid, auto_create=auto_create), metadata=md, timeout=10)
 
 
-def jwt_auth(**jwt_overrides: Any) -> AuthSettings:
+def jwt_auth(reflection: str = "authenticated", **jwt_overrides: Any) -> AuthSettings:
     j = JwtSettings(issuer=ISSUER, audience=AUDIENCE, **jwt_overrides)
-    return AuthSettings(mode="jwt", jwt=j)
+    return AuthSettings(mode="jwt", jwt=j, reflection=reflection)
 
 
 def token(key: Any = SECRET, alg: str = "HS256", kid: str | None = None,
