@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from sessiond.server.api.errors import abort
+from sessiond.server.api.errors import abort, abort_internal
 from sessiond.server.api.identity import (
     AUTHORIZATION_KEY,
     CURRENT,
@@ -121,6 +121,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(exc, Unauthenticated | PermissionDenied):
                 log.debug("%s refused: %s (%s)", method, exc.reason, context.peer())
             await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
