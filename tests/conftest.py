@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from sessiond.server.api.server import App
-from sessiond.server.commit.engine import Phase2Engine
+from sessiond.server.app import App
 from sessiond.server.config import Settings
+from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.store.base import Store
 from sessiond.v1 import memory_pb2_grpc, session_pb2_grpc, task_pb2_grpc
 

@@ -22,8 +22,8 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for required in ("sessiond/v1/session_pb2.py", "sessiond/v1/task_pb2_grpc.py",
                      "sessiond/v1/memory_pb2.pyi", "sessiond/client/__init__.py",
                      "sessiond/server/cli.py",
-                     "sessiond/server/commit/prompts/archive_summary.v1.md",
-                     "sessiond/server/commit/prompts/memory_extraction.v1.schema.json"):
+                     "sessiond/server/phase2/engines/prompts/archive_summary.v1.md",
+                     "sessiond/server/phase2/engines/prompts/memory_extraction.v1.schema.json"):
         assert required in names, required
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 import grpc
-from sessiond.server.commit.engine import (
+from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
     ExtractionResponse,
@@ -19,7 +19,7 @@ from sessiond.server.commit.engine import (
     SummaryResponse,
     no_report,
 )
-from sessiond.server.commit.offline import OfflineEngine
+from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.v1 import session_pb2, session_pb2_grpc, task_pb2, task_pb2_grpc
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TypeAlias
 
-from sessiond.server.commit.engine import (
+from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
     ExtractionResponse,
@@ -17,7 +17,7 @@ from sessiond.server.commit.engine import (
     SummaryResponse,
     no_report,
 )
-from sessiond.server.commit.offline import OfflineEngine
+from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.v1 import session_pb2, session_pb2_grpc, task_pb2
 
 Kind: TypeAlias = task_pb2.TaskEventKind.ValueType

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sessiond.server.commit.llm import Backoff, OpenAIEngine
 from sessiond.server.config import LLMSettings
 from sessiond.server.domain.values import Task
+from sessiond.server.phase2.engines.openai import Backoff, OpenAIEngine
 from sessiond.v1 import session_pb2, task_pb2
 
 from tests.conftest import Running

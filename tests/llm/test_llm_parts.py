@@ -13,10 +13,18 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-from sessiond.server.api.server import build_engine
-from sessiond.server.commit.engine import EngineError, SummaryRequest
-from sessiond.server.commit.llm import Backoff, OpenAIEngine, build_llm_engine, read_api_key
-from sessiond.server.commit.llm.prompts import (
+from sessiond.server.app import build_engine
+from sessiond.server.config import LLMSettings, Settings
+from sessiond.server.domain.values import MemoryCategory, Message, Role, TextPart
+from sessiond.server.phase2.engines.base import EngineError, SummaryRequest
+from sessiond.server.phase2.engines.offline import _section
+from sessiond.server.phase2.engines.openai import (
+    Backoff,
+    OpenAIEngine,
+    build_llm_engine,
+    read_api_key,
+)
+from sessiond.server.phase2.engines.openai.prompts import (
     EXTRACTION_PROMPT,
     EXTRACTION_SCHEMA,
     SUMMARY_PROMPT,
@@ -25,18 +33,15 @@ from sessiond.server.commit.llm.prompts import (
     parse_template,
     render_messages,
 )
-from sessiond.server.commit.llm.retry import classify, retry_after_seconds
-from sessiond.server.commit.llm.schema import (
+from sessiond.server.phase2.engines.openai.retry import classify, retry_after_seconds
+from sessiond.server.phase2.engines.openai.schema import (
     BadOutput,
     candidates_from,
     normalize_key,
     parse_json_reply,
     validate,
 )
-from sessiond.server.commit.llm.summary import SECTIONS, parse_summary, verified_quotes
-from sessiond.server.commit.offline import _section
-from sessiond.server.config import LLMSettings, Settings
-from sessiond.server.domain.values import MemoryCategory, Message, Role, TextPart
+from sessiond.server.phase2.engines.openai.summary import SECTIONS, parse_summary, verified_quotes
 
 from tests.llm.conftest import API_KEY, FAST, KEY_ENV, llm_settings
 from tests.llm.fake_openai import FakeLLM, Reply

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import pytest
-from sessiond.server.commit.llm import OpenAIEngine
+from sessiond.server.phase2.engines.openai import OpenAIEngine
 from sessiond.v1 import memory_pb2, session_pb2, task_pb2
 
 from tests.conftest import Running, ServerFactory

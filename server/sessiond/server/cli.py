@@ -88,7 +88,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    from sessiond.server.api.server import App
+    from sessiond.server.app import App
 
     app = App(settings)
     port = await app.start()

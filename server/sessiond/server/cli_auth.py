@@ -106,7 +106,7 @@ def key_view(k: ApiKey) -> dict[str, Any]:
 
 
 async def _keys(ns: argparse.Namespace) -> int:
-    from sessiond.server.api.server import build_store
+    from sessiond.server.app import build_store
     from sessiond.server.auth.apikeys import new_key
 
     settings = Settings.from_env()

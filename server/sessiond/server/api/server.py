@@ -1,27 +1,18 @@
-"""Assembly of the running service: store, worker, managers, gRPC server with health
-and reflection, retention sweeps, graceful shutdown."""
+"""Assembly of the gRPC server: servicers, health, reflection, options. The running
+process (store, engines, worker, sweeps) is composed in `sessiond.server.app`."""
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-import logging
-from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sessiond.server.api.security import Security
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
-from sessiond.server.commit.engine import Phase2Engine
-from sessiond.server.commit.offline import OfflineEngine
 from sessiond.server.config import Settings
-from sessiond.server.domain.rules import utcnow
-from sessiond.server.sessions import MemoryManager, SessionManager
-from sessiond.server.store.base import Store
-from sessiond.server.tasks.hub import EventHub
-from sessiond.server.tasks.service import TaskManager
-from sessiond.server.tasks.worker import Phase2Worker
+from sessiond.server.services.commit import CommitService
+from sessiond.server.services.memories import MemoryManager
+from sessiond.server.services.sessions import SessionManager
+from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
     memory_pb2,
     memory_pb2_grpc,
@@ -31,43 +22,11 @@ from sessiond.v1 import (
     task_pb2_grpc,
 )
 
-log = logging.getLogger(__name__)
-
 SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
 )
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a background task's exception as seen (no 'never retrieved' warning)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def build_store(settings: Settings) -> Store:
-    if settings.store in ("", "sqlite"):
-        from sessiond.server.store.sqlite.store import SqliteStore
-
-        return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
-    if settings.store.startswith(("postgresql://", "postgres://")):
-        from sessiond.server.store.postgres.store import PostgresStore
-
-        return PostgresStore(settings.store, min_size=settings.pg_pool_min,
-                             max_size=settings.pg_pool_max, channel=settings.pg_channel)
-    raise ValueError(f"unknown store {settings.store!r}: use 'sqlite' or a postgresql:// URL")
-
-
-def build_engine(settings: Settings) -> tuple[Phase2Engine, tuple[str, ...]]:
-    """The Phase 2 engine and the secrets that must never appear in task errors."""
-    if settings.engine == "offline":
-        return OfflineEngine(), ()
-    if settings.engine == "openai":
-        from sessiond.server.commit.llm import build_llm_engine
-
-        return build_llm_engine(settings.llm)
-    raise ValueError(f"unknown engine {settings.engine!r}: use 'offline' or 'openai'")
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -82,132 +41,40 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-class App:
-    """One sessiond process."""
+class Health:
+    """SERVING / NOT_SERVING for every service (and the server as a whole)."""
 
-    def __init__(self, settings: Settings, store: Store | None = None,
-                 engine: Phase2Engine | None = None) -> None:
-        self.settings = settings
-        self.store = store if store is not None else build_store(settings)
-        secrets: tuple[str, ...] = ()
-        if engine is None:
-            engine, secrets = build_engine(settings)
-        self.engine = engine
-        self.hub = EventHub()
-        self.store.add_event_listener(self.hub.publish)
-        self.store.add_remote_event_listener(self.hub.poke)
-        self.sessions = SessionManager(self.store)
-        self.memories = MemoryManager(self.store)
-        # A single-process store publishes every event in-process, so idle watches only
-        # need the polling fallback (a store read) at heartbeat pace.
-        watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
-                      if self.store.single_process else settings.poll_seconds)
-        self.tasks = TaskManager(self.store, self.hub,
-                                 heartbeat_seconds=settings.heartbeat_seconds,
-                                 poll_seconds=watch_poll)
-        self.worker = Phase2Worker(self.store, self.engine,
-                                   concurrency=settings.worker_concurrency,
-                                   lease_seconds=settings.lease_seconds,
-                                   poll_seconds=settings.poll_seconds, secrets=secrets)
-        self.security = Security(settings, self.store)
-        self.health = health.aio.HealthServicer()
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-        self._background: list[asyncio.Task[None]] = []
-        self._serving = False
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
 
-    async def start(self) -> int:
-        await self.store.open()
-        server = grpc.aio.server(interceptors=[self.security.interceptor],
-                                 options=server_options(self.settings))
-        session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.sessions), server)
-        task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.tasks), server)
-        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.memories), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if self.security.reflection:
-            reflection.enable_server_reflection(
-                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME), server)
-        self.port = self.security.bind(server, self.settings.address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.address}")
-        await server.start()
-        self.server = server
-        await self.worker.start()
-        await self._set_serving(True)
-        self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
-        self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
-        self._background.extend(self.security.background())
-        host = self.settings.address.rsplit(":", 1)[0]
-        log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
-                 type(self.store).__name__, self.engine.name, self.security.describe())
-        return self.port
-
-    def reload(self) -> None:
-        """SIGHUP: re-read TLS certificates and token keys (open connections stay)."""
-        self.security.reload()
-
-    async def _set_serving(self, serving: bool) -> None:
-        self._serving = serving
+    async def set(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+            await self.servicer.set(name, status)
 
-    async def _health_loop(self) -> None:
-        # The ping runs as its own task and is not cancelled on timeout: on a silent
-        # network a cancelled asyncpg query unwinds only at its own timeouts (10-15 s),
-        # and asyncio.wait_for would wait for that. A ping still pending counts as a
-        # failure; no second one starts until it ends.
-        probe: asyncio.Task[None] | None = None
-        try:
-            while True:
-                await asyncio.sleep(2.0)
-                if probe is None or probe.done():
-                    probe = asyncio.create_task(self.store.ping(), name="store-ping")
-                    probe.add_done_callback(_retrieve)
-                done, _ = await asyncio.wait({probe}, timeout=5.0)
-                ok = bool(done) and not probe.cancelled() and probe.exception() is None
-                if ok != self._serving:
-                    log.warning("store %s; health %s", "is back" if ok else "unreachable",
-                                "SERVING" if ok else "NOT_SERVING")
-                    await self._set_serving(ok)
-        finally:
-            if probe is not None:
-                probe.cancel()
+    async def enter_graceful_shutdown(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
 
-    async def sweep_once(self) -> int:
-        s, now = self.settings, utcnow()
-        res = await self.store.sweep(
-            now, now - timedelta(hours=s.completed_retention_hours),
-            now - timedelta(hours=s.failed_retention_hours), s.max_stored_tasks,
-            now - timedelta(hours=s.request_id_retention_hours))
-        if res.tasks_removed or res.request_ids_removed:
-            log.info("retention removed %d task(s), %d request id(s)", res.tasks_removed,
-                     res.request_ids_removed)
-        return res.tasks_removed
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                await self.sweep_once()
-            except Exception as exc:
-                log.warning("retention sweep failed: %s", exc)
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful: NOT_SERVING, refuse new RPCs, end watches with UNAVAILABLE, let
-        in-flight RPCs finish within the grace period, stop Phase 2 at a stage
-        boundary (resumed on the next start), close the store."""
-        grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        with contextlib.suppress(Exception):
-            await self.health.enter_graceful_shutdown()
-        self.tasks.close_watches()
-        for t in self._background:
-            t.cancel()
-        stop_server = (self.server.stop(grace) if self.server is not None
-                       else asyncio.sleep(0))
-        await asyncio.gather(stop_server, self.worker.stop(grace))
-        await self.engine.aclose()
-        await self.store.close()
+def build_server(settings: Settings, sessions: SessionManager, commits: CommitService,
+                 tasks: TaskManager, memories: MemoryManager, health_: Health,
+                 security: Security) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every servicer, health and reflection, behind the auth
+    interceptor, bound (TLS or plaintext, not started); returns it and the port
+    actually bound."""
+    server = grpc.aio.server(interceptors=[security.interceptor],
+                             options=server_options(settings))
+    session_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionServicer(sessions, commits), server)
+    task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
+    if security.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+    port = security.bind(server, settings.address)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.address}")
+    return server, port

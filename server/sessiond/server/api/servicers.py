@@ -15,8 +15,10 @@ from sessiond.server.api.errors import stream, unary
 from sessiond.server.api.identity import identity_of
 from sessiond.server.domain.errors import InvalidArgument
 from sessiond.server.domain.values import Task, TaskEvent
-from sessiond.server.sessions import MemoryManager, SessionManager
-from sessiond.server.tasks.service import Heartbeat, TaskManager
+from sessiond.server.services.commit import CommitService
+from sessiond.server.services.memories import MemoryManager
+from sessiond.server.services.sessions import SessionManager
+from sessiond.server.services.tasks import Heartbeat, TaskManager
 from sessiond.v1 import (
     memory_pb2,
     memory_pb2_grpc,
@@ -55,8 +57,9 @@ def decode_token(token: str) -> str:
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    def __init__(self, sessions: SessionManager) -> None:
+    def __init__(self, sessions: SessionManager, commits: CommitService) -> None:
         self.sessions = sessions
+        self.commits = commits
 
     @unary
     async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: Ctx
@@ -113,9 +116,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def Commit(self, request: session_pb2.CommitRequest, context: Ctx
                      ) -> session_pb2.CommitReply:
-        out = await self.sessions.commit(identity_of(context), request.session_id,
-                                         request.keep_recent_count, request.reject_if_running,
-                                         request.request_id, fingerprint(request))
+        out = await self.commits.commit(identity_of(context), request.session_id,
+                                        request.keep_recent_count, request.reject_if_running,
+                                        request.request_id, fingerprint(request))
         reply = session_pb2.CommitReply(session_id=request.session_id,
                                         status=session_pb2.COMMIT_STATUS_ACCEPTED,
                                         archived=out.archived)

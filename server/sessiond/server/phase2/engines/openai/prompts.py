@@ -1,4 +1,4 @@
-"""Prompt templates shipped in `sessiond.server.commit.prompts`, and how archive
+"""Prompt templates shipped in `sessiond.server.phase2.engines.prompts`, and how archive
 messages are rendered into them.
 
 A template file `<name>.v<version>.md` holds an optional leading HTML comment (notes
@@ -26,7 +26,7 @@ from sessiond.server.domain.values import (
     UsageRecord,
 )
 
-PROMPT_PACKAGE = "sessiond.server.commit.prompts"
+PROMPT_PACKAGE = "sessiond.server.phase2.engines.prompts"
 
 SUMMARY_PROMPT = ("archive_summary", 1)
 EXTRACTION_PROMPT = ("memory_extraction", 1)

@@ -11,8 +11,8 @@ from datetime import datetime
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
+from sessiond.server.services.hub import EventHub
 from sessiond.server.store.base import Store, TaskPage
-from sessiond.server.tasks.hub import EventHub
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,9 @@ from urllib.parse import urlsplit
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam, completion_create_params
-from sessiond.server.commit.engine import (
+from sessiond.server.config import LLMSettings
+from sessiond.server.domain.values import CandidateMemory, Role, TokenUsage
+from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
     ExtractionResponse,
@@ -32,8 +34,8 @@ from sessiond.server.commit.engine import (
     SummaryResponse,
     no_report,
 )
-from sessiond.server.commit.llm import prompts
-from sessiond.server.commit.llm.retry import (
+from sessiond.server.phase2.engines.openai import prompts
+from sessiond.server.phase2.engines.openai.retry import (
     BAD_OUTPUT,
     BAD_REQUEST,
     TIMEOUT,
@@ -42,11 +44,13 @@ from sessiond.server.commit.llm.retry import (
     Failure,
     classify,
 )
-from sessiond.server.commit.llm.schema import BadOutput, candidates_from, parse_json_reply
-from sessiond.server.commit.llm.summary import parse_summary
-from sessiond.server.commit.sanitize import sanitize
-from sessiond.server.config import LLMSettings
-from sessiond.server.domain.values import CandidateMemory, Role, TokenUsage
+from sessiond.server.phase2.engines.openai.schema import (
+    BadOutput,
+    candidates_from,
+    parse_json_reply,
+)
+from sessiond.server.phase2.engines.openai.summary import parse_summary
+from sessiond.server.phase2.sanitize import sanitize
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 log = logging.getLogger(__name__)

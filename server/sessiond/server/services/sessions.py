@@ -1,4 +1,5 @@
-"""The domain operations behind SessionService and MemoryService. No gRPC here: the
+"""The domain operations behind SessionService (Phase 1, the commit itself, is in
+`services/commit.py`). No gRPC here: the
 API layer converts protobuf to these calls and domain errors to status codes."""
 
 from __future__ import annotations
@@ -6,14 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sessiond.server import failpoints
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
 from sessiond.server.domain.values import (
     Archive,
     Identity,
-    Memory,
-    MemoryCategory,
     Message,
     Part,
     Role,
@@ -22,7 +20,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
 )
-from sessiond.server.store.base import CommitOutcome, CommitPlan, RequestKey, Store
+from sessiond.server.store.base import RequestKey, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +31,7 @@ class SessionContextView:
     current_messages: list[Message]
 
 
-def _request_key(identity: Identity, method: str, request_id: str,
+def request_key(identity: Identity, method: str, request_id: str,
                  fingerprint: bytes) -> RequestKey | None:
     if not request_id:
         return None
@@ -54,7 +52,7 @@ class SessionManager:
                      fingerprint: bytes = b"") -> SessionMeta:
         if session_id:
             rules.check_session_id(session_id)
-        req = _request_key(identity, "CreateSession", request_id, fingerprint)
+        req = request_key(identity, "CreateSession", request_id, fingerprint)
         if not session_id:
             session_id = rules.new_session_id()
             if req is not None:
@@ -91,7 +89,7 @@ class SessionManager:
                           fingerprint: bytes = b"") -> Message:
         rules.check_session_id(session_id)
         rules.check_parts(parts)
-        req = _request_key(identity, "AddMessage", request_id, fingerprint)
+        req = request_key(identity, "AddMessage", request_id, fingerprint)
         msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
                       created_at=rules.utcnow())
         return await self.store.add_message(identity, session_id, msg, req)
@@ -121,26 +119,9 @@ class SessionManager:
         if not uris and skill is None:
             raise InvalidArgument("nothing to record", violations=[
                 FieldViolation("context_uris", "give at least one context uri or a skill")])
-        req = _request_key(identity, "RecordUsage", request_id, fingerprint)
+        req = request_key(identity, "RecordUsage", request_id, fingerprint)
         rec = UsageRecord(context_uris=tuple(uris), skill=skill, created_at=rules.utcnow())
         return await self.store.record_usage(identity, session_id, rec, req)
-
-    async def commit(self, identity: Identity, session_id: str, keep_recent_count: int,
-                     reject_if_running: bool, request_id: str = "",
-                     fingerprint: bytes = b"") -> CommitOutcome:
-        rules.check_session_id(session_id)
-        if keep_recent_count < 0:
-            raise InvalidArgument("keep_recent_count must not be negative", violations=[
-                FieldViolation("keep_recent_count", "must be >= 0")])
-        req = _request_key(identity, "Commit", request_id, fingerprint)
-        plan = CommitPlan(identity=identity, session_id=session_id,
-                          keep_recent_count=keep_recent_count,
-                          reject_if_running=reject_if_running, task_id=rules.new_task_id(),
-                          now=rules.utcnow())
-        failpoints.hit("commit.before_write")
-        outcome = await self.store.commit(plan, req)
-        failpoints.hit("commit.after_write")
-        return outcome
 
     async def context(self, identity: Identity, session_id: str, max_messages: int
                       ) -> SessionContextView:
@@ -177,34 +158,3 @@ class SessionManager:
             raise NotFound(f"archive {index} of session {session_id!r} not found",
                            reason="ARCHIVE_NOT_FOUND")
         return arch, await self.store.archive_messages(identity, session_id, index)
-
-
-class MemoryManager:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def list_memories(self, identity: Identity, category: MemoryCategory | None,
-                            page_size: int,
-                   after: str) -> tuple[list[Memory], str]:
-        size = rules.page_size(page_size)
-        items = await self.store.list_memories(identity, category, size + 1, after)
-        token = items[size - 1].memory_id if len(items) > size else ""
-        return items[:size], token
-
-    async def get(self, identity: Identity, memory_id: str) -> Memory:
-        mem = await self.store.get_memory(identity, memory_id) if memory_id else None
-        if mem is None:
-            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")
-        return mem
-
-    async def search(self, identity: Identity, query: str, category: MemoryCategory | None,
-                     limit: int) -> list[tuple[Memory, float]]:
-        if not query.strip():
-            raise InvalidArgument("query must not be empty", violations=[
-                FieldViolation("query", "give at least one word")])
-        return await self.store.search_memories(identity, query, category,
-                                                min(rules.page_size(limit), 100))
-
-    async def delete(self, identity: Identity, memory_id: str) -> None:
-        if not memory_id or not await self.store.delete_memory(identity, memory_id):
-            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")

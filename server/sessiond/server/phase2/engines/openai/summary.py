@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from sessiond.server.commit.llm.schema import BadOutput
+from sessiond.server.phase2.engines.openai.schema import BadOutput
 
 SECTIONS: tuple[str, ...] = (
     "Overview",

@@ -11,11 +11,11 @@ import socket
 import uuid
 from datetime import timedelta
 
-from sessiond.server.commit.engine import Phase2Engine
-from sessiond.server.commit.pipeline import Phase2Pipeline
 from sessiond.server.domain.errors import SessiondError
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import Task
+from sessiond.server.phase2.engines.base import Phase2Engine
+from sessiond.server.phase2.pipeline import Phase2Pipeline
 from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,6 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from sessiond.server.commit.engine import (
-    ExtractionRequest,
-    ExtractionResponse,
-    RetryReporter,
-    SummaryRequest,
-    SummaryResponse,
-    no_report,
-)
 from sessiond.server.domain.values import (
     CandidateMemory,
     ContextPart,
@@ -30,6 +22,14 @@ from sessiond.server.domain.values import (
     ToolPart,
     ToolStatus,
     UsageRecord,
+)
+from sessiond.server.phase2.engines.base import (
+    ExtractionRequest,
+    ExtractionResponse,
+    RetryReporter,
+    SummaryRequest,
+    SummaryResponse,
+    no_report,
 )
 
 ABSTRACT_MAX = 200

@@ -13,13 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sessiond.server import failpoints
-from sessiond.server.commit.engine import (
-    EngineError,
-    ExtractionRequest,
-    Phase2Engine,
-    SummaryRequest,
-)
-from sessiond.server.commit.sanitize import sanitize
 from sessiond.server.domain.errors import LeaseLost, NotFound, Unavailable
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
@@ -34,6 +27,13 @@ from sessiond.server.domain.values import (
     ToolPart,
     UsageRecord,
 )
+from sessiond.server.phase2.engines.base import (
+    EngineError,
+    ExtractionRequest,
+    Phase2Engine,
+    SummaryRequest,
+)
+from sessiond.server.phase2.sanitize import sanitize
 from sessiond.server.store.base import (
     ActiveCountsOutput,
     ExtractionOutput,

@@ -1,0 +1,39 @@
+"""The domain operations behind MemoryService."""
+
+from __future__ import annotations
+
+from sessiond.server.domain import rules
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
+from sessiond.server.domain.values import Identity, Memory, MemoryCategory
+from sessiond.server.store.base import Store
+
+
+class MemoryManager:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def list_memories(self, identity: Identity, category: MemoryCategory | None,
+                            page_size: int,
+                   after: str) -> tuple[list[Memory], str]:
+        size = rules.page_size(page_size)
+        items = await self.store.list_memories(identity, category, size + 1, after)
+        token = items[size - 1].memory_id if len(items) > size else ""
+        return items[:size], token
+
+    async def get(self, identity: Identity, memory_id: str) -> Memory:
+        mem = await self.store.get_memory(identity, memory_id) if memory_id else None
+        if mem is None:
+            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")
+        return mem
+
+    async def search(self, identity: Identity, query: str, category: MemoryCategory | None,
+                     limit: int) -> list[tuple[Memory, float]]:
+        if not query.strip():
+            raise InvalidArgument("query must not be empty", violations=[
+                FieldViolation("query", "give at least one word")])
+        return await self.store.search_memories(identity, query, category,
+                                                min(rules.page_size(limit), 100))
+
+    async def delete(self, identity: Identity, memory_id: str) -> None:
+        if not memory_id or not await self.store.delete_memory(identity, memory_id):
+            raise NotFound(f"memory {memory_id!r} not found", reason="MEMORY_NOT_FOUND")
