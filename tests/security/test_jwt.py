@@ -55,6 +55,7 @@ def test_token_rejections_have_reasons(hs_server: Running) -> None:
         (bearer(token(sessiond_account=None)), "CREDENTIALS_INVALID"),
         (bearer(token(sessiond_account="not valid!")), "CREDENTIALS_INVALID"),
         (bearer("not.a.jwt"), "CREDENTIALS_INVALID"),
+        (bearer(token(key=None, alg="none")), "CREDENTIALS_INVALID"),  # unsigned
         ((("authorization", "Basic dXNlcjpwdw=="),), "CREDENTIALS_INVALID"),
     ]
     for md, why in cases:
