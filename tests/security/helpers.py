@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import jwt
@@ -69,7 +69,12 @@ def fails(call: Callable[[], Any], code: grpc.StatusCode, why: str = "") -> grpc
     return err
 
 
-def get_session(s: Stubs, sid: str = "s1", md: tuple[tuple[str, str], ...] = (),
+class HasSessions(Protocol):
+    @property
+    def sessions(self) -> session_pb2_grpc.SessionServiceStub: ...
+
+
+def get_session(s: HasSessions, sid: str = "s1", md: tuple[tuple[str, str], ...] = (),
                 auto_create: bool = True) -> session_pb2.Session:
     return s.sessions.GetSession(session_pb2.GetSessionRequest(
         session_id=sid, auto_create=auto_create), metadata=md, timeout=10)
