@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 
 import asyncpg
 import pytest
+from sessiond.server.domain.commands import CommitOutcome
 from sessiond.server.domain.errors import FailedPrecondition, Unavailable
 from sessiond.server.domain.values import EventKind, TaskState
-from sessiond.server.store.base import CommitOutcome, Store
+from sessiond.server.store.base import Store
 from sessiond.server.store.postgres import migrations
 from sessiond.server.store.postgres.store import PostgresStore
 

@@ -12,9 +12,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sessiond.server.domain.commands import (
+    ActiveCountsOutput,
+    CommitOutcome,
+    CommitPlan,
+    ExtractionResponse,
+    RelationsOutput,
+    RequestKey,
+    SummaryResponse,
+)
 from sessiond.server.domain.errors import (
     Aborted,
     AlreadyExists,
+    ErrorCode,
     FailedPrecondition,
     InvalidArgument,
     LeaseLost,
@@ -44,16 +54,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
 )
-from sessiond.server.store.base import (
-    ActiveCountsOutput,
-    CommitOutcome,
-    CommitPlan,
-    ExtractionOutput,
-    RelationsOutput,
-    RequestKey,
-    Store,
-    SummaryOutput,
-)
+from sessiond.server.store.base import Store
 
 from tests.contract.conftest import Runner, StoreFactory
 
@@ -118,10 +119,10 @@ async def run_pipeline(store: Store, task_id: str, worker: str, t: float, *,
                        uris: Sequence[str] = ()) -> TaskEvent:
     """Complete every Phase 2 stage of a claimed task and finalize it."""
     await store.complete_stage(task_id, worker, Stage.SUMMARIZE,
-                               SummaryOutput(f"overview {task_id}", f"abstract {task_id}", usage),
+                               SummaryResponse(f"overview {task_id}", f"abstract {task_id}", usage),
                                at(t))
     await store.complete_stage(task_id, worker, Stage.EXTRACT,
-                               ExtractionOutput(tuple(candidates)), at(t))
+                               ExtractionResponse(tuple(candidates)), at(t))
     await store.complete_stage(task_id, worker, Stage.RELATIONS, RelationsOutput(tuple(uris)),
                                at(t))
     await store.complete_stage(task_id, worker, Stage.ACTIVE_COUNTS,
@@ -155,12 +156,12 @@ def test_session_crud_and_paging(store: Store, run: Runner) -> None:
             await store.create_session(ID, sid, at(5))
         # ascending by id in code-point order, keyset paging
         page1 = await store.list_sessions(ID, 3, "")
-        assert [m.session_id for m in page1] == ["S9", "s0", "s1"]
-        page2 = await store.list_sessions(ID, 3, page1[-1].session_id)
-        assert [m.session_id for m in page2] == ["s10", "s2", "s3"]
-        page3 = await store.list_sessions(ID, 3, page2[-1].session_id)
-        assert [m.session_id for m in page3] == ["s4"]
-        assert await store.list_sessions(ID, 3, "s4") == []
+        assert [m.session_id for m in page1.items] == ["S9", "s0", "s1"]
+        page2 = await store.list_sessions(ID, 3, page1.next_token)
+        assert [m.session_id for m in page2.items] == ["s10", "s2", "s3"]
+        page3 = await store.list_sessions(ID, 3, page2.next_token)
+        assert [m.session_id for m in page3.items] == ["s4"] and page3.next_token == ""
+        assert (await store.list_sessions(ID, 3, "s4")).items == []
         assert await store.delete_session(ID, "s1", at(6)) is True
         assert await store.get_session(ID, "s1") is None
         assert await store.delete_session(ID, "s1", at(6)) is False
@@ -179,7 +180,7 @@ def test_identity_isolation(store: Store, run: Runner) -> None:
         await store.add_message(ID, "s1", msg("live"))
         for other in (OTHER_USER, OTHER_AGENT):
             assert await store.get_session(other, "s1") is None
-            assert await store.list_sessions(other, 10, "") == []
+            assert (await store.list_sessions(other, 10, "")).items == []
             with pytest.raises(NotFound):
                 await store.add_message(other, "s1", msg())
             with pytest.raises(NotFound):
@@ -190,11 +191,11 @@ def test_identity_isolation(store: Store, run: Runner) -> None:
                 await store.commit(plan("s1", f"t-{other.user}-{other.agent}", 2,
                                         identity=other))
             with pytest.raises(NotFound):
-                await store.list_archives(other, "s1", 10, 0)
+                await store.list_archives(other, "s1", 10, "")
             assert await store.get_archive(other, "s1", 1) is None
             assert await store.archive_messages(other, "s1", 1) == []
             assert await store.latest_done_archive(other, "s1") is None
-            assert (await store.list_tasks(other, "", None, "", 10, "")).tasks == []
+            assert (await store.list_tasks(other, "", None, "", 10, "")).items == []
             assert await store.delete_session(other, "s1", at(3)) is False
         # ids are per identity: another identity's "s1" is a separate session
         mine = await store.create_session(OTHER_USER, "s1", at(4))
@@ -347,10 +348,10 @@ def test_commit_archives_and_keeps_recent(store: Store, run: Runner) -> None:
         # every message is in exactly one place
         everywhere = [m.id for i in (1, 2) for m in await store.archive_messages(ID, "s1", i)]
         assert everywhere == [m.id for m in [*msgs, extra]]
-        assert [a.index for a in await store.list_archives(ID, "s1", 10, 0)] == [1, 2]
-        assert [a.index for a in await store.list_archives(ID, "s1", 1, 0)] == [1]
-        assert [a.index for a in await store.list_archives(ID, "s1", 10, 1)] == [2]
-        assert await store.list_archives(ID, "s1", 10, 2) == []
+        assert [a.index for a in (await store.list_archives(ID, "s1", 10, "")).items] == [1, 2]
+        assert [a.index for a in (await store.list_archives(ID, "s1", 1, "")).items] == [1]
+        assert [a.index for a in (await store.list_archives(ID, "s1", 10, "1")).items] == [2]
+        assert (await store.list_archives(ID, "s1", 10, "2")).items == []
         assert await store.get_archive(ID, "s1", 3) is None
 
     run(body())
@@ -440,7 +441,7 @@ def test_concurrent_replays_store_once(store: Store, run: Runner) -> None:
         outs = await asyncio.gather(*(store.commit(plan("s1", f"t{i}", 1), kc)
                                       for i in range(4)))
         assert len({o.task.task_id for o in outs if o.task is not None}) == 1
-        assert len(await store.list_archives(ID, "s1", 10, 0)) == 1
+        assert len((await store.list_archives(ID, "s1", 10, "")).items) == 1
 
     run(body())
 
@@ -474,7 +475,7 @@ def test_concurrent_commits_one_session(store: Store, run: Runner) -> None:
         meta = await store.get_session(ID, "s1")
         assert meta is not None and meta.archive_count == len(indexes)
         assert meta.live_message_count == len(live)
-        tasks = (await store.list_tasks(ID, "s1", None, "", 100, "")).tasks
+        tasks = (await store.list_tasks(ID, "s1", None, "", 100, "")).items
         assert sorted(t.archive_index for t in tasks) == indexes
 
     run(body())
@@ -491,7 +492,7 @@ def test_latest_done_archive(store: Store, run: Runner) -> None:
         assert t1.task_id == "t1"
         await run_pipeline(store, "t1", "w", 11)
         assert await claim(store, "w", 12) == await store.get_task("t2")
-        await store.fail_task("t2", "w", TaskError(13, "boom", "ENGINE"), at(13))
+        await store.fail_task("t2", "w", TaskError(ErrorCode.INTERNAL, "boom", "ENGINE"), at(13))
         await claim(store, "w", 14)
         await run_pipeline(store, "t3", "w", 15)
         latest = await store.latest_done_archive(ID, "s1")
@@ -583,13 +584,13 @@ def test_worker_writes_check_the_lease(store: Store, run: Runner) -> None:
             await store.append_event("t1", "w1", NewEvent(EventKind.STAGE_STARTED),
                                      Stage.SUMMARIZE, at(2))
         await claim(store, "w1", 2)
-        summary = SummaryOutput("o", "a")
+        summary = SummaryResponse("o", "a")
         for call in (
             store.append_event("t1", "w2", NewEvent(EventKind.STAGE_STARTED), Stage.SUMMARIZE,
                                at(3)),
             store.complete_stage("t1", "w2", Stage.SUMMARIZE, summary, at(3)),
             store.finalize_task("t1", "w2", at(3)),
-            store.fail_task("t1", "w2", TaskError(13, "x"), at(3)),
+            store.fail_task("t1", "w2", TaskError(ErrorCode.INTERNAL, "x"), at(3)),
             store.cancel_task("t1", "w2", at(3)),
         ):
             with pytest.raises(LeaseLost):
@@ -620,7 +621,7 @@ def test_claim_can_announce_the_first_stage_not_done(store: Store, run: Runner) 
         evs = await store.list_events("t1", 1)
         assert [(e.kind, e.stage) for e in evs] == [(EventKind.STARTED, Stage.QUEUED),
                                                     (EventKind.STAGE_STARTED, Stage.SUMMARIZE)]
-        await store.complete_stage("t1", "w1", Stage.SUMMARIZE, SummaryOutput("o", "a"), at(2))
+        await store.complete_stage("t1", "w1", Stage.SUMMARIZE, SummaryResponse("o", "a"), at(2))
         # the lease runs out; the next claim resumes and announces the stage after
         again = await store.claim_task("w2", at(2 + LEASE + 1), at(3 + 2 * LEASE),
                                        announce=True)
@@ -634,7 +635,7 @@ def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
     async def body() -> None:
         await committed(store, "s1", "t1", 1, n=2)
         await claim(store, "w", 2)
-        ev = await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryOutput("o", "a"),
+        ev = await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryResponse("o", "a"),
                                         at(3), next_stage=Stage.EXTRACT)
         assert (ev.kind, ev.stage, ev.seq) == (EventKind.STAGE_STARTED, Stage.EXTRACT, 4)
         tail = await store.list_events("t1", 2)
@@ -644,7 +645,7 @@ def test_complete_stage_announces_the_next_stage_unless_cancelled(store: Store,
         t = await store.get_task("t1")
         assert t is not None and t.stage is Stage.EXTRACT and t.last_seq == 4
         await store.request_cancel("t1", at(4))
-        last = await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionOutput(()), at(5),
+        last = await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionResponse(()), at(5),
                                           next_stage=Stage.RELATIONS)
         kinds = [e.kind for e in await store.list_events("t1", 4)]
         assert kinds == [EventKind.CANCEL_REQUESTED, EventKind.STAGE_COMPLETED,
@@ -664,10 +665,10 @@ def test_complete_stage_is_applied_once(store: Store, run: Runner) -> None:
         await claim(store, "w", 2)
         usage = TokenUsage(100, 20)
         ev1 = await store.complete_stage("t1", "w", Stage.SUMMARIZE,
-                                         SummaryOutput("first", "abs", usage), at(3))
+                                         SummaryResponse("first", "abs", usage), at(3))
         assert (ev1.kind, ev1.stage, ev1.seq) == (EventKind.STAGE_COMPLETED, Stage.SUMMARIZE, 3)
         ev1b = await store.complete_stage("t1", "w", Stage.SUMMARIZE,
-                                          SummaryOutput("second", "abs2", usage), at(4))
+                                          SummaryResponse("second", "abs2", usage), at(4))
         assert ev1b == ev1
         arch = await store.get_archive(ID, "s1", 1)
         assert arch is not None and arch.overview == "first"
@@ -675,13 +676,13 @@ def test_complete_stage_is_applied_once(store: Store, run: Runner) -> None:
         assert t is not None and t.token_usage == usage and t.done_stage is Stage.SUMMARIZE
         cands = (cand(MemoryCategory.PROFILE, "profile", "Name: Alice"),
                  cand(MemoryCategory.CASES, "k", "case"))
-        extract = ExtractionOutput(cands, TokenUsage(7, 3))
+        extract = ExtractionResponse(cands, TokenUsage(7, 3))
         ev2 = await store.complete_stage("t1", "w", Stage.EXTRACT, extract, at(5))
         assert await store.complete_stage("t1", "w", Stage.EXTRACT, extract, at(6)) == ev2
         # an earlier stage after a later one is not applied either
         assert await store.complete_stage("t1", "w", Stage.SUMMARIZE,
-                                          SummaryOutput("third", "x", usage), at(6)) == ev2
-        assert len(await store.list_memories(ID, None, 100, "")) == 2
+                                          SummaryResponse("third", "x", usage), at(6)) == ev2
+        assert len((await store.list_memories(ID, None, 100, "")).items) == 2
         counts = await store.task_memory_counts("t1")
         assert counts == MemoryCounts(profile=1, cases=1)
         t = await store.get_task("t1")
@@ -741,7 +742,8 @@ def test_fail_task(store: Store, run: Runner) -> None:
         await committed(store, "s1", "t1", 1)
         await committed(store, "s1", "t2", 2)
         await claim(store, "w", 3)
-        err = TaskError(code=14, message="LLM unavailable", reason="LLM_UNAVAILABLE")
+        err = TaskError(code=ErrorCode.UNAVAILABLE, message="LLM unavailable",
+                        reason="LLM_UNAVAILABLE")
         ev = await store.fail_task("t1", "w", err, at(4))
         assert (ev.kind, ev.state, ev.error, ev.seq) == \
             (EventKind.FAILED, TaskState.FAILED, err, 3)
@@ -749,7 +751,7 @@ def test_fail_task(store: Store, run: Runner) -> None:
         assert t is not None and t.state is TaskState.FAILED and t.error == err
         assert t.finished_at == at(4) and t.lease_owner == ""
         # terminal: failing again (without a worker) appends nothing
-        again = await store.fail_task("t1", None, TaskError(2, "other"), at(5))
+        again = await store.fail_task("t1", None, TaskError(ErrorCode.INTERNAL, "other"), at(5))
         assert again == ev
         assert [e.seq for e in await store.list_events("t1", 0)] == [1, 2, 3]
         arch = await store.get_archive(ID, "s1", 1)
@@ -822,7 +824,7 @@ def test_delete_session_cancels_open_tasks(store: Store, run: Runner) -> None:
             last = (await store.list_events(tid, 0))[-1]
             assert last.kind is EventKind.CANCELLED and last.seq == t.last_seq
         with pytest.raises(LeaseLost):
-            await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryOutput("o", "a"),
+            await store.complete_stage("t1", "w", Stage.SUMMARIZE, SummaryResponse("o", "a"),
                                        at(6))
         assert await store.get_archive(ID, "s1", 1) is None
         assert await store.archive_messages(ID, "s1", 1) == []
@@ -839,20 +841,20 @@ def test_list_tasks(store: Store, run: Runner) -> None:
             await committed(store, "s1" if i % 2 == 0 else "s2", f"t{i}", i)
         await committed(store, "s3", "t5", 4)  # same created_at as t4: task_id breaks ties
         page = await store.list_tasks(ID, "", None, "", 2, "")
-        assert [t.task_id for t in page.tasks] == ["t5", "t4"] and page.next_token
+        assert [t.task_id for t in page.items] == ["t5", "t4"] and page.next_token
         page2 = await store.list_tasks(ID, "", None, "", 2, page.next_token)
-        assert [t.task_id for t in page2.tasks] == ["t3", "t2"]
+        assert [t.task_id for t in page2.items] == ["t3", "t2"]
         page3 = await store.list_tasks(ID, "", None, "", 2, page2.next_token)
-        assert [t.task_id for t in page3.tasks] == ["t1", "t0"] and page3.next_token == ""
+        assert [t.task_id for t in page3.items] == ["t1", "t0"] and page3.next_token == ""
         s1 = await store.list_tasks(ID, "s1", None, "", 10, "")
-        assert [t.task_id for t in s1.tasks] == ["t4", "t2", "t0"]
+        assert [t.task_id for t in s1.items] == ["t4", "t2", "t0"]
         await store.request_cancel("t2", at(10))
         cancelled = await store.list_tasks(ID, "", TaskState.CANCELLED, "", 10, "")
-        assert [t.task_id for t in cancelled.tasks] == ["t2"]
+        assert [t.task_id for t in cancelled.items] == ["t2"]
         by_type = await store.list_tasks(ID, "", None, "session_commit", 10, "")
-        assert len(by_type.tasks) == 6
-        assert (await store.list_tasks(ID, "", None, "other_type", 10, "")).tasks == []
-        assert (await store.list_tasks(OTHER_AGENT, "", None, "", 10, "")).tasks == []
+        assert len(by_type.items) == 6
+        assert (await store.list_tasks(ID, "", None, "other_type", 10, "")).items == []
+        assert (await store.list_tasks(OTHER_AGENT, "", None, "", 10, "")).items == []
 
     run(body())
 
@@ -958,7 +960,7 @@ def test_memories_upsert_and_merge(store: Store, run: Runner) -> None:
         ))
         assert await store.task_memory_counts("t1") == \
             MemoryCounts(profile=1, preferences=1, cases=1)
-        before = {m.category: m for m in await store.list_memories(ID, None, 100, "")}
+        before = {m.category: m for m in (await store.list_memories(ID, None, 100, "")).items}
         assert set(before) == {MemoryCategory.PROFILE, MemoryCategory.PREFERENCES,
                                MemoryCategory.CASES}
         assert before[MemoryCategory.PREFERENCES].content == "likes tea"
@@ -977,7 +979,7 @@ def test_memories_upsert_and_merge(store: Store, run: Runner) -> None:
             cand(MemoryCategory.PREFERENCES, "drink", "likes coffee now", "m4"),
             cand(MemoryCategory.EVENTS, "trip", "flew to Rome", "m4"),
         ))
-        after = {m.category: m for m in await store.list_memories(ID, None, 100, "")}
+        after = {m.category: m for m in (await store.list_memories(ID, None, 100, "")).items}
         assert len(after) == 4  # same keys updated, not duplicated
         p2 = after[MemoryCategory.PROFILE]
         assert p2.memory_id == prof.memory_id
@@ -989,12 +991,12 @@ def test_memories_upsert_and_merge(store: Store, run: Runner) -> None:
         assert pref.content == "likes coffee now"
         assert await store.get_memory(ID, p2.memory_id) == p2
         # user-space memories are shared by the user's agents; agent space is not
-        mine = {m.category for m in await store.list_memories(OTHER_AGENT, None, 100, "")}
+        mine = {m.category for m in (await store.list_memories(OTHER_AGENT, None, 100, "")).items}
         assert mine == {MemoryCategory.PROFILE, MemoryCategory.PREFERENCES,
                         MemoryCategory.EVENTS}
         assert await store.get_memory(OTHER_AGENT, after[MemoryCategory.CASES].memory_id) \
             is None
-        assert await store.list_memories(OTHER_USER, None, 100, "") == []
+        assert (await store.list_memories(OTHER_USER, None, 100, "")).items == []
         assert await store.get_memory(OTHER_USER, p2.memory_id) is None
         meta = await store.get_session(ID, "s1")
         assert meta is not None
@@ -1015,7 +1017,7 @@ async def _seed_memories(store: Store) -> dict[str, Memory]:
         cand(MemoryCategory.TOOLS, "kettle", "kettle tool boils water"),
     ))
     return {m.content.split()[1] if m.content.startswith("Alice") else m.content.split()[0]: m
-            for m in await store.list_memories(ID, None, 100, "")}
+            for m in (await store.list_memories(ID, None, 100, "")).items}
 
 
 def test_search_memories(store: Store, run: Runner) -> None:
@@ -1052,10 +1054,11 @@ def test_list_and_delete_memories(store: Store, run: Runner) -> None:
         mems = await _seed_memories(store)
         ids = sorted(m.memory_id for m in mems.values())
         page1 = await store.list_memories(ID, None, 2, "")
-        page2 = await store.list_memories(ID, None, 2, page1[-1].memory_id)
-        page3 = await store.list_memories(ID, None, 2, page2[-1].memory_id)
-        assert [m.memory_id for m in [*page1, *page2, *page3]] == ids
-        prefs = await store.list_memories(ID, MemoryCategory.PREFERENCES, 10, "")
+        page2 = await store.list_memories(ID, None, 2, page1.next_token)
+        page3 = await store.list_memories(ID, None, 2, page2.next_token)
+        assert [m.memory_id for m in [*page1.items, *page2.items, *page3.items]] == ids
+        assert page3.next_token == ""
+        prefs = (await store.list_memories(ID, MemoryCategory.PREFERENCES, 10, "")).items
         assert [m.memory_id for m in prefs] == [mems["prefers"].memory_id]
         victim = mems["has"].memory_id
         assert await store.delete_memory(OTHER_USER, victim) is False
@@ -1067,7 +1070,7 @@ def test_list_and_delete_memories(store: Store, run: Runner) -> None:
                               await store.search_memories(ID, "dog tea", None, 10)}
         # user-space memories can be deleted by another agent of the same user
         assert await store.delete_memory(OTHER_AGENT, mems["went"].memory_id) is True
-        assert len(await store.list_memories(ID, None, 100, "")) == 3
+        assert len((await store.list_memories(ID, None, 100, "")).items) == 3
 
     run(body())
 
@@ -1083,7 +1086,7 @@ def test_sweep_retention(store: Store, run: Runner) -> None:
         await run_pipeline(store, "t1", "w", 100, candidates=(
             cand(MemoryCategory.EVENTS, "e", "kept forever"),))
         await claim(store, "w", 100)
-        await store.fail_task("t2", "w", TaskError(13, "x"), at(100))
+        await store.fail_task("t2", "w", TaskError(ErrorCode.INTERNAL, "x"), at(100))
         await store.request_cancel("t3", at(100))
         await claim(store, "w", 800)
         await run_pipeline(store, "t4", "w", 900)
@@ -1097,7 +1100,7 @@ def test_sweep_retention(store: Store, run: Runner) -> None:
             assert await store.get_task(tid) is not None
         a1 = await store.get_archive(ID, "s1", 1)
         assert a1 is not None and a1.state is ArchiveState.DONE  # archives stay
-        assert len(await store.list_memories(ID, None, 10, "")) == 1  # memories stay
+        assert len((await store.list_memories(ID, None, 10, "")).items) == 1  # memories stay
         # the old key is gone (a new request may reuse it); the newer one still replays
         again = await store.create_session(ID, "keyed2", at(1001), rkey("CreateSession", "old"))
         assert again.session_id == "keyed2"
@@ -1152,7 +1155,7 @@ def test_nul_characters_are_accepted(store: Store, run: Runner) -> None:
         assert await store.archive_usage(ID, "s1", 1) == [UsageRecord(("u\x00",), None, at(1))]
         events = await store.list_events("t1", 0)
         assert _nul(events[2].message) == "go\x00"
-        [mem] = await store.list_memories(ID, None, 10, "")
+        [mem] = (await store.list_memories(ID, None, 10, "")).items
         assert _nul(mem.content) == "met Bob\x00 at noon"
         assert [m for m, _ in await store.search_memories(ID, "bob", None, 5)] == [mem]
         assert [_nul(u) for u in await store.session_relations(ID, "s1")] == ["sessiond://x\x00"]
@@ -1171,10 +1174,10 @@ def test_page_tokens(store: Store, run: Runner) -> None:
         with pytest.raises(InvalidArgument):
             await store.list_tasks(ID, "", None, "", 10, "garbage")
         far_future = await store.list_tasks(ID, "", None, "", 10, "1e300|t")
-        assert [t.task_id for t in far_future.tasks] == ["t2", "t1", "t0"]
-        assert (await store.list_tasks(ID, "", None, "", 10, "-1e300|t")).tasks == []
+        assert [t.task_id for t in far_future.items] == ["t2", "t1", "t0"]
+        assert (await store.list_tasks(ID, "", None, "", 10, "-1e300|t")).items == []
         token = f"{at(1).timestamp()!r}|t1"
-        assert [t.task_id for t in (await store.list_tasks(ID, "", None, "", 10, token)).tasks] \
+        assert [t.task_id for t in (await store.list_tasks(ID, "", None, "", 10, token)).items] \
             == ["t0"]
 
     run(body())

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -984,7 +985,7 @@ class CrashRun:
             for r in conn.execute("SELECT context_uris, skill, created_at, archive_index "
                                   "FROM usage WHERE skey=? ORDER BY id", (skey,)):
                 rec = codec.decode_usage(r["context_uris"], r["skill"],
-                                         codec.from_epoch_req(r["created_at"]))
+                                         datetime.fromtimestamp(r["created_at"], UTC))
                 rid = rec.skill.input if rec.skill is not None else ""
                 rows[rid].append(int(r["archive_index"] or 0))
                 if r["archive_index"]:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.values import (
     Archive,
@@ -218,7 +218,7 @@ def error_out(e: TaskError | None) -> status_pb2.Status | None:
     """A task's error as google.rpc.Status, with an ErrorInfo naming the reason."""
     if e is None:
         return None
-    st = status_pb2.Status(code=e.code, message=e.message)
+    st = status_pb2.Status(code=getattr(code_pb2, e.code.name), message=e.message)
     if e.reason:
         st.details.add().Pack(error_details_pb2.ErrorInfo(reason=e.reason, domain="sessiond.v1"))
     return st

@@ -77,10 +77,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def ListSessions(self, request: session_pb2.ListSessionsRequest, context: Ctx
                            ) -> session_pb2.ListSessionsResponse:
-        items, nxt = await self.sessions.list_sessions(identity_of(context), request.page_size,
-                                              decode_token(request.page_token))
-        return session_pb2.ListSessionsResponse(sessions=[cv.session_out(m) for m in items],
-                                                next_page_token=encode_token(nxt))
+        page = await self.sessions.list_sessions(identity_of(context), request.page_size,
+                                                 decode_token(request.page_token))
+        return session_pb2.ListSessionsResponse(sessions=[cv.session_out(m) for m in page.items],
+                                                next_page_token=encode_token(page.next_token))
 
     @unary
     async def DeleteSession(self, request: session_pb2.DeleteSessionRequest, context: Ctx
@@ -140,14 +140,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def ListArchives(self, request: session_pb2.ListArchivesRequest, context: Ctx
                            ) -> session_pb2.ListArchivesResponse:
-        after = decode_token(request.page_token)
-        if after and not after.isdigit():
-            raise InvalidArgument("page_token is not valid", reason="BAD_PAGE_TOKEN")
-        items, nxt = await self.sessions.list_archives(identity_of(context), request.session_id,
-                                                       request.page_size, int(after or 0))
-        return session_pb2.ListArchivesResponse(
-            archives=[cv.archive_out(a) for a in items],
-            next_page_token=encode_token(str(nxt)) if nxt else "")
+        page = await self.sessions.list_archives(identity_of(context), request.session_id,
+                                                 request.page_size,
+                                                 decode_token(request.page_token))
+        return session_pb2.ListArchivesResponse(archives=[cv.archive_out(a) for a in page.items],
+                                                next_page_token=encode_token(page.next_token))
 
     @unary
     async def GetArchive(self, request: session_pb2.GetArchiveRequest, context: Ctx
@@ -185,7 +182,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         page = await self.tasks.list_tasks(identity_of(context), request.session_id,
                                      cv.state_in(request.state), request.task_type,
                                      request.page_size, decode_token(request.page_token))
-        return task_pb2.ListTasksResponse(tasks=[cv.task_out(t) for t in page.tasks],
+        return task_pb2.ListTasksResponse(tasks=[cv.task_out(t) for t in page.items],
                                           next_page_token=encode_token(page.next_token))
 
     @stream
@@ -217,11 +214,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @unary
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Ctx
                            ) -> memory_pb2.ListMemoriesResponse:
-        items, nxt = await self.memories.list_memories(identity_of(context),
-                                              cv.category_in(request.category),
-                                              request.page_size, decode_token(request.page_token))
-        return memory_pb2.ListMemoriesResponse(memories=[cv.memory_out(m) for m in items],
-                                               next_page_token=encode_token(nxt))
+        page = await self.memories.list_memories(identity_of(context),
+                                                 cv.category_in(request.category),
+                                                 request.page_size,
+                                                 decode_token(request.page_token))
+        return memory_pb2.ListMemoriesResponse(memories=[cv.memory_out(m) for m in page.items],
+                                               next_page_token=encode_token(page.next_token))
 
     @unary
     async def GetMemory(self, request: memory_pb2.GetMemoryRequest, context: Ctx

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -97,3 +98,15 @@ class PermissionDenied(SessiondError):
     Reasons: SCOPE_MISSING (metadata `required_scope`), IDENTITY_NOT_ALLOWED."""
 
     reason = "PERMISSION_DENIED"
+
+
+class ErrorCode(enum.StrEnum):
+    """The kind of failure a task ended with (the names of google.rpc.Code; the API
+    layer turns them into numbers). The one list of codes a task error may carry."""
+
+    CANCELLED = "CANCELLED"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"

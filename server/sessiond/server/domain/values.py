@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sessiond.server.domain.errors import ErrorCode
+
 TASK_TYPE_COMMIT = "session_commit"
 
 
@@ -299,9 +301,9 @@ class EventKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TaskError:
-    """A google.rpc.Status-shaped error: a gRPC code number and a safe message."""
+    """A google.rpc.Status-shaped error: a code, a safe message and a stable reason."""
 
-    code: int
+    code: ErrorCode
     message: str
     reason: str = ""
 
@@ -352,6 +354,9 @@ class Task:
     token_usage: TokenUsage = field(default_factory=TokenUsage)
     lease_owner: str = ""
     lease_expires_at: datetime | None = None
+    # What the extraction and active-counts stages wrote (for the final result).
+    memory_counts: MemoryCounts = field(default_factory=MemoryCounts)
+    active_count_updated: int = 0
 
     @property
     def archive_uri(self) -> str:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sessiond.server import failpoints
-from sessiond.server.domain.errors import LeaseLost, NotFound, Unavailable
+from sessiond.server.domain.commands import ActiveCountsOutput, RelationsOutput, StageOutput
+from sessiond.server.domain.errors import ErrorCode, LeaseLost, NotFound, Unavailable
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
@@ -34,22 +35,11 @@ from sessiond.server.phase2.engines.base import (
     SummaryRequest,
 )
 from sessiond.server.phase2.sanitize import sanitize
-from sessiond.server.store.base import (
-    ActiveCountsOutput,
-    ExtractionOutput,
-    RelationsOutput,
-    StageOutput,
-    Store,
-    SummaryOutput,
-)
+from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
-GRPC_INTERNAL = 13
-GRPC_UNAVAILABLE = 14
-GRPC_DEADLINE_EXCEEDED = 4
-GRPC_FAILED_PRECONDITION = 9
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -101,13 +91,14 @@ class Phase2Pipeline:
                                              message=sanitize(str(exc), self.secrets)))
             return RunOutcome(True)
         except NotFound as exc:
-            await self._fail(task, TaskError(code=5, reason=exc.reason,
+            await self._fail(task, TaskError(code=ErrorCode.NOT_FOUND, reason=exc.reason,
                                              message=sanitize(exc.message, self.secrets)))
             return RunOutcome(True)
         except Exception as exc:
             log.exception("Phase 2 of %s failed", task.task_id)
             msg = sanitize(f"{type(exc).__name__}: {exc}", self.secrets)
-            await self._fail(task, TaskError(code=GRPC_INTERNAL, reason="INTERNAL", message=msg))
+            await self._fail(task, TaskError(code=ErrorCode.INTERNAL, reason="INTERNAL",
+                                             message=msg))
             return RunOutcome(True)
 
     async def _fail(self, task: Task, error: TaskError) -> None:
@@ -151,20 +142,18 @@ class Phase2Pipeline:
             reporter = self._reporter(task, stage)
             output: StageOutput
             if stage is Stage.SUMMARIZE:
-                s = await self.engine.summarize(SummaryRequest(
+                output = await self.engine.summarize(SummaryRequest(
                     session_id=task.session_id, archive_index=task.archive_index,
                     messages=messages, previous_overview=prev_overview, usage=usage), reporter)
-                overview = s.overview
-                output = SummaryOutput(s.overview, s.abstract, s.usage)
+                overview = output.overview
             elif stage is Stage.EXTRACT:
                 if not overview:
                     arch = await store.get_archive(ident, task.session_id, task.archive_index)
                     overview = arch.overview if arch is not None else ""
-                e = await self.engine.extract(ExtractionRequest(
+                output = await self.engine.extract(ExtractionRequest(
                     session_id=task.session_id, archive_uri=task.archive_uri,
                     messages=messages, previous_overview=prev_overview, overview=overview,
                     usage=usage), reporter)
-                output = ExtractionOutput(e.candidates, e.usage)
             elif stage is Stage.RELATIONS:
                 output = RelationsOutput(uris)
             else:
@@ -198,12 +187,12 @@ class RetryReporterImpl:
             NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())
 
 
-def _engine_code(exc: EngineError) -> int:
+def _engine_code(exc: EngineError) -> ErrorCode:
     """The google.rpc code of a failed stage: what a watcher should make of it."""
     if exc.reason == "LLM_TIMEOUT":
-        return GRPC_DEADLINE_EXCEEDED
+        return ErrorCode.DEADLINE_EXCEEDED
     if exc.reason in ("LLM_UNAVAILABLE", "LLM_RATE_LIMITED"):
-        return GRPC_UNAVAILABLE
+        return ErrorCode.UNAVAILABLE
     if exc.reason in ("LLM_AUTH", "LLM_BAD_REQUEST"):
-        return GRPC_FAILED_PRECONDITION  # the engine's configuration must change
-    return GRPC_INTERNAL
+        return ErrorCode.FAILED_PRECONDITION  # the engine's configuration must change
+    return ErrorCode.INTERNAL

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from sessiond.server import failpoints
 from sessiond.server.domain import rules
+from sessiond.server.domain.commands import CommitOutcome, CommitPlan
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.values import Identity
 from sessiond.server.services.sessions import request_key
-from sessiond.server.store.base import CommitOutcome, CommitPlan, Store
+from sessiond.server.store.base import Store
 
 
 class CommitService:

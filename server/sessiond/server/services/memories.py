@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
+from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Memory, MemoryCategory
 from sessiond.server.store.base import Store
 
@@ -13,12 +14,9 @@ class MemoryManager:
         self.store = store
 
     async def list_memories(self, identity: Identity, category: MemoryCategory | None,
-                            page_size: int,
-                   after: str) -> tuple[list[Memory], str]:
-        size = rules.page_size(page_size)
-        items = await self.store.list_memories(identity, category, size + 1, after)
-        token = items[size - 1].memory_id if len(items) > size else ""
-        return items[:size], token
+                            page_size: int, page_token: str) -> Page[Memory]:
+        return await self.store.list_memories(identity, category, rules.page_size(page_size),
+                                              page_token)
 
     async def get(self, identity: Identity, memory_id: str) -> Memory:
         mem = await self.store.get_memory(identity, memory_id) if memory_id else None

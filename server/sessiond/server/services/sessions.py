@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sessiond.server.domain import rules
+from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
+from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import (
     Archive,
     Identity,
@@ -20,7 +22,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
 )
-from sessiond.server.store.base import RequestKey, Store
+from sessiond.server.store.base import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +74,9 @@ class SessionManager:
             raise _not_found(session_id)
         return meta
 
-    async def list_sessions(self, identity: Identity, page_size: int, after: str
-                   ) -> tuple[list[SessionMeta], str]:
-        size = rules.page_size(page_size)
-        items = await self.store.list_sessions(identity, size + 1, after)
-        token = items[size - 1].session_id if len(items) > size else ""
-        return items[:size], token
+    async def list_sessions(self, identity: Identity, page_size: int,
+                            page_token: str) -> Page[SessionMeta]:
+        return await self.store.list_sessions(identity, rules.page_size(page_size), page_token)
 
     async def delete(self, identity: Identity, session_id: str) -> None:
         rules.check_session_id(session_id)
@@ -138,12 +137,10 @@ class SessionManager:
             current_messages=messages)
 
     async def list_archives(self, identity: Identity, session_id: str, page_size: int,
-                            after_index: int) -> tuple[list[Archive], int]:
+                            page_token: str) -> Page[Archive]:
         rules.check_session_id(session_id)
-        size = rules.page_size(page_size)
-        items = await self.store.list_archives(identity, session_id, size + 1, after_index)
-        nxt = items[size - 1].index if len(items) > size else 0
-        return items[:size], nxt
+        return await self.store.list_archives(identity, session_id, rules.page_size(page_size),
+                                              page_token)
 
     async def get_archive(self, identity: Identity, session_id: str, index: int
                           ) -> tuple[Archive, list[Message]]:

@@ -10,9 +10,10 @@ from datetime import datetime
 
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
 from sessiond.server.services.hub import EventHub
-from sessiond.server.store.base import Store, TaskPage
+from sessiond.server.store.base import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ class TaskManager:
         return task
 
     async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
-                   task_type: str, page_size: int, page_token: str) -> TaskPage:
+                   task_type: str, page_size: int, page_token: str) -> Page[Task]:
         if session_id:
             rules.check_session_id(session_id)
         return await self.store.list_tasks(identity, session_id, state, task_type,

@@ -1,6 +1,9 @@
 """The storage contract. SQLite and PostgreSQL adapters implement it; one test suite
 (tests/contract) proves both.
 
+Pages follow `domain/pages.py`: a method returns `Page(items, next_token)` and takes
+the token of the previous page ("" for the first); tokens are opaque to callers.
+
 Every method is one atomic transaction: when it returns, its writes are durable;
 when it raises, it wrote nothing. Methods taking an `Identity` treat rows of another
 identity as absent. Store errors are domain errors (`sessiond.server.domain.errors`);
@@ -10,15 +13,19 @@ an unreachable database raises `Unavailable`.
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
+from sessiond.server.domain.commands import (
+    CommitOutcome,
+    CommitPlan,
+    RequestKey,
+    StageOutput,
+    SweepResult,
+)
+from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import (
     Archive,
-    CandidateMemory,
-    CommitResult,
     Identity,
     Memory,
     MemoryCategory,
@@ -31,86 +38,9 @@ from sessiond.server.domain.values import (
     TaskError,
     TaskEvent,
     TaskState,
-    TokenUsage,
     ToolStatus,
     UsageRecord,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RequestKey:
-    """AIP-155 idempotency key of a mutating call.
-
-    The same (identity, method, request_id) with the same fingerprint replays the
-    first result; with another fingerprint it raises `RequestIdConflict`.
-    """
-
-    identity: Identity
-    method: str
-    request_id: str
-    fingerprint: str
-
-    @staticmethod
-    def fingerprint_of(payload: bytes) -> str:
-        return hashlib.sha256(payload).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class CommitPlan:
-    identity: Identity
-    session_id: str
-    keep_recent_count: int
-    reject_if_running: bool
-    task_id: str
-    now: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class CommitOutcome:
-    """Phase 1 result. `archived` is False (and the rest None) when nothing was live."""
-
-    archived: bool
-    archive: Archive | None = None
-    task: Task | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SummaryOutput:
-    overview: str
-    abstract: str
-    usage: TokenUsage = field(default_factory=TokenUsage)
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractionOutput:
-    candidates: tuple[CandidateMemory, ...]
-    usage: TokenUsage = field(default_factory=TokenUsage)
-
-
-@dataclass(frozen=True, slots=True)
-class RelationsOutput:
-    uris: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveCountsOutput:
-    uris: tuple[str, ...]
-
-
-StageOutput = SummaryOutput | ExtractionOutput | RelationsOutput | ActiveCountsOutput
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPage:
-    tasks: list[Task]
-    next_token: str
-
-
-@dataclass(frozen=True, slots=True)
-class SweepResult:
-    tasks_removed: int
-    request_ids_removed: int
-
 
 # A listener the store calls (on the event loop) after it commits journal events.
 EventListener = Callable[[Sequence[TaskEvent]], None]
@@ -188,8 +118,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_sessions(self, identity: Identity, page_size: int,
-                            after_session_id: str) -> list[SessionMeta]:
-        """Sessions with id > after_session_id, ascending by id, at most page_size."""
+                            page_token: str) -> Page[SessionMeta]:
+        """The identity's sessions ascending by id, from the page token on."""
 
     @abc.abstractmethod
     async def delete_session(self, identity: Identity, session_id: str, now: datetime) -> bool:
@@ -231,7 +161,8 @@ class Store(abc.ABC):
     # -- archives --------------------------------------------------------------------
     @abc.abstractmethod
     async def list_archives(self, identity: Identity, session_id: str, page_size: int,
-                            after_index: int) -> list[Archive]: ...
+                            page_token: str) -> Page[Archive]:
+        """Archives ascending by index; `NotFound` when the session is absent."""
 
     @abc.abstractmethod
     async def get_archive(self, identity: Identity, session_id: str,
@@ -256,7 +187,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
-                         task_type: str, page_size: int, page_token: str) -> TaskPage:
+                         task_type: str, page_size: int, page_token: str) -> Page[Task]:
         """Newest first (created_at, then task_id descending)."""
 
     @abc.abstractmethod
@@ -333,7 +264,7 @@ class Store(abc.ABC):
     # -- memories ----------------------------------------------------------------------
     @abc.abstractmethod
     async def list_memories(self, identity: Identity, category: MemoryCategory | None,
-                            page_size: int, after_memory_id: str) -> list[Memory]:
+                            page_size: int, page_token: str) -> Page[Memory]:
         """The caller's memories (user space of its user, agent space of its agent),
         ascending by memory_id."""
 
@@ -359,17 +290,4 @@ class Store(abc.ABC):
         request_ids_before. Archives and memories are never removed."""
 
 
-__all__ = [
-    "ActiveCountsOutput",
-    "CommitOutcome",
-    "CommitPlan",
-    "CommitResult",
-    "ExtractionOutput",
-    "RelationsOutput",
-    "RequestKey",
-    "StageOutput",
-    "Store",
-    "SummaryOutput",
-    "SweepResult",
-    "TaskPage",
-]
+__all__ = ["EventListener", "RemoteEventListener", "Store", "WorkListener"]

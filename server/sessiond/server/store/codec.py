@@ -1,14 +1,14 @@
-"""Encoding of domain values into storage columns, shared by the adapters."""
+"""Encoding of domain values into storage columns, shared by every backend."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sessiond.server.domain.errors import InvalidArgument
+from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.values import (
     CommitResult,
     Identity,
@@ -63,14 +63,14 @@ def decode_usage(contexts: str, skill: str | None, created_at: datetime) -> Usag
 def encode_error(err: TaskError | None) -> str | None:
     if err is None:
         return None
-    return dumps({"code": err.code, "message": err.message, "reason": err.reason})
+    return dumps({"code": err.code.value, "message": err.message, "reason": err.reason})
 
 
 def decode_error(raw: str | None) -> TaskError | None:
     if not raw:
         return None
     d = json.loads(raw)
-    return TaskError(code=int(d["code"]), message=d["message"], reason=d.get("reason", ""))
+    return TaskError(code=ErrorCode(d["code"]), message=d["message"], reason=d.get("reason", ""))
 
 
 def encode_result(res: CommitResult | None) -> str | None:
@@ -87,18 +87,6 @@ def encode_counts(c: MemoryCounts) -> str:
 
 def decode_counts(raw: str | None) -> MemoryCounts:
     return MemoryCounts.from_dict(json.loads(raw) if raw else None)
-
-
-def to_epoch(dt: datetime | None) -> float | None:
-    return None if dt is None else dt.timestamp()
-
-
-def from_epoch(x: float | None) -> datetime | None:
-    return None if x is None else datetime.fromtimestamp(x, UTC)
-
-
-def from_epoch_req(x: float) -> datetime:
-    return datetime.fromtimestamp(x, UTC)
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -121,14 +109,8 @@ def merge_content(category: MemoryCategory, old: str, new: str) -> str:
     return "\n".join(lines)
 
 
-def encode_task_token(created_at: float, task_id: str) -> str:
-    return f"{created_at!r}|{task_id}"
-
-
-def decode_task_token(token: str) -> tuple[float, str]:
-    try:
-        created, tid = token.split("|", 1)
-        return float(created), tid
-    except ValueError as exc:
-        raise InvalidArgument(f"page_token {token!r} is not valid",
-                              reason="BAD_PAGE_TOKEN") from exc
+def clean_text(value: str) -> str:
+    """Free text (summaries, memory keys and contents, event messages, uris) is stored
+    with U+FFFD for NUL, on every backend: PostgreSQL TEXT cannot hold NUL. JSON
+    columns are unaffected (the encoder escapes NUL)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value

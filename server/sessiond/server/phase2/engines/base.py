@@ -7,13 +7,12 @@ retries through `RetryReporter` so watchers can see why a stage is slow.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+from sessiond.server.domain.commands import ExtractionResponse, SummaryResponse
 from sessiond.server.domain.values import (
-    CandidateMemory,
     Message,
-    TokenUsage,
     UsageRecord,
 )
 
@@ -29,13 +28,6 @@ class SummaryRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class SummaryResponse:
-    overview: str
-    abstract: str
-    usage: TokenUsage = field(default_factory=TokenUsage)
-
-
-@dataclass(frozen=True, slots=True)
 class ExtractionRequest:
     session_id: str
     archive_uri: str
@@ -43,12 +35,6 @@ class ExtractionRequest:
     previous_overview: str
     overview: str
     usage: Sequence[UsageRecord] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractionResponse:
-    candidates: tuple[CandidateMemory, ...]
-    usage: TokenUsage = field(default_factory=TokenUsage)
 
 
 # (attempt about to run, max attempts, reason of the last failure) -> recorded event
@@ -80,3 +66,7 @@ class Phase2Engine(Protocol):
                       report: RetryReporter = no_report) -> ExtractionResponse: ...
 
     async def aclose(self) -> None: ...
+
+
+__all__ = ["EngineError", "ExtractionRequest", "ExtractionResponse", "Phase2Engine",
+           "RetryReporter", "SummaryRequest", "SummaryResponse", "no_report"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sessiond.server.domain.errors import Unavailable
-from sessiond.server.domain.values import TaskEvent
+from sessiond.server.store.sql.tx import Announce
 
 T = TypeVar("T")
 
@@ -27,22 +27,14 @@ MAX_BATCH = 128
 
 
 @dataclass
-class WriteContext:
-    """What a write operation wants announced after its transaction commits."""
-
-    events: list[TaskEvent] = field(default_factory=list)
-    work: bool = False
-
-
-@dataclass
 class _Op(Generic[T]):
-    fn: Callable[[sqlite3.Connection, WriteContext], T]
+    fn: Callable[[sqlite3.Connection, Announce], T]
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
-    ctx: WriteContext = field(default_factory=WriteContext)
+    ctx: Announce = field(default_factory=Announce)
 
 
-AfterCommit = Callable[[WriteContext], None]
+AfterCommit = Callable[[Announce], None]
 
 
 def connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -85,7 +77,7 @@ class SqliteDatabase:
         finally:
             conn.close()
 
-    async def write(self, fn: Callable[[sqlite3.Connection, WriteContext], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection, Announce], T]) -> T:
         if self._closed:
             raise Unavailable("store is closed")
         loop = asyncio.get_running_loop()
@@ -151,7 +143,7 @@ class SqliteDatabase:
             except BaseException as exc:
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                op.ctx = WriteContext()
+                op.ctx = Announce()
                 outcomes.append((op, None, exc))
             else:
                 conn.execute("RELEASE op")

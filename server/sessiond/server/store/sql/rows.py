@@ -1,4 +1,4 @@
-"""Domain values from table rows, shared by the adapters.
+"""Domain values from table rows, shared by every backend.
 
 Both schemas use the same column names; only timestamps differ (epoch seconds in
 SQLite, TIMESTAMPTZ in PostgreSQL), so each adapter builds one `RowMapper` with its
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sessiond.server.domain.values import (
     Archive,
@@ -27,12 +27,10 @@ from sessiond.server.domain.values import (
     TaskEvent,
     TaskState,
     TokenUsage,
+    UsageRecord,
 )
 from sessiond.server.store import codec
-
-
-class RowLike(Protocol):
-    def __getitem__(self, key: str, /) -> Any: ...
+from sessiond.server.store.sql.tx import Row
 
 
 class RowMapper:
@@ -45,7 +43,7 @@ class RowMapper:
             raise ValueError("a required timestamp column is NULL")
         return dt
 
-    def meta(self, row: RowLike) -> SessionMeta:
+    def meta(self, row: Row) -> SessionMeta:
         return SessionMeta(
             identity=Identity(row["account"], row["user_id"], row["agent"]),
             session_id=row["session_id"],
@@ -56,12 +54,12 @@ class RowMapper:
             last_commit_at=self._ts(row["last_commit_at"]),
             llm_token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]))
 
-    def message(self, row: RowLike) -> Message:
+    def message(self, row: Row) -> Message:
         return Message(id=row["message_id"], role=Role(row["role"]),
                        parts=codec.decode_parts(row["parts"]),
                        created_at=self._req(row["created_at"]), seq=row["seq"])
 
-    def archive(self, row: RowLike) -> Archive:
+    def archive(self, row: Row) -> Archive:
         return Archive(session_id=row["session_id"], index=row["idx"],
                        state=ArchiveState(row["state"]), task_id=row["task_id"],
                        message_count=row["message_count"],
@@ -71,7 +69,7 @@ class RowMapper:
                        last_message_id=row["last_message_id"],
                        completed_at=self._ts(row["completed_at"]))
 
-    def task(self, row: RowLike) -> Task:
+    def task(self, row: Row) -> Task:
         return Task(
             task_id=row["task_id"],
             identity=Identity(row["account"], row["user_id"], row["agent"]),
@@ -87,16 +85,18 @@ class RowMapper:
             done_stage=Stage(row["done_stage"]),
             token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]),
             lease_owner=row["lease_owner"],
-            lease_expires_at=self._ts(row["lease_expires_at"]))
+            lease_expires_at=self._ts(row["lease_expires_at"]),
+            memory_counts=codec.decode_counts(row["memory_counts"]),
+            active_count_updated=row["active_count_updated"])
 
-    def event(self, row: RowLike) -> TaskEvent:
+    def event(self, row: Row) -> TaskEvent:
         return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),
                          time=self._req(row["time"]), state=TaskState(row["state"]),
                          stage=Stage(row["stage"]), message=row["message"],
                          attempt=row["attempt"], result=codec.decode_result(row["result"]),
                          error=codec.decode_error(row["error"]))
 
-    def memory(self, row: RowLike) -> Memory:
+    def memory(self, row: Row) -> Memory:
         return Memory(memory_id=row["memory_id"],
                       identity=Identity(row["account"], row["user_id"], row["agent"]),
                       category=MemoryCategory(row["category"]), content=row["content"],
@@ -105,3 +105,6 @@ class RowMapper:
                       source_message_ids=tuple(json.loads(row["source_message_ids"])),
                       created_at=self._req(row["created_at"]),
                       updated_at=self._req(row["updated_at"]))
+
+    def usage(self, row: Row) -> UsageRecord:
+        return codec.decode_usage(row["context_uris"], row["skill"], self._req(row["created_at"]))

@@ -1,0 +1,86 @@
+"""Commands the services hand to the store, and what the store answers: idempotency
+keys, the Phase 1 plan and outcome, Phase 2 stage outputs, pages, sweep results."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sessiond.server.domain.values import (
+    Archive,
+    CandidateMemory,
+    Identity,
+    Task,
+    TokenUsage,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """AIP-155 idempotency key of a mutating call.
+
+    The same (identity, method, request_id) with the same fingerprint replays the
+    first result; with another fingerprint it raises `RequestIdConflict`.
+    """
+
+    identity: Identity
+    method: str
+    request_id: str
+    fingerprint: str
+
+    @staticmethod
+    def fingerprint_of(payload: bytes) -> str:
+        return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    identity: Identity
+    session_id: str
+    keep_recent_count: int
+    reject_if_running: bool
+    task_id: str
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """Phase 1 result. `archived` is False (and the rest None) when nothing was live."""
+
+    archived: bool
+    archive: Archive | None = None
+    task: Task | None = None
+
+
+# -- Phase 2 stage outputs: what an engine returns is what the store applies ---------
+@dataclass(frozen=True, slots=True)
+class SummaryResponse:
+    overview: str
+    abstract: str
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractionResponse:
+    candidates: tuple[CandidateMemory, ...]
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+@dataclass(frozen=True, slots=True)
+class RelationsOutput:
+    uris: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCountsOutput:
+    uris: tuple[str, ...]
+
+
+StageOutput = SummaryResponse | ExtractionResponse | RelationsOutput | ActiveCountsOutput
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    tasks_removed: int
+    request_ids_removed: int

@@ -1,0 +1,99 @@
+"""The live buffer: append messages, update tool parts, list, record usage."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+from sessiond.server.domain.commands import RequestKey
+from sessiond.server.domain.errors import FailedPrecondition, NotFound
+from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
+from sessiond.server.store import codec
+from sessiond.server.store.sql import requests, sessions
+from sessiond.server.store.sql.tx import Tx
+
+BUMP_SEQ = ("UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
+            "live_count=live_count+1, updated_at=? WHERE skey=? RETURNING next_seq-1")
+
+
+async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
+              request: RequestKey | None) -> Message:
+    skey = codec.session_key(identity, session_id)
+    previous = await requests.replay(tx, request)
+    if previous is not None:
+        row = await tx.fetchrow("SELECT * FROM messages WHERE skey=? AND message_id=?",
+                                skey, previous["message_id"])
+        if row is None:
+            raise NotFound("the message of this request_id no longer exists",
+                           reason="MESSAGE_NOT_FOUND")
+        return tx.d.rows.message(row)
+    seq = await tx.fetchval(BUMP_SEQ, tx.d.ts(message.created_at), skey)
+    if seq is None:
+        raise sessions.not_found(session_id)
+    await tx.execute(
+        "INSERT INTO messages (skey, seq, message_id, role, parts, created_at) "
+        "VALUES (?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
+        codec.encode_parts(message.parts), tx.d.ts(message.created_at))
+    await requests.remember(tx, request, {"message_id": message.id}, message.created_at)
+    return dataclasses.replace(message, seq=int(seq))
+
+
+async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_id: str,
+                           tool_id: str, output: str, status: ToolStatus,
+                           now: datetime) -> Message:
+    skey = codec.session_key(identity, session_id)
+    # The session row lock serializes this with commits and other tool updates.
+    await sessions.require(tx, identity, session_id, lock=True)
+    row = await tx.fetchrow("SELECT * FROM messages WHERE skey=? AND message_id=?",
+                            skey, message_id)
+    if row is None:
+        raise NotFound(f"message {message_id!r} not found in session {session_id!r}",
+                       reason="MESSAGE_NOT_FOUND")
+    if row["archive_index"] is not None:
+        raise FailedPrecondition(
+            f"message {message_id!r} was archived by commit {row['archive_index']}; "
+            "archived messages are immutable", reason="MESSAGE_ARCHIVED")
+    msg = tx.d.rows.message(row)
+    parts = list(msg.parts)
+    for i, p in enumerate(parts):
+        if isinstance(p, ToolPart) and p.tool_id == tool_id:
+            parts[i] = dataclasses.replace(p, output=output, status=status)
+            break
+    else:
+        raise NotFound(f"tool part {tool_id!r} not found in message {message_id!r}",
+                       reason="TOOL_PART_NOT_FOUND")
+    await tx.execute("UPDATE messages SET parts=? WHERE skey=? AND message_id=?",
+                     codec.encode_parts(parts), skey, message_id)
+    await tx.execute("UPDATE sessions SET updated_at=? WHERE skey=?", tx.d.ts(now), skey)
+    return dataclasses.replace(msg, parts=tuple(parts))
+
+
+async def list_live(tx: Tx, identity: Identity, session_id: str, newest: int) -> list[Message]:
+    skey = codec.session_key(identity, session_id)
+    if newest > 0:
+        rows = await tx.fetch(
+            "SELECT * FROM (SELECT * FROM messages WHERE skey=? AND archive_index IS NULL "
+            "ORDER BY seq DESC LIMIT ?) AS m ORDER BY seq", skey, newest)
+    else:
+        rows = await tx.fetch("SELECT * FROM messages WHERE skey=? AND archive_index IS NULL "
+                              "ORDER BY seq", skey)
+    if not rows:  # messages imply their session; only an empty answer asks
+        await sessions.require(tx, identity, session_id)
+    return [tx.d.rows.message(r) for r in rows]
+
+
+async def record_usage(tx: Tx, identity: Identity, session_id: str, usage: UsageRecord,
+                       request: RequestKey | None) -> int:
+    skey = codec.session_key(identity, session_id)
+    if await requests.replay(tx, request) is None:
+        found = await tx.fetchval("UPDATE sessions SET updated_at=? WHERE skey=? RETURNING 1",
+                                  tx.d.ts(usage.created_at), skey)
+        if found is None:
+            raise sessions.not_found(session_id)
+        contexts, skill = codec.encode_usage(usage)
+        await tx.execute("INSERT INTO usage (skey, context_uris, skill, created_at) "
+                         "VALUES (?,?,?,?)", skey, contexts, skill, tx.d.ts(usage.created_at))
+        await requests.remember(tx, request, {}, usage.created_at)
+    count = await tx.fetchval("SELECT COUNT(*) FROM usage WHERE skey=? AND archive_index IS NULL",
+                              skey)
+    return int(count)

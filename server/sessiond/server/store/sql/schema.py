@@ -1,0 +1,170 @@
+"""The schema, once for every backend: versioned migrations written with a few
+type names (`${key}`, `${ts}`, ...) that each backend's `SchemaTypes` fills in, and
+`${extra}`, the backend's own DDL of that version (full-text index, indexes that
+only pay off on that engine). Migrations only ever get appended.
+
+Identifier columns that are paged or ordered on are `${key}`: `COLLATE "C"` on
+PostgreSQL, so ordering is by code point there too, like SQLite's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from string import Template
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    template: str
+
+    def render(self, types: Mapping[str, str], extra: Mapping[int, str]) -> str:
+        return Template(self.template).substitute(types, extra=extra.get(self.version, ""))
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", """
+    CREATE TABLE sessions (
+        skey ${key} PRIMARY KEY,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        session_id ${key} NOT NULL,
+        created_at ${ts} NOT NULL, updated_at ${ts} NOT NULL,
+        message_count ${int64} NOT NULL DEFAULT 0,
+        live_count ${int64} NOT NULL DEFAULT 0,
+        archive_count INTEGER NOT NULL DEFAULT 0,
+        commit_count INTEGER NOT NULL DEFAULT 0,
+        memory_counts TEXT NOT NULL DEFAULT '{}',
+        last_commit_at ${ts},
+        prompt_tokens ${int64} NOT NULL DEFAULT 0,
+        completion_tokens ${int64} NOT NULL DEFAULT 0,
+        next_seq ${int64} NOT NULL DEFAULT 1
+    );
+    CREATE UNIQUE INDEX sessions_owner ON sessions (account, user_id, agent, session_id);
+    CREATE TABLE messages (
+        skey ${key} NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        seq ${int64} NOT NULL,
+        message_id ${key} NOT NULL,
+        role TEXT NOT NULL,
+        parts TEXT NOT NULL,
+        created_at ${ts} NOT NULL,
+        archive_index INTEGER,
+        PRIMARY KEY (skey, seq)
+    );
+    CREATE UNIQUE INDEX messages_id ON messages (skey, message_id);
+    CREATE INDEX messages_archive ON messages (skey, archive_index, seq);
+    CREATE TABLE usage (
+        id ${serial},
+        skey ${key} NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        context_uris TEXT NOT NULL,
+        skill TEXT,
+        created_at ${ts} NOT NULL,
+        archive_index INTEGER
+    );
+    CREATE INDEX usage_archive ON usage (skey, archive_index);
+    CREATE TABLE archives (
+        skey ${key} NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        session_id ${key} NOT NULL,
+        task_id ${key} NOT NULL,
+        state TEXT NOT NULL,
+        overview TEXT NOT NULL DEFAULT '',
+        abstract TEXT NOT NULL DEFAULT '',
+        message_count INTEGER NOT NULL,
+        first_message_id TEXT NOT NULL DEFAULT '',
+        last_message_id TEXT NOT NULL DEFAULT '',
+        created_at ${ts} NOT NULL,
+        completed_at ${ts},
+        PRIMARY KEY (skey, idx)
+    );
+    CREATE TABLE tasks (
+        task_id ${key} PRIMARY KEY,
+        skey ${key} NOT NULL,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        session_id ${key} NOT NULL,
+        archive_index INTEGER NOT NULL,
+        task_type TEXT NOT NULL,
+        state TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        done_stage TEXT NOT NULL,
+        created_at ${ts} NOT NULL,
+        updated_at ${ts} NOT NULL,
+        started_at ${ts},
+        finished_at ${ts},
+        result TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_seq ${int64} NOT NULL DEFAULT 0,
+        first_seq ${int64} NOT NULL DEFAULT 1,
+        cancel_requested ${bool} NOT NULL DEFAULT ${false},
+        prompt_tokens ${int64} NOT NULL DEFAULT 0,
+        completion_tokens ${int64} NOT NULL DEFAULT 0,
+        memory_counts TEXT NOT NULL DEFAULT '{}',
+        active_count_updated INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        lease_expires_at ${ts}
+    );
+    CREATE INDEX tasks_session ON tasks (skey, archive_index);
+    CREATE INDEX tasks_owner ON tasks (account, user_id, agent, created_at);
+    CREATE INDEX tasks_finished ON tasks (state, finished_at);
+    CREATE TABLE task_events (
+        task_id ${key} NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        seq ${int64} NOT NULL,
+        kind TEXT NOT NULL,
+        time ${ts} NOT NULL,
+        state TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        attempt INTEGER NOT NULL DEFAULT 0,
+        result TEXT,
+        error TEXT,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE TABLE memories (
+        memory_id ${key} PRIMARY KEY,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        category TEXT NOT NULL,
+        mkey ${key} NOT NULL,
+        content TEXT NOT NULL,
+        source_session_id TEXT NOT NULL,
+        source_archive_uri TEXT NOT NULL,
+        source_message_ids TEXT NOT NULL,
+        created_at ${ts} NOT NULL,
+        updated_at ${ts} NOT NULL${memory_columns}
+    );
+    CREATE UNIQUE INDEX memories_key ON memories (account, user_id, agent, category, mkey);
+    CREATE TABLE relations (
+        skey ${key} NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        uri ${key} NOT NULL,
+        created_at ${ts} NOT NULL,
+        PRIMARY KEY (skey, uri)
+    );
+    CREATE TABLE active_counts (
+        uri ${key} PRIMARY KEY,
+        active_count ${int64} NOT NULL,
+        updated_at ${ts} NOT NULL
+    );
+    CREATE TABLE request_ids (
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        method ${key} NOT NULL, request_id ${key} NOT NULL,
+        fingerprint TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at ${ts} NOT NULL,
+        PRIMARY KEY (account, user_id, agent, method, request_id)
+    );
+    CREATE INDEX request_ids_age ON request_ids (created_at);
+    ${extra}
+    """),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The tables the migrations create (besides the version table).
+TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
+                           "memories", "relations", "active_counts", "request_ids")
+
+
+def statements(script: str) -> list[str]:
+    """The statements of a rendered migration, one by one."""
+    return [s.strip() for s in script.split(";\n") if s.strip()]

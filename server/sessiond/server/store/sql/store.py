@@ -1,0 +1,218 @@
+"""`SqlStore`: the `Store` contract over the SQL transactions of this package.
+
+A backend subclass provides `_write` and `_read` (how a transaction runs on its
+driver, and when its announcements are delivered) plus its lifecycle; every
+operation below is the same for all backends.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sessiond.server.domain.commands import (
+    CommitOutcome,
+    CommitPlan,
+    RequestKey,
+    StageOutput,
+    SweepResult,
+)
+from sessiond.server.domain.pages import Page
+from sessiond.server.domain.values import (
+    Archive,
+    Identity,
+    Memory,
+    MemoryCategory,
+    MemoryCounts,
+    Message,
+    NewEvent,
+    SessionMeta,
+    Stage,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskState,
+    ToolStatus,
+    UsageRecord,
+)
+from sessiond.server.store.base import Store
+from sessiond.server.store.sql import (
+    commit,
+    memories,
+    messages,
+    retention,
+    sessions,
+    stages,
+    tasks,
+)
+from sessiond.server.store.sql.tx import Announce, Tx
+
+T = TypeVar("T")
+Op = Callable[[Tx], Coroutine[Any, Any, T]]
+
+
+class SqlStore(Store):
+    @abc.abstractmethod
+    async def _write(self, op: Op[T]) -> T:
+        """Run `op` in one read-write transaction; announce after it committed."""
+
+    @abc.abstractmethod
+    async def _read(self, op: Op[T]) -> T:
+        """Run a read-only `op` (one snapshot, or single statements)."""
+
+    def _announce(self, announce: Announce) -> None:
+        self._emit_events(announce.events)
+        if announce.work:
+            self._emit_work()
+
+    # -- sessions
+    async def create_session(self, identity: Identity, session_id: str, now: datetime,
+                             request: RequestKey | None = None) -> SessionMeta:
+        return await self._write(lambda tx: sessions.create(tx, identity, session_id, now,
+                                                            request))
+
+    async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None:
+        return await self._read(lambda tx: sessions.get(tx, identity, session_id))
+
+    async def ensure_session(self, identity: Identity, session_id: str,
+                             now: datetime) -> SessionMeta:
+        return await self._write(lambda tx: sessions.ensure(tx, identity, session_id, now))
+
+    async def list_sessions(self, identity: Identity, page_size: int,
+                            page_token: str) -> Page[SessionMeta]:
+        return await self._read(lambda tx: sessions.list_page(tx, identity, page_size,
+                                                              page_token))
+
+    async def delete_session(self, identity: Identity, session_id: str, now: datetime) -> bool:
+        return await self._write(lambda tx: sessions.delete(tx, identity, session_id, now))
+
+    # -- messages and usage
+    async def add_message(self, identity: Identity, session_id: str, message: Message,
+                          request: RequestKey | None = None) -> Message:
+        return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
+                                                         request))
+
+    async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
+                               tool_id: str, output: str, status: ToolStatus,
+                               now: datetime) -> Message:
+        return await self._write(lambda tx: messages.update_tool_part(
+            tx, identity, session_id, message_id, tool_id, output, status, now))
+
+    async def list_live_messages(self, identity: Identity, session_id: str,
+                                 newest: int = 0) -> list[Message]:
+        return await self._read(lambda tx: messages.list_live(tx, identity, session_id, newest))
+
+    async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
+                           request: RequestKey | None = None) -> int:
+        return await self._write(lambda tx: messages.record_usage(tx, identity, session_id,
+                                                                  usage, request))
+
+    # -- Phase 1 and archives
+    async def commit(self, plan: CommitPlan, request: RequestKey | None = None) -> CommitOutcome:
+        return await self._write(lambda tx: commit.commit(tx, plan, request))
+
+    async def list_archives(self, identity: Identity, session_id: str, page_size: int,
+                            page_token: str) -> Page[Archive]:
+        return await self._read(lambda tx: commit.list_page(tx, identity, session_id,
+                                                            page_size, page_token))
+
+    async def get_archive(self, identity: Identity, session_id: str,
+                          index: int) -> Archive | None:
+        return await self._read(lambda tx: commit.get(tx, identity, session_id, index))
+
+    async def archive_messages(self, identity: Identity, session_id: str,
+                               index: int) -> list[Message]:
+        return await self._read(lambda tx: commit.messages(tx, identity, session_id, index))
+
+    async def archive_usage(self, identity: Identity, session_id: str,
+                            index: int) -> list[UsageRecord]:
+        return await self._read(lambda tx: commit.usage(tx, identity, session_id, index))
+
+    async def latest_done_archive(self, identity: Identity, session_id: str,
+                                  before_index: int | None = None) -> Archive | None:
+        return await self._read(lambda tx: commit.latest_done(tx, identity, session_id,
+                                                              before_index))
+
+    # -- tasks
+    async def get_task(self, task_id: str) -> Task | None:
+        return await self._read(lambda tx: tasks.get(tx, task_id))
+
+    async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
+                         task_type: str, page_size: int, page_token: str) -> Page[Task]:
+        return await self._read(lambda tx: tasks.list_page(
+            tx, identity, session_id, state, task_type, page_size, page_token))
+
+    async def list_events(self, task_id: str, after_seq: int,
+                          limit: int = 1000) -> list[TaskEvent]:
+        return await self._read(lambda tx: tasks.list_events(tx, task_id, after_seq, limit))
+
+    async def request_cancel(self, task_id: str, now: datetime) -> Task:
+        return await self._write(lambda tx: tasks.request_cancel(tx, task_id, now))
+
+    async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                         announce: bool = False) -> Task | None:
+        return await self._write(lambda tx: tasks.claim(tx, worker_id, now, lease_until,
+                                                        announce))
+
+    async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool:
+        return await self._write(lambda tx: tasks.renew_lease(tx, task_id, worker_id,
+                                                              lease_until))
+
+    async def release_all_leases(self) -> int:
+        return await self._write(tasks.release_all_leases)
+
+    async def append_event(self, task_id: str, worker_id: str, event: NewEvent, stage: Stage,
+                           now: datetime) -> TaskEvent:
+        return await self._write(lambda tx: tasks.append_event(tx, task_id, worker_id, event,
+                                                               stage, now))
+
+    async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
+                             output: StageOutput, now: datetime,
+                             next_stage: Stage | None = None) -> TaskEvent:
+        return await self._write(lambda tx: stages.complete(tx, task_id, worker_id, stage,
+                                                            output, now, next_stage))
+
+    async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
+        return await self._write(lambda tx: stages.finalize(tx, task_id, worker_id, now))
+
+    async def fail_task(self, task_id: str, worker_id: str | None, error: TaskError,
+                        now: datetime) -> TaskEvent:
+        return await self._write(lambda tx: tasks.fail(tx, task_id, worker_id, error, now))
+
+    async def cancel_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
+        return await self._write(lambda tx: tasks.cancel(tx, task_id, worker_id, now))
+
+    async def task_memory_counts(self, task_id: str) -> MemoryCounts:
+        return await self._read(lambda tx: stages.memory_counts(tx, task_id))
+
+    async def active_count(self, uri: str) -> int:
+        return await self._read(lambda tx: stages.active_count(tx, uri))
+
+    async def session_relations(self, identity: Identity, session_id: str) -> list[str]:
+        return await self._read(lambda tx: stages.relations(tx, identity, session_id))
+
+    # -- memories
+    async def list_memories(self, identity: Identity, category: MemoryCategory | None,
+                            page_size: int, page_token: str) -> Page[Memory]:
+        return await self._read(lambda tx: memories.list_page(tx, identity, category,
+                                                              page_size, page_token))
+
+    async def get_memory(self, identity: Identity, memory_id: str) -> Memory | None:
+        return await self._read(lambda tx: memories.get(tx, identity, memory_id))
+
+    async def search_memories(self, identity: Identity, query: str,
+                              category: MemoryCategory | None,
+                              limit: int) -> list[tuple[Memory, float]]:
+        return await self._read(lambda tx: memories.search(tx, identity, query, category,
+                                                           limit))
+
+    async def delete_memory(self, identity: Identity, memory_id: str) -> bool:
+        return await self._write(lambda tx: memories.delete(tx, identity, memory_id))
+
+    # -- retention
+    async def sweep(self, now: datetime, completed_before: datetime, failed_before: datetime,
+                    max_tasks: int, request_ids_before: datetime) -> SweepResult:
+        return await self._write(lambda tx: retention.sweep(
+            tx, completed_before, failed_before, max_tasks, request_ids_before))

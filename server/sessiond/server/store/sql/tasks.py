@@ -1,0 +1,200 @@
+"""Tasks and their journals: applying a transition, reading, claiming, leases, and the
+control transitions (cancel, fail). The decisions are `domain/transitions.py`'s."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sessiond.server.domain import transitions as tr
+from sessiond.server.domain.errors import LeaseLost, NotFound
+from sessiond.server.domain.pages import Page, page_of, read_task_cursor, task_cursor
+from sessiond.server.domain.values import (
+    CommitResult,
+    Identity,
+    MemoryCounts,
+    NewEvent,
+    Stage,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskState,
+    TokenUsage,
+)
+from sessiond.server.store import codec
+from sessiond.server.store.sql.tx import Tx
+
+OPEN = (TaskState.PENDING.value, TaskState.RUNNING.value)
+TERMINAL = (TaskState.COMPLETED.value, TaskState.CANCELLED.value, TaskState.FAILED.value)
+
+
+def _columns(tx: Tx, changes: dict[str, object]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in changes.items():
+        if isinstance(value, TokenUsage):
+            out.update(tr.token_columns(value))
+        elif isinstance(value, datetime) or (value is None and name.endswith("_at")):
+            out[name] = tx.d.ts(value)
+        elif isinstance(value, enum.Enum):
+            out[name] = value.value
+        elif isinstance(value, TaskError):
+            out[name] = codec.encode_error(value)
+        elif isinstance(value, CommitResult):
+            out[name] = codec.encode_result(value)
+        elif isinstance(value, MemoryCounts):
+            out[name] = codec.encode_counts(value)
+        else:
+            out[name] = value
+    return out
+
+
+async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[TaskEvent, Task]:
+    """Append the transition's event to the journal of `task` (whose row this
+    transaction holds) and update the row; the event and the task after it."""
+    seq = task.last_seq + 1
+    message = codec.clean_text(t.message)
+    await tx.execute(
+        "INSERT INTO task_events (task_id, seq, kind, time, state, stage, message, attempt, "
+        "result, error) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        task.task_id, seq, t.kind.value, tx.d.ts(now), t.state.value, t.stage.value, message,
+        t.attempt, codec.encode_result(t.result), codec.encode_error(t.error))
+    first_seq = task.first_seq
+    if seq - first_seq + 1 > tx.journal_cap:
+        first_seq = seq - tx.journal_cap + 1
+        await tx.execute("DELETE FROM task_events WHERE task_id=? AND seq<?",
+                         task.task_id, first_seq)
+    cols = {"last_seq": seq, "first_seq": first_seq, "state": t.state.value,
+            "stage": t.stage.value, "updated_at": tx.d.ts(now), **_columns(tx, dict(t.changes))}
+    row = await tx.fetchrow(
+        f"UPDATE tasks SET {', '.join(f'{c}=?' for c in cols)} WHERE task_id=? RETURNING *",
+        *cols.values(), task.task_id)
+    assert row is not None
+    ev = TaskEvent(task_id=task.task_id, seq=seq, kind=t.kind, time=now, state=t.state,
+                   stage=t.stage, message=message, attempt=t.attempt, result=t.result,
+                   error=t.error)
+    tx.announce.events.append(ev)
+    if t.frees_work:
+        tx.announce.work = True
+    return ev, tx.d.rows.task(row)
+
+
+async def get(tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
+    row = await tx.fetchrow("SELECT * FROM tasks WHERE task_id=?" + (tx.d.lock if lock else ""),
+                            task_id)
+    return None if row is None else tx.d.rows.task(row)
+
+
+async def require(tx: Tx, task_id: str, *, lock: bool = False) -> Task:
+    task = await get(tx, task_id, lock=lock)
+    if task is None:
+        raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+    return task
+
+
+async def leased(tx: Tx, task_id: str, worker_id: str) -> Task:
+    """The task, locked, when `worker_id` still holds its lease; `LeaseLost` if not."""
+    task = await require(tx, task_id, lock=True)
+    if task.lease_owner != worker_id or task.state is not TaskState.RUNNING:
+        raise LeaseLost(f"worker {worker_id} no longer holds task {task_id}")
+    return task
+
+
+async def last_event(tx: Tx, task_id: str) -> TaskEvent:
+    row = await tx.fetchrow("SELECT * FROM task_events WHERE task_id=? ORDER BY seq DESC "
+                            "LIMIT 1", task_id)
+    assert row is not None
+    return tx.d.rows.event(row)
+
+
+async def list_page(tx: Tx, identity: Identity, session_id: str, state: TaskState | None,
+                    task_type: str, page_size: int, page_token: str) -> Page[Task]:
+    """Newest first (created_at, then task_id, descending)."""
+    where = ["account=?", "user_id=?", "agent=?"]
+    args: list[Any] = [identity.account, identity.user, identity.agent]
+    for cond, value in (("session_id=?", session_id),
+                        ("state=?", state.value if state is not None else ""),
+                        ("task_type=?", task_type)):
+        if value:
+            where.append(cond)
+            args.append(value)
+    if page_token:
+        cursor = read_task_cursor(page_token)
+        if cursor is None:
+            return Page([])  # a NaN cursor orders before nothing
+        where.append("(created_at, task_id) < (?, ?)")
+        args += [tx.d.cursor_time(cursor[0]), cursor[1]]
+    rows = await tx.fetch(f"SELECT * FROM tasks WHERE {' AND '.join(where)} "
+                          "ORDER BY created_at DESC, task_id DESC LIMIT ?", *args, page_size + 1)
+    return page_of(rows, page_size,
+                   lambda r: task_cursor(tx.d.epoch(r["created_at"]), r["task_id"]),
+                   tx.d.rows.task)
+
+
+async def list_events(tx: Tx, task_id: str, after_seq: int, limit: int) -> list[TaskEvent]:
+    rows = await tx.fetch("SELECT * FROM task_events WHERE task_id=? AND seq>? ORDER BY seq "
+                          "LIMIT ?", task_id, after_seq, limit)
+    return [tx.d.rows.event(r) for r in rows]
+
+
+async def request_cancel(tx: Tx, task_id: str, now: datetime) -> Task:
+    task = await require(tx, task_id, lock=True)
+    t = tr.request_cancel(task, now)
+    if t is not None:
+        _, task = await apply(tx, task, t, now)
+    return task
+
+
+async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
+                announce: bool) -> Task | None:
+    row = await tx.fetchrow(
+        "SELECT t.* FROM tasks t WHERE t.state IN (?,?) "
+        "AND (t.lease_expires_at IS NULL OR t.lease_expires_at<?) "
+        "AND NOT EXISTS (SELECT 1 FROM tasks p WHERE p.skey=t.skey "
+        "  AND p.archive_index<t.archive_index AND p.state IN (?,?)) "
+        "ORDER BY t.created_at, t.task_id LIMIT 1" + tx.d.claim_lock("t"),
+        *OPEN, tx.d.ts(now), *OPEN)
+    if row is None:
+        return None
+    task = tx.d.rows.task(row)
+    _, task = await apply(tx, task, tr.claim(task, worker_id, now, lease_until), now)
+    first = tr.first_stage(task) if announce else None
+    if first is not None:
+        _, task = await apply(tx, task, first, now)
+    return task
+
+
+async def renew_lease(tx: Tx, task_id: str, worker_id: str, lease_until: datetime) -> bool:
+    changed = await tx.execute(
+        "UPDATE tasks SET lease_expires_at=? WHERE task_id=? AND lease_owner=? AND state=?",
+        tx.d.ts(lease_until), task_id, worker_id, TaskState.RUNNING.value)
+    return changed == 1
+
+
+async def release_all_leases(tx: Tx) -> int:
+    changed = await tx.execute("UPDATE tasks SET lease_owner='', lease_expires_at=NULL "
+                               "WHERE state IN (?,?) AND lease_owner<>''", *OPEN)
+    tx.announce.work = changed > 0
+    return changed
+
+
+async def append_event(tx: Tx, task_id: str, worker_id: str, event: NewEvent, stage: Stage,
+                       now: datetime) -> TaskEvent:
+    task = await leased(tx, task_id, worker_id)
+    t = tr.Transition(event.kind, TaskState.RUNNING, stage, event.message, event.attempt)
+    return (await apply(tx, task, t, now))[0]
+
+
+async def fail(tx: Tx, task_id: str, worker_id: str | None, error: TaskError,
+               now: datetime) -> TaskEvent:
+    task = (await leased(tx, task_id, worker_id) if worker_id is not None
+            else await require(tx, task_id, lock=True))
+    t = tr.failed(task, error, now)
+    if t is None:
+        return await last_event(tx, task_id)
+    return (await apply(tx, task, t, now))[0]
+
+
+async def cancel(tx: Tx, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
+    task = await leased(tx, task_id, worker_id)
+    return (await apply(tx, task, tr.cancelled(task, now), now))[0]
