@@ -108,10 +108,15 @@ def key_view(k: ApiKey) -> dict[str, Any]:
 async def _keys(ns: argparse.Namespace) -> int:
     from sessiond.server.app import build_store
     from sessiond.server.auth.apikeys import new_key
+    from sessiond.server.store.base import Store
+    from sessiond.server.store.sqlite.store import SqliteStore
 
     settings = Settings.from_env()
     settings.store, settings.data_dir = ns.store, ns.data_dir
-    store = build_store(settings)
+    # SQLite: the server holds the data directory's lock; key writes are short
+    # transactions next to it (WAL, busy timeout), so no lock is taken here.
+    store: Store = (SqliteStore(ns.data_dir, exclusive=False) if ns.store in ("", "sqlite")
+                    else build_store(settings))
     await store.open()
     try:
         now = utcnow()

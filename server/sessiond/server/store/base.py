@@ -25,6 +25,7 @@ from sessiond.server.domain.commands import (
 )
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import (
+    ApiKey,
     Archive,
     Identity,
     Memory,
@@ -288,6 +289,24 @@ class Store(abc.ABC):
         (FAILED: failed_before; COMPLETED/CANCELLED: completed_before), then the
         oldest terminal tasks beyond max_tasks, and idempotency keys older than
         request_ids_before. Archives and memories are never removed."""
+
+    # -- API keys ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey) -> None:
+        """Store a new key record (its hash, never the key); AlreadyExists when the
+        key id is taken."""
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        """The key record, revoked and expired ones included; None when unknown."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, account: str | None = None) -> list[ApiKey]:
+        """Every key record (of `account`), by account, then creation time."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str, now: datetime) -> bool:
+        """Mark the key revoked at `now`; False when unknown or already revoked."""
 
 
 __all__ = ["EventListener", "RemoteEventListener", "Store", "WorkListener"]

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sessiond.server.domain.values import (
+    ApiKey,
     Archive,
     ArchiveState,
     EventKind,
@@ -108,3 +109,11 @@ class RowMapper:
 
     def usage(self, row: Row) -> UsageRecord:
         return codec.decode_usage(row["context_uris"], row["skill"], self._req(row["created_at"]))
+
+    def api_key(self, row: Row) -> ApiKey:
+        return ApiKey(key_id=row["key_id"], secret_hash=row["secret_hash"],
+                      account=row["account"], user=row["user_id"], agent=row["agent"],
+                      scopes=tuple(s for s in row["scopes"].split(",") if s),
+                      name=row["name"], created_at=self._req(row["created_at"]),
+                      expires_at=self._ts(row["expires_at"]),
+                      revoked_at=self._ts(row["revoked_at"]))

@@ -156,13 +156,28 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX request_ids_age ON request_ids (created_at);
     ${extra}
     """),
+    Migration(2, "API keys", """
+    CREATE TABLE api_keys (
+        key_id ${key} PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        account ${key} NOT NULL, user_id ${key}, agent ${key},
+        scopes TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        created_at ${ts} NOT NULL,
+        expires_at ${ts},
+        revoked_at ${ts}
+    );
+    CREATE INDEX api_keys_account ON api_keys (account, created_at);
+    ${extra}
+    """),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
-                           "memories", "relations", "active_counts", "request_ids")
+                           "memories", "relations", "active_counts", "request_ids",
+                           "api_keys")
 
 
 def statements(script: str) -> list[str]:

@@ -21,6 +21,7 @@ from sessiond.server.domain.commands import (
 )
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import (
+    ApiKey,
     Archive,
     Identity,
     Memory,
@@ -39,6 +40,7 @@ from sessiond.server.domain.values import (
 )
 from sessiond.server.store.base import Store
 from sessiond.server.store.sql import (
+    api_keys,
     commit,
     memories,
     messages,
@@ -216,3 +218,16 @@ class SqlStore(Store):
                     max_tasks: int, request_ids_before: datetime) -> SweepResult:
         return await self._write(lambda tx: retention.sweep(
             tx, completed_before, failed_before, max_tasks, request_ids_before))
+
+    # -- API keys
+    async def create_api_key(self, key: ApiKey) -> None:
+        await self._write(lambda tx: api_keys.create(tx, key))
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        return await self._read(lambda tx: api_keys.get(tx, key_id))
+
+    async def list_api_keys(self, account: str | None = None) -> list[ApiKey]:
+        return await self._read(lambda tx: api_keys.list_all(tx, account))
+
+    async def revoke_api_key(self, key_id: str, now: datetime) -> bool:
+        return await self._write(lambda tx: api_keys.revoke(tx, key_id, now))

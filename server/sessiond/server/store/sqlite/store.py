@@ -18,8 +18,11 @@ from sessiond.server.store.sqlite.schema import migrate
 
 class SqliteStore(SqlStore):
     def __init__(self, data_dir: Path, *, synchronous: str = "FULL",
-                 journal_cap: int = 10_000) -> None:
+                 journal_cap: int = 10_000, exclusive: bool = True) -> None:
+        """`exclusive=False` is for short administrative writes next to a running
+        server (`sessiond keys`): no data-directory lock, no Phase 2 work."""
         super().__init__()
+        self.exclusive = exclusive
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / "sessiond.sqlite3"
         self.journal_cap = journal_cap
@@ -32,7 +35,8 @@ class SqliteStore(SqlStore):
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_data_dir()
+        if self.exclusive:
+            self._lock_data_dir()
         self._db.init_sync(migrate)
         self._db.start(self._announce)
 
