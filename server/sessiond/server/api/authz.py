@@ -68,6 +68,15 @@ SCOPES: dict[str, Scope] = {
 }
 
 
+# (handler attribute, handler factory, streaming request, streaming response)
+_KINDS: tuple[tuple[str, Any, bool, bool], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
+)
+
+
 def required_scope(method: str, request: Any) -> Scope:
     if method == "/sessiond.v1.SessionService/GetSession" and getattr(
             request, "auto_create", False):
@@ -140,40 +149,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Req, Resp], method: str, acts: bool
               ) -> grpc.RpcMethodHandler[Req, Resp]:
+        """The same handler with the guard run first (with the request, when there is
+        exactly one, for request-dependent scopes)."""
         # grpc.aio handlers are coroutines / async generators; the stubs type the sync API.
         h: Any = handler
         guard = self._guard
-        des, ser = h.request_deserializer, h.response_serializer
-        if h.unary_unary is not None:
-            inner_uu = h.unary_unary
+        for attr, factory, stream_in, stream_out in _KINDS:
+            inner = getattr(h, attr)
+            if inner is None:
+                continue
+            if stream_out:
+                async def gen(arg: Any, context: Ctx, inner: Any = inner,
+                              stream_in: bool = stream_in) -> AsyncIterator[Any]:
+                    await guard(method, None if stream_in else arg, context, acts)
+                    async for item in inner(arg, context):
+                        yield item
 
-            async def unary_unary(request: Any, context: Ctx) -> Any:
-                await guard(method, request, context, acts)
-                return await inner_uu(request, context)
+                wrapped: grpc.RpcMethodHandler[Req, Resp] = factory(
+                    gen, h.request_deserializer, h.response_serializer)
+                return wrapped
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
-        if h.unary_stream is not None:
-            inner_us = h.unary_stream
+            async def call(arg: Any, context: Ctx, inner: Any = inner,
+                           stream_in: bool = stream_in) -> Any:
+                await guard(method, None if stream_in else arg, context, acts)
+                return await inner(arg, context)
 
-            async def unary_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-                await guard(method, request, context, acts)
-                async for item in inner_us(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
-        if h.stream_stream is not None:
-            inner_ss = h.stream_stream
-
-            async def stream_stream(requests: Any, context: Ctx) -> AsyncIterator[Any]:
-                await guard(method, None, context, acts)
-                async for item in inner_ss(requests, context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
-        inner_su = h.stream_unary
-
-        async def stream_unary(requests: Any, context: Ctx) -> Any:
-            await guard(method, None, context, acts)
-            return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
+            wrapped = factory(call, h.request_deserializer, h.response_serializer)
+            return wrapped
+        return handler
