@@ -3,13 +3,14 @@ taken from the certificate's SAN URI, alone or together with a JWT."""
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
-from sessiond.client import connect
-from sessiond.v1 import session_pb2
+from sessiond.client import aio_connect, connect
+from sessiond.v1 import session_pb2, session_pb2_grpc
 
 from tests.certs import CA, Pem
 from tests.conftest import Running, ServerFactory
@@ -108,3 +109,19 @@ def test_certificate_and_token_must_agree(server_factory: ServerFactory,
               "CLIENT_CERT_MISMATCH")
     with _client(srv, ca, pem, token=token()) as ch:  # call credentials over mTLS
         assert get_session(stubs(ch), "t", auto_create=False).session_id == "t"
+
+    async def via_aio() -> tuple[str, int]:
+        calls: list[int] = []
+
+        def provider() -> str:
+            calls.append(1)
+            return token()
+
+        async with aio_connect(srv.target, root_certificates=ca.pem, client_cert=pem.cert,
+                               client_key=pem.key, token=provider) as ch:
+            stub: Any = session_pb2_grpc.SessionServiceStub(ch)
+            for _ in range(2):
+                got = await stub.GetSession(session_pb2.GetSessionRequest(session_id="t"))
+        return got.session_id, len(calls)
+
+    assert asyncio.run(via_aio()) == ("t", 2)  # the provider is asked on every call

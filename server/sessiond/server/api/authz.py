@@ -94,11 +94,10 @@ def bearer_of(value: str | None) -> str | None:
     return credential.strip()
 
 
-def _peer_certificate(context: Ctx) -> tuple[bool, list[str]]:
+def _peer_uris(context: Ctx) -> list[str]:
+    """The SAN URIs of the client certificate the TLS handshake verified."""
     props = context.auth_context() or {}
-    presented = bool(props.get("x509_pem_cert") or props.get("x509_subject"))
-    uris = [v.decode(errors="replace") for v in props.get("peer_uri", ())]
-    return presented, uris
+    return [v.decode(errors="replace") for v in props.get("peer_uri", ())]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -108,10 +107,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def _authorize(self, method: str, request: Any, context: Ctx, acts: bool) -> None:
         headers = single_values(context.invocation_metadata() or ())
-        presented, uris = (_peer_certificate(context) if self.policy.cert_identity
-                           else (False, []))
+        uris = _peer_uris(context) if self.policy.cert_identity else []
         principal = await self.policy.principal(
-            Presented(bearer_of(headers.get(AUTHORIZATION_KEY)), presented, uris))
+            Presented(bearer_of(headers.get(AUTHORIZATION_KEY)), uris))
         identity = None
         if acts:
             scope = required_scope(method, request)

@@ -46,11 +46,9 @@ def parse_identity_uri(uri: str, prefix: str) -> Principal:
                      parts[2] if len(parts) > 2 else None, scopes)
 
 
-def cert_principal(uris: Sequence[str], prefix: str, *, presented: bool) -> Principal:
-    """The principal named by the one SAN URI starting with `prefix`."""
-    if not presented:
-        raise Unauthenticated("a client certificate is required",
-                              reason="CLIENT_CERT_REQUIRED")
+def cert_principal(uris: Sequence[str], prefix: str) -> Principal:
+    """The principal named by the one SAN URI starting with `prefix` (the TLS
+    handshake already required and verified the certificate)."""
     matching = [u for u in uris if u.startswith(prefix)]
     if len(matching) != 1:
         raise _no_identity(

@@ -55,7 +55,6 @@ class Presented:
     certificate's SAN URIs (mTLS)."""
 
     bearer: str | None = None
-    cert_presented: bool = False
     cert_uris: Sequence[str] = ()
 
 
@@ -101,8 +100,7 @@ class AuthPolicy:
             self.authenticator.reload()
 
     async def principal(self, presented: Presented) -> Principal:
-        from_cert = (cert_principal(presented.cert_uris, self.uri_prefix,
-                                    presented=presented.cert_presented)
+        from_cert = (cert_principal(presented.cert_uris, self.uri_prefix)
                      if self.cert_identity else None)
         if self.authenticator is None:
             return from_cert or ANONYMOUS
