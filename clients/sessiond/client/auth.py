@@ -45,13 +45,13 @@ class RefreshingToken:
 
 
 class _BearerPlugin(grpc.AuthMetadataPlugin):
-    def __init__(self, source: TokenSource) -> None:
+    def __init__(self, source: Callable[[], str]) -> None:
         self.source = source
 
     def __call__(self, context: grpc.AuthMetadataContext,
                  callback: grpc.AuthMetadataPluginCallback) -> None:
         try:
-            value = self.source() if callable(self.source) else self.source
+            value = self.source()
         except Exception as exc:  # reported as the call's failure
             callback((), exc)
             return
@@ -91,5 +91,7 @@ def channel_credentials(
             raise ValueError("an API key or token needs TLS (tls=True or root_certificates=); "
                              "for a server on this machine pass plaintext_loopback=True")
         channel = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
-    return grpc.composite_channel_credentials(
-        channel, grpc.metadata_call_credentials(_BearerPlugin(secret), name="sessiond-bearer"))
+    # A fixed string is attached by gRPC core; only a provider needs a Python callback.
+    call = (grpc.metadata_call_credentials(_BearerPlugin(secret), name="sessiond-bearer")
+            if callable(secret) else grpc.access_token_call_credentials(secret))
+    return grpc.composite_channel_credentials(channel, call)
