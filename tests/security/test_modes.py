@@ -32,6 +32,7 @@ def test_auth_none_refuses_remote_addresses(server_factory: ServerFactory,
     opened = server_factory(tmp_path / "b", address="0.0.0.0:0",
                             auth=AuthSettings(allow_unauthenticated_remote=True))
     assert get_session(stubs(opened.channel)).session_id == "s1"
+    assert "remote callers allowed" in opened.app.security.describe()
     (tmp_path / "secret").write_bytes(SECRET)
     server_factory(tmp_path / "c", address="0.0.0.0:0",
                    auth=jwt_auth(secret_file=str(tmp_path / "secret")))
@@ -53,6 +54,7 @@ def test_serve_says_it_is_unauthenticated(tmp_path: Path) -> None:
         with grpc.insecure_channel(proc.target) as ch:
             assert get_session(stubs(ch)).session_id == "s1"
         assert "auth none: calls are NOT authenticated" in proc.log_tail()
+        assert "loopback only" in proc.log_tail()
     finally:
         proc.close()
     out = subprocess.run([sys.executable, "-m", "sessiond.server.cli", "serve", "--address",

@@ -55,7 +55,12 @@ class Security:
         transport = "plaintext"
         if self.tls is not None:
             transport = "mTLS" if self.settings.tls.client_ca else "TLS"
-        return f"{transport}, {self.policy.describe()}"
+        text = f"{transport}, {self.policy.describe()}"
+        if self.policy.open:
+            text += ("; remote callers allowed (--allow-unauthenticated-remote)"
+                     if self.settings.auth.allow_unauthenticated_remote
+                     and not is_loopback(self.settings.address) else "; loopback only")
+        return text
 
     def bind(self, server: grpc.aio.Server, address: str) -> int:
         if self.tls is None:
