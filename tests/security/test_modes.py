@@ -13,7 +13,7 @@ from sessiond.client import connect
 from sessiond.server.auth.policy import AuthSettings, is_loopback
 
 from tests.certs import CA
-from tests.conftest import ServerFactory
+from tests.conftest import Running, ServerFactory
 from tests.faults.harness import FAST_ARGS, ServerProcess, free_port
 from tests.security.helpers import SECRET, get_session, jwt_auth, stubs, tls_settings, token
 
@@ -108,3 +108,10 @@ def test_every_rpc_has_a_scope() -> None:
     methods = {f"/{svc.full_name}/{m.name}" for mod in (session_pb2, task_pb2, memory_pb2)
                for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods}
     assert methods == set(SCOPES)
+
+
+def test_auth_none_ignores_a_proxys_authorization_header(server: Running) -> None:
+    s = stubs(server.channel)
+    assert get_session(s, "p", (("authorization", "Basic dXNlcjpwdw=="),)).session_id == "p"
+    assert get_session(s, "p", (("authorization", "Bearer whatever"),),
+                       auto_create=False).session_id == "p"

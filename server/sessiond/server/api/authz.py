@@ -84,16 +84,6 @@ def required_scope(method: str, request: Any) -> Scope:
     return SCOPES.get(method, Scope.ADMIN)
 
 
-def bearer_of(value: str | None) -> str | None:
-    if value is None:
-        return None
-    scheme, _, credential = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not credential.strip():
-        raise Unauthenticated("the authorization header must be 'Bearer <credential>'",
-                              reason="CREDENTIALS_INVALID")
-    return credential.strip()
-
-
 def _peer_uris(context: Ctx) -> list[str]:
     """The SAN URIs of the client certificate the TLS handshake verified."""
     props = context.auth_context() or {}
@@ -109,7 +99,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         headers = single_values(context.invocation_metadata() or ())
         uris = _peer_uris(context) if self.policy.cert_identity else []
         principal = await self.policy.principal(
-            Presented(bearer_of(headers.get(AUTHORIZATION_KEY)), uris))
+            Presented(headers.get(AUTHORIZATION_KEY), uris))
         identity = None
         if acts:
             scope = required_scope(method, request)

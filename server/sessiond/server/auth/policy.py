@@ -51,10 +51,10 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class Presented:
-    """What a call brought: the bearer credential, and the verified client
+    """What a call brought: its `authorization` header, and the verified client
     certificate's SAN URIs (mTLS)."""
 
-    bearer: str | None = None
+    authorization: str | None = None
     cert_uris: Sequence[str] = ()
 
 
@@ -99,16 +99,25 @@ class AuthPolicy:
         if self.authenticator is not None:
             self.authenticator.reload()
 
+    def _bearer(self, presented: Presented) -> str:
+        if not presented.authorization:
+            raise Unauthenticated(f"this server requires {self.mode} credentials: send "
+                                  "'authorization: Bearer <credential>'",
+                                  reason="CREDENTIALS_MISSING")
+        scheme, _, credential = presented.authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise Unauthenticated("the authorization header must be 'Bearer <credential>'",
+                                  reason="CREDENTIALS_INVALID")
+        return credential.strip()
+
     async def principal(self, presented: Presented) -> Principal:
+        """The caller; without an authenticator (auth none) the authorization header
+        is not looked at (a proxy in front may use it for itself)."""
         from_cert = (cert_principal(presented.cert_uris, self.uri_prefix)
                      if self.cert_identity else None)
         if self.authenticator is None:
             return from_cert or ANONYMOUS
-        if not presented.bearer:
-            raise Unauthenticated(f"this server requires {self.mode} credentials: send "
-                                  "'authorization: Bearer <credential>'",
-                                  reason="CREDENTIALS_MISSING")
-        principal = await self.authenticator.authenticate(presented.bearer)
+        principal = await self.authenticator.authenticate(self._bearer(presented))
         if from_cert is not None and from_cert.account != principal.account:
             raise Unauthenticated("the credential and the client certificate name different "
                                   "accounts", reason="CLIENT_CERT_MISMATCH")
