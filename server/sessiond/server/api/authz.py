@@ -94,6 +94,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, policy: AuthPolicy, reflection: str = "authenticated") -> None:
         self.policy = policy
         self.reflection = reflection
+        # method -> (the server's handler, its guarded copy): wrapped once, not per call
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def _authorize(self, method: str, request: Any, context: Ctx, acts: bool) -> None:
         headers = single_values(context.invocation_metadata() or ())
@@ -129,11 +131,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        if method.startswith(REFLECTION_PREFIX):
-            if self.reflection == "on" or self.policy.open:
-                return handler
-            return self._wrap(handler, method, acts=False)
-        return self._wrap(handler, method, acts=True)
+        reflection = method.startswith(REFLECTION_PREFIX)
+        if reflection and (self.reflection == "on" or self.policy.open):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            wrapped: grpc.RpcMethodHandler[Req, Resp] = cached[1]
+            return wrapped
+        wrapped = self._wrap(handler, method, acts=not reflection)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Req, Resp], method: str, acts: bool
               ) -> grpc.RpcMethodHandler[Req, Resp]:
