@@ -216,3 +216,12 @@ def test_client_token_provider_refreshes(hs_server: Running) -> None:
         assert len(issued) == 2  # refreshed before it expired
     with pytest.raises(ValueError, match="needs TLS"):
         connect(hs_server.target, token=provider)
+
+    def broken() -> str:
+        raise RuntimeError("identity provider down")
+
+    with connect(hs_server.target, token=broken, plaintext_loopback=True) as ch:
+        with pytest.raises(grpc.RpcError) as err:  # the call fails; nothing is sent
+            get_session(stubs(ch), "p", auto_create=False)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "identity provider down" in (err.value.details() or "")

@@ -125,3 +125,21 @@ def test_certificate_and_token_must_agree(server_factory: ServerFactory,
         return got.session_id, len(calls)
 
     assert asyncio.run(via_aio()) == ("t", 2)  # the provider is asked on every call
+
+
+def test_spiffe_style_prefix(server_factory: ServerFactory, tmp_path: Path) -> None:
+    ca = CA()
+    cert, key = ca.server().write(tmp_path / "tls", "server")
+    (tmp_path / "tls" / "clients.pem").write_bytes(ca.pem)
+    srv = server_factory(tls=tls_settings(
+        cert, key, client_ca=str(tmp_path / "tls" / "clients.pem"), client_identity=True,
+        identity_uri_prefix="spiffe://example.org/sessiond/"))
+    svid = ca.client("svid", "spiffe://example.org/sessiond/acme/indexer")
+    with _client(srv, ca, svid) as ch:
+        s = stubs(ch)
+        get_session(s, "sp")
+        fails(lambda: get_session(s, "sp", (("x-sessiond-user", "x"),)), DENIED,
+              "IDENTITY_NOT_ALLOWED")
+    for uri in ("sessiond://acme/indexer", "spiffe://example.org/other/acme"):
+        with _client(srv, ca, ca.client("o", uri)) as ch:
+            fails(partial(get_session, stubs(ch)), UNAUTH, "CLIENT_CERT_NO_IDENTITY")
