@@ -25,33 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/memory.proto\x12\x0bsessiond.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\x06Memory\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12-\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\r\n\x05space\x18\x04 \x01(\t\x12\x19\n\x11source_session_id\x18\x05 \x01(\t\x12\x1a\n\x12source_archive_uri\x18\x06 \x01(\t\x12\x1a\n\x12source_message_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMemoriesRequest\x12-\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListMemoriesResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.sessiond.v1.Memory\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"d\n\x15SearchMemoriesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12-\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\r\n\x05limit\x18\x03 \x01(\x05\"B\n\x0cScoredMemory\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.sessiond.v1.Memory\x12\r\n\x05score\x18\x02 \x01(\x01\"D\n\x16SearchMemoriesResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sessiond.v1.ScoredMemory\"(\n\x13\x44\x65leteMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\")\n\x14\x44\x65leteMemoryResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t*\x99\x02\n\x0eMemoryCategory\x12\x1f\n\x1bMEMORY_CATEGORY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MEMORY_CATEGORY_PROFILE\x10\x01\x12\x1f\n\x1bMEMORY_CATEGORY_PREFERENCES\x10\x02\x12\x1c\n\x18MEMORY_CATEGORY_ENTITIES\x10\x03\x12\x1a\n\x16MEMORY_CATEGORY_EVENTS\x10\x04\x12\x19\n\x15MEMORY_CATEGORY_CASES\x10\x05\x12\x1c\n\x18MEMORY_CATEGORY_PATTERNS\x10\x06\x12\x19\n\x15MEMORY_CATEGORY_TOOLS\x10\x07\x12\x1a\n\x16MEMORY_CATEGORY_SKILLS\x10\x08\x32\xd5\x02\n\rMemoryService\x12S\n\x0cListMemories\x12 .sessiond.v1.ListMemoriesRequest\x1a!.sessiond.v1.ListMemoriesResponse\x12?\n\tGetMemory\x12\x1d.sessiond.v1.GetMemoryRequest\x1a\x13.sessiond.v1.Memory\x12Y\n\x0eSearchMemories\x12\".sessiond.v1.SearchMemoriesRequest\x1a#.sessiond.v1.SearchMemoriesResponse\x12S\n\x0c\x44\x65leteMemory\x12 .sessiond.v1.DeleteMemoryRequest\x1a!.sessiond.v1.DeleteMemoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/memory.proto\x12\x0bsessiond.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\rRecallRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\x05\x12\x11\n\tmax_items\x18\x04 \x01(\x05\x12&\n\x05kinds\x18\x05 \x03(\x0e\x32\x17.sessiond.v1.RecallKind\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\nRecallItem\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.sessiond.v1.RecallKind\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x13\n\x0b\x61rchive_uri\x18\x05 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x06 \x03(\t\x12\x11\n\tmemory_id\x18\x07 \x01(\t\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x0eRecallResponse\x12\x1f\n\x17latest_archive_overview\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.sessiond.v1.RecallItem\"\x9d\x02\n\x06Memory\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12-\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\r\n\x05space\x18\x04 \x01(\t\x12\x19\n\x11source_session_id\x18\x05 \x01(\t\x12\x1a\n\x12source_archive_uri\x18\x06 \x01(\t\x12\x1a\n\x12source_message_ids\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMemoriesRequest\x12-\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListMemoriesResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.sessiond.v1.Memory\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\"d\n\x15SearchMemoriesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12-\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1b.sessiond.v1.MemoryCategory\x12\r\n\x05limit\x18\x03 \x01(\x05\"B\n\x0cScoredMemory\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.sessiond.v1.Memory\x12\r\n\x05score\x18\x02 \x01(\x01\"D\n\x16SearchMemoriesResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sessiond.v1.ScoredMemory\"(\n\x13\x44\x65leteMemoryRequest\x12\x11\n\tmemory_id\x18\x01 \x01(\t\")\n\x14\x44\x65leteMemoryResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t*t\n\nRecallKind\x12\x1b\n\x17RECALL_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12RECALL_KIND_MEMORY\x10\x01\x12\x18\n\x14RECALL_KIND_OVERVIEW\x10\x02\x12\x17\n\x13RECALL_KIND_MESSAGE\x10\x03*\x99\x02\n\x0eMemoryCategory\x12\x1f\n\x1bMEMORY_CATEGORY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MEMORY_CATEGORY_PROFILE\x10\x01\x12\x1f\n\x1bMEMORY_CATEGORY_PREFERENCES\x10\x02\x12\x1c\n\x18MEMORY_CATEGORY_ENTITIES\x10\x03\x12\x1a\n\x16MEMORY_CATEGORY_EVENTS\x10\x04\x12\x19\n\x15MEMORY_CATEGORY_CASES\x10\x05\x12\x1c\n\x18MEMORY_CATEGORY_PATTERNS\x10\x06\x12\x19\n\x15MEMORY_CATEGORY_TOOLS\x10\x07\x12\x1a\n\x16MEMORY_CATEGORY_SKILLS\x10\x08\x32\x98\x03\n\rMemoryService\x12S\n\x0cListMemories\x12 .sessiond.v1.ListMemoriesRequest\x1a!.sessiond.v1.ListMemoriesResponse\x12?\n\tGetMemory\x12\x1d.sessiond.v1.GetMemoryRequest\x1a\x13.sessiond.v1.Memory\x12Y\n\x0eSearchMemories\x12\".sessiond.v1.SearchMemoriesRequest\x1a#.sessiond.v1.SearchMemoriesResponse\x12S\n\x0c\x44\x65leteMemory\x12 .sessiond.v1.DeleteMemoryRequest\x1a!.sessiond.v1.DeleteMemoryResponse\x12\x41\n\x06Recall\x12\x1a.sessiond.v1.RecallRequest\x1a\x1b.sessiond.v1.RecallResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessiond.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYCATEGORY']._serialized_start=924
-  _globals['_MEMORYCATEGORY']._serialized_end=1205
-  _globals['_MEMORY']._serialized_start=75
-  _globals['_MEMORY']._serialized_end=360
-  _globals['_LISTMEMORIESREQUEST']._serialized_start=362
-  _globals['_LISTMEMORIESREQUEST']._serialized_end=469
-  _globals['_LISTMEMORIESRESPONSE']._serialized_start=471
-  _globals['_LISTMEMORIESRESPONSE']._serialized_end=557
-  _globals['_GETMEMORYREQUEST']._serialized_start=559
-  _globals['_GETMEMORYREQUEST']._serialized_end=596
-  _globals['_SEARCHMEMORIESREQUEST']._serialized_start=598
-  _globals['_SEARCHMEMORIESREQUEST']._serialized_end=698
-  _globals['_SCOREDMEMORY']._serialized_start=700
-  _globals['_SCOREDMEMORY']._serialized_end=766
-  _globals['_SEARCHMEMORIESRESPONSE']._serialized_start=768
-  _globals['_SEARCHMEMORIESRESPONSE']._serialized_end=836
-  _globals['_DELETEMEMORYREQUEST']._serialized_start=838
-  _globals['_DELETEMEMORYREQUEST']._serialized_end=878
-  _globals['_DELETEMEMORYRESPONSE']._serialized_start=880
-  _globals['_DELETEMEMORYRESPONSE']._serialized_end=921
-  _globals['_MEMORYSERVICE']._serialized_start=1208
-  _globals['_MEMORYSERVICE']._serialized_end=1549
+  _globals['_RECALLKIND']._serialized_start=1437
+  _globals['_RECALLKIND']._serialized_end=1553
+  _globals['_MEMORYCATEGORY']._serialized_start=1556
+  _globals['_MEMORYCATEGORY']._serialized_end=1837
+  _globals['_RECALLREQUEST']._serialized_start=75
+  _globals['_RECALLREQUEST']._serialized_end=289
+  _globals['_RECALLITEM']._serialized_start=292
+  _globals['_RECALLITEM']._serialized_end=495
+  _globals['_RECALLRESPONSE']._serialized_start=497
+  _globals['_RECALLRESPONSE']._serialized_end=586
+  _globals['_MEMORY']._serialized_start=589
+  _globals['_MEMORY']._serialized_end=874
+  _globals['_LISTMEMORIESREQUEST']._serialized_start=876
+  _globals['_LISTMEMORIESREQUEST']._serialized_end=983
+  _globals['_LISTMEMORIESRESPONSE']._serialized_start=985
+  _globals['_LISTMEMORIESRESPONSE']._serialized_end=1071
+  _globals['_GETMEMORYREQUEST']._serialized_start=1073
+  _globals['_GETMEMORYREQUEST']._serialized_end=1110
+  _globals['_SEARCHMEMORIESREQUEST']._serialized_start=1112
+  _globals['_SEARCHMEMORIESREQUEST']._serialized_end=1212
+  _globals['_SCOREDMEMORY']._serialized_start=1214
+  _globals['_SCOREDMEMORY']._serialized_end=1280
+  _globals['_SEARCHMEMORIESRESPONSE']._serialized_start=1282
+  _globals['_SEARCHMEMORIESRESPONSE']._serialized_end=1350
+  _globals['_DELETEMEMORYREQUEST']._serialized_start=1352
+  _globals['_DELETEMEMORYREQUEST']._serialized_end=1392
+  _globals['_DELETEMEMORYRESPONSE']._serialized_start=1394
+  _globals['_DELETEMEMORYRESPONSE']._serialized_end=1435
+  _globals['_MEMORYSERVICE']._serialized_start=1840
+  _globals['_MEMORYSERVICE']._serialized_end=2248
 # @@protoc_insertion_point(module_scope)

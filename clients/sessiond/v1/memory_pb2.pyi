@@ -20,6 +20,25 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RecallKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecallKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecallKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECALL_KIND_UNSPECIFIED: _RecallKind.ValueType  # 0
+    RECALL_KIND_MEMORY: _RecallKind.ValueType  # 1
+    RECALL_KIND_OVERVIEW: _RecallKind.ValueType  # 2
+    RECALL_KIND_MESSAGE: _RecallKind.ValueType  # 3
+
+class RecallKind(_RecallKind, metaclass=_RecallKindEnumTypeWrapper): ...
+
+RECALL_KIND_UNSPECIFIED: RecallKind.ValueType  # 0
+RECALL_KIND_MEMORY: RecallKind.ValueType  # 1
+RECALL_KIND_OVERVIEW: RecallKind.ValueType  # 2
+RECALL_KIND_MESSAGE: RecallKind.ValueType  # 3
+Global___RecallKind: _TypeAlias = RecallKind  # noqa: Y015
+
 class _MemoryCategory:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -48,6 +67,128 @@ MEMORY_CATEGORY_PATTERNS: MemoryCategory.ValueType  # 6
 MEMORY_CATEGORY_TOOLS: MemoryCategory.ValueType  # 7
 MEMORY_CATEGORY_SKILLS: MemoryCategory.ValueType  # 8
 Global___MemoryCategory: _TypeAlias = MemoryCategory  # noqa: Y015
+
+@_typing.final
+class RecallRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """Free text; at most 4096 characters."""
+    session_id: _builtins.str
+    """Optional: adds that session's newest completed overview (at most a quarter of
+    the budget when items compete for it) and ranks its own entries first.
+    """
+    max_chars: _builtins.int
+    """The budget for the whole response text (overview + item texts); 0 = 4000."""
+    max_items: _builtins.int
+    """At most this many items; 0 = 20, at most 200."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___RecallKind.ValueType]:
+        """Only these kinds (empty = all)."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only entries whose time is in [since, until)."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        max_chars: _builtins.int = ...,
+        max_items: _builtins.int = ...,
+        kinds: _abc.Iterable[Global___RecallKind.ValueType] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "max_chars", b"max_chars", "max_items", b"max_items", "query", b"query", "session_id", b"session_id", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecallRequest: _TypeAlias = RecallRequest  # noqa: Y015
+
+@_typing.final
+class RecallItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_URI_FIELD_NUMBER: _builtins.int
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___RecallKind.ValueType
+    text: _builtins.str
+    score: _builtins.float
+    """Higher is better; comparable within one response only."""
+    session_id: _builtins.str
+    archive_uri: _builtins.str
+    """Empty for memories (they may merge statements from several archives)."""
+    memory_id: _builtins.str
+    """Set for memories."""
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The messages the text comes from (a message hit: the hit and the neighbouring
+        turns included in `text`, in order).
+        """
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___RecallKind.ValueType = ...,
+        text: _builtins.str = ...,
+        score: _builtins.float = ...,
+        session_id: _builtins.str = ...,
+        archive_uri: _builtins.str = ...,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        memory_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_uri", b"archive_uri", "kind", b"kind", "memory_id", b"memory_id", "message_ids", b"message_ids", "score", b"score", "session_id", b"session_id", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecallItem: _TypeAlias = RecallItem  # noqa: Y015
+
+@_typing.final
+class RecallResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATEST_ARCHIVE_OVERVIEW_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    latest_archive_overview: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecallItem]: ...
+    def __init__(
+        self,
+        *,
+        latest_archive_overview: _builtins.str = ...,
+        items: _abc.Iterable[Global___RecallItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "latest_archive_overview", b"latest_archive_overview"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecallResponse: _TypeAlias = RecallResponse  # noqa: Y015
 
 @_typing.final
 class Memory(_message.Message):

@@ -58,6 +58,11 @@ class MemoryServiceStub:
                 request_serializer=sessiond_dot_v1_dot_memory__pb2.DeleteMemoryRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_memory__pb2.DeleteMemoryResponse.FromString,
                 _registered_method=True)
+        self.Recall = channel.unary_unary(
+                '/sessiond.v1.MemoryService/Recall',
+                request_serializer=sessiond_dot_v1_dot_memory__pb2.RecallRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_memory__pb2.RecallResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -92,6 +97,14 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recall(self, request, context):
+        """What the caller's past holds about `query`, best first, within `max_chars`:
+        memories, archive overviews and archived messages (with neighbouring turns).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.DeleteMemory,
                     request_deserializer=sessiond_dot_v1_dot_memory__pb2.DeleteMemoryRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_memory__pb2.DeleteMemoryResponse.SerializeToString,
+            ),
+            'Recall': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recall,
+                    request_deserializer=sessiond_dot_v1_dot_memory__pb2.RecallRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_memory__pb2.RecallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +246,33 @@ class MemoryService:
             '/sessiond.v1.MemoryService/DeleteMemory',
             sessiond_dot_v1_dot_memory__pb2.DeleteMemoryRequest.SerializeToString,
             sessiond_dot_v1_dot_memory__pb2.DeleteMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.MemoryService/Recall',
+            sessiond_dot_v1_dot_memory__pb2.RecallRequest.SerializeToString,
+            sessiond_dot_v1_dot_memory__pb2.RecallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class MemoryServiceStub:
     SearchMemories: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SearchMemoriesRequest, _memory_pb2.SearchMemoriesResponse]
     """Full-text search over the caller's memories, best match first."""
     DeleteMemory: _grpc.UnaryUnaryMultiCallable[_memory_pb2.DeleteMemoryRequest, _memory_pb2.DeleteMemoryResponse]
+    Recall: _grpc.UnaryUnaryMultiCallable[_memory_pb2.RecallRequest, _memory_pb2.RecallResponse]
+    """What the caller's past holds about `query`, best first, within `max_chars`:
+    memories, archive overviews and archived messages (with neighbouring turns).
+    """
 
 @_typing.type_check_only
 class MemoryServiceAsyncStub(MemoryServiceStub):
@@ -57,6 +61,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     SearchMemories: _aio.UnaryUnaryMultiCallable[_memory_pb2.SearchMemoriesRequest, _memory_pb2.SearchMemoriesResponse]  # type: ignore[assignment]
     """Full-text search over the caller's memories, best match first."""
     DeleteMemory: _aio.UnaryUnaryMultiCallable[_memory_pb2.DeleteMemoryRequest, _memory_pb2.DeleteMemoryResponse]  # type: ignore[assignment]
+    Recall: _aio.UnaryUnaryMultiCallable[_memory_pb2.RecallRequest, _memory_pb2.RecallResponse]  # type: ignore[assignment]
+    """What the caller's past holds about `query`, best first, within `max_chars`:
+    memories, archive overviews and archived messages (with neighbouring turns).
+    """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """MemoryService reads the long-term memories Phase 2 extracted.
@@ -93,5 +101,15 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _memory_pb2.DeleteMemoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.DeleteMemoryResponse, _abc.Awaitable[_memory_pb2.DeleteMemoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Recall(
+        self,
+        request: _memory_pb2.RecallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.RecallResponse, _abc.Awaitable[_memory_pb2.RecallResponse]]:
+        """What the caller's past holds about `query`, best first, within `max_chars`:
+        memories, archive overviews and archived messages (with neighbouring turns).
+        """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -694,18 +694,25 @@ class GetSessionContextRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_messages: _builtins.int
     """The newest N live messages; 0 means all."""
+    max_chars: _builtins.int
+    """Budget in characters for the overview plus the text of the messages returned;
+    0 means no budget. The overview takes at most half of it; then the newest
+    messages that fit whole, in order (older ones are left out).
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         max_messages: _builtins.int = ...,
+        max_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_messages", b"max_messages", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chars", b"max_chars", "max_messages", b"max_messages", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ from sessiond.server.phase2.worker import Phase2Worker
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.memories import MemoryManager
+from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.server.store.base import Store
@@ -77,6 +78,7 @@ class App:
         self.sessions = SessionManager(self.store)
         self.commits = CommitService(self.store)
         self.memories = MemoryManager(self.store)
+        self.recall = RecallService(self.store)
         # A single-process store publishes every event in-process, so idle watches only
         # need the polling fallback (a store read) at heartbeat pace.
         watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
@@ -98,7 +100,7 @@ class App:
     async def start(self) -> int:
         await self.store.open()
         server, self.port = build_server(self.settings, self.sessions, self.commits,
-                                         self.tasks, self.memories, self.health,
+                                         self.tasks, self.memories, self.recall, self.health,
                                          self.security)
         await server.start()
         self.server = server

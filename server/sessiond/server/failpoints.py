@@ -6,7 +6,7 @@ SIGKILL would. `name@N` fires on the N-th hit only. Unset, a check is one frozen
 lookup.
 
 Points: commit.before_write, commit.after_write (Phase 1 in the RPC), and for each
-Phase 2 stage S in summarize, extract, relations, active_counts, finalize:
+Phase 2 stage S in summarize, extract, relations, active_counts, index, finalize:
 phase2.S.before (stage started, nothing written) and phase2.S.after (stage
 durable, next not started).
 """
@@ -22,7 +22,7 @@ ENV = "SESSIOND_FAILPOINTS"
 ALL_POINTS: tuple[str, ...] = (
     "commit.before_write",
     "commit.after_write",
-    *(f"phase2.{s}.{w}" for s in ("summarize", "extract", "relations", "active_counts",
+    *(f"phase2.{s}.{w}" for s in ("summarize", "extract", "relations", "active_counts", "index",
                                   "finalize") for w in ("before", "after")),
 )
 

@@ -64,6 +64,7 @@ SCOPES: dict[str, Scope] = {
     "/sessiond.v1.MemoryService/ListMemories": _R,
     "/sessiond.v1.MemoryService/GetMemory": _R,
     "/sessiond.v1.MemoryService/SearchMemories": _R,
+    "/sessiond.v1.MemoryService/Recall": _R,
     "/sessiond.v1.MemoryService/DeleteMemory": _W,
 }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.recall import RecallKind, RecallResult
 from sessiond.server.domain.values import (
     Archive,
     ArchiveState,
@@ -81,7 +83,33 @@ def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return out
 
 
+_RKIND_IN: dict[int, RecallKind] = {memory_pb2.RECALL_KIND_MEMORY: RecallKind.MEMORY,
+                                   memory_pb2.RECALL_KIND_OVERVIEW: RecallKind.OVERVIEW,
+                                   memory_pb2.RECALL_KIND_MESSAGE: RecallKind.MESSAGE}
+_RKIND_OUT: dict[RecallKind, Any] = {v: k for k, v in _RKIND_IN.items()}
+
+
 # ---------------------------------------------------------------------- in
+def ts_in(value: timestamp_pb2.Timestamp, field: str = "time") -> datetime:
+    """A protobuf Timestamp as an aware datetime (INVALID_ARGUMENT when out of range)."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{field} is not a valid timestamp", violations=[
+            FieldViolation(field, "seconds and nanos out of the Timestamp range")]) from exc
+
+
+def recall_kinds_in(values: Sequence[int]) -> tuple[RecallKind, ...]:
+    out: list[RecallKind] = []
+    for i, v in enumerate(values):
+        kind = _RKIND_IN.get(v)
+        if kind is None:
+            raise InvalidArgument("unknown recall kind", violations=[
+                FieldViolation(f"kinds[{i}]", "one of RECALL_KIND_MEMORY, _OVERVIEW, _MESSAGE")])
+        out.append(kind)
+    return tuple(out)
+
+
 def role_in(value: int) -> Role:
     role = _ROLE_IN.get(value)
     if role is None:
@@ -246,3 +274,12 @@ def memory_out(m: Memory) -> memory_pb2.Memory:
         source_session_id=m.source_session_id, source_archive_uri=m.source_archive_uri,
         source_message_ids=list(m.source_message_ids), created_at=ts(m.created_at),
         updated_at=ts(m.updated_at))
+
+
+def recall_out(result: RecallResult) -> memory_pb2.RecallResponse:
+    return memory_pb2.RecallResponse(
+        latest_archive_overview=result.latest_archive_overview,
+        items=[memory_pb2.RecallItem(
+            kind=_RKIND_OUT[i.kind], text=i.text, score=i.score, session_id=i.session_id,
+            archive_uri=i.archive_uri, message_ids=list(i.message_ids), memory_id=i.memory_id,
+            time=ts(i.time)) for i in result.items])

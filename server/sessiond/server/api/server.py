@@ -11,6 +11,7 @@ from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskS
 from sessiond.server.config import Settings
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.memories import MemoryManager
+from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
@@ -58,7 +59,8 @@ class Health:
 
 
 def build_server(settings: Settings, sessions: SessionManager, commits: CommitService,
-                 tasks: TaskManager, memories: MemoryManager, health_: Health,
+                 tasks: TaskManager, memories: MemoryManager, recall: RecallService,
+                 health_: Health,
                  security: Security) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
@@ -68,7 +70,7 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, commits), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories, recall), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     if security.reflection:
         reflection.enable_server_reflection(

@@ -17,6 +17,7 @@ from sessiond.server.domain.errors import InvalidArgument
 from sessiond.server.domain.values import Task, TaskEvent
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.memories import MemoryManager
+from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import Heartbeat, TaskManager
 from sessiond.v1 import (
@@ -131,7 +132,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def GetSessionContext(self, request: session_pb2.GetSessionContextRequest,
                                 context: Ctx) -> session_pb2.SessionContext:
         view = await self.sessions.context(identity_of(context), request.session_id,
-                                           request.max_messages)
+                                           request.max_messages, request.max_chars)
         return session_pb2.SessionContext(
             session_id=view.session_id, latest_archive_overview=view.latest_archive_overview,
             latest_archive_uri=view.latest_archive_uri,
@@ -208,8 +209,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, memories: MemoryManager) -> None:
+    def __init__(self, memories: MemoryManager, recall: RecallService) -> None:
         self.memories = memories
+        self.recall_service = recall
 
     @unary
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Ctx
@@ -239,3 +241,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                            ) -> memory_pb2.DeleteMemoryResponse:
         await self.memories.delete(identity_of(context), request.memory_id)
         return memory_pb2.DeleteMemoryResponse(memory_id=request.memory_id)
+
+    @unary
+    async def Recall(self, request: memory_pb2.RecallRequest, context: Ctx
+                     ) -> memory_pb2.RecallResponse:
+        result = await self.recall_service.recall(
+            identity_of(context), request.query, request.session_id, request.max_chars,
+            request.max_items, cv.recall_kinds_in(request.kinds),
+            cv.ts_in(request.since) if request.HasField("since") else None,
+            cv.ts_in(request.until) if request.HasField("until") else None)
+        return cv.recall_out(result)

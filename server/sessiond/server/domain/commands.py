@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sessiond.server.domain.recall import RecallEntry
 from sessiond.server.domain.values import (
     Archive,
     CandidateMemory,
@@ -77,7 +78,16 @@ class ActiveCountsOutput:
     uris: tuple[str, ...]
 
 
-StageOutput = SummaryResponse | ExtractionResponse | RelationsOutput | ActiveCountsOutput
+@dataclass(frozen=True, slots=True)
+class IndexOutput:
+    """The archive's episodes and overview for the retrieval index (the store adds
+    the memories the archive's extraction wrote)."""
+
+    entries: tuple[RecallEntry, ...]
+
+
+StageOutput = (SummaryResponse | ExtractionResponse | RelationsOutput | ActiveCountsOutput
+               | IndexOutput)
 
 
 @dataclass(frozen=True, slots=True)

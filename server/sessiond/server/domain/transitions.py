@@ -15,6 +15,7 @@ from datetime import datetime
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
     ExtractionResponse,
+    IndexOutput,
     RelationsOutput,
     StageOutput,
     SummaryResponse,
@@ -115,10 +116,12 @@ def stage_completed(task: Task, stage: Stage, output: StageOutput,
         detail = f"{counts.total} memories"
     elif isinstance(output, RelationsOutput):
         detail = f"{len(unique(output.uris))} relations"
-    else:
-        assert isinstance(output, ActiveCountsOutput)
+    elif isinstance(output, ActiveCountsOutput):
         changes["active_count_updated"] = len(unique(output.uris))
         detail = f"{len(unique(output.uris))} active counts updated"
+    else:
+        assert isinstance(output, IndexOutput)
+        detail = f"{len(output.entries)} entries indexed (plus the archive's memories)"
     return Transition(EventKind.STAGE_COMPLETED, TaskState.RUNNING, stage,
                       f"{stage.value} done: {detail}", changes=changes)
 

@@ -269,11 +269,12 @@ class Stage(enum.StrEnum):
     EXTRACT = "extract"
     RELATIONS = "relations"
     ACTIVE_COUNTS = "active_counts"
+    INDEX = "index"
     FINALIZE = "finalize"
 
 
 PIPELINE: tuple[Stage, ...] = (Stage.SUMMARIZE, Stage.EXTRACT, Stage.RELATIONS,
-                               Stage.ACTIVE_COUNTS, Stage.FINALIZE)
+                               Stage.ACTIVE_COUNTS, Stage.INDEX, Stage.FINALIZE)
 
 
 def next_stage_after(done: Stage) -> Stage:

@@ -13,8 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sessiond.server import failpoints
-from sessiond.server.domain.commands import ActiveCountsOutput, RelationsOutput, StageOutput
+from sessiond.server.domain.commands import (
+    ActiveCountsOutput,
+    IndexOutput,
+    RelationsOutput,
+    StageOutput,
+)
 from sessiond.server.domain.errors import ErrorCode, LeaseLost, NotFound, Unavailable
+from sessiond.server.domain.recall import RecallEntry, message_entry, overview_entry
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
@@ -35,6 +41,7 @@ from sessiond.server.phase2.engines.base import (
     SummaryRequest,
 )
 from sessiond.server.phase2.sanitize import sanitize
+from sessiond.server.store import codec
 from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,22 @@ def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, .
             elif isinstance(p, ToolPart) and p.skill_uri:
                 uris.append(p.skill_uri)
     return tuple(dict.fromkeys(uris))
+
+
+def archive_entries(task: Task, messages: list[Message], overview: str,
+                    abstract: str) -> tuple[RecallEntry, ...]:
+    """The retrieval index's entries of an archive: each message with text, and the
+    overview with its abstract (sourced from all of the archive's messages)."""
+    skey = codec.session_key(task.identity, task.session_id)
+    out = [e for m in messages
+           if (e := message_entry(task.identity, skey, task.session_id, task.archive_index,
+                                  m)) is not None]
+    ov = overview_entry(task.identity, skey, task.session_id, task.archive_index, abstract,
+                        overview, tuple(m.id for m in messages),
+                        messages[-1].created_at if messages else utcnow())
+    if ov is not None:
+        out.append(ov)
+    return tuple(out)
 
 
 @dataclass
@@ -117,7 +140,7 @@ class Phase2Pipeline:
         previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
         prev_overview = previous.overview if previous is not None else ""
         uris = used_uris(messages, usage)  # what relations and active_counts both write
-        overview = ""
+        overview = abstract = ""
         # Whether this stage was already announced (by the claim or the previous stage).
         started = announced and not task.cancel_requested
         for i, stage in enumerate(PIPELINE):
@@ -145,15 +168,22 @@ class Phase2Pipeline:
                 output = await self.engine.summarize(SummaryRequest(
                     session_id=task.session_id, archive_index=task.archive_index,
                     messages=messages, previous_overview=prev_overview, usage=usage), reporter)
-                overview = output.overview
+                overview, abstract = output.overview, output.abstract
             elif stage is Stage.EXTRACT:
                 if not overview:
                     arch = await store.get_archive(ident, task.session_id, task.archive_index)
-                    overview = arch.overview if arch is not None else ""
+                    overview, abstract = ((arch.overview, arch.abstract) if arch is not None
+                                          else ("", ""))
                 output = await self.engine.extract(ExtractionRequest(
                     session_id=task.session_id, archive_uri=task.archive_uri,
                     messages=messages, previous_overview=prev_overview, overview=overview,
                     usage=usage), reporter)
+            elif stage is Stage.INDEX:
+                if not overview:
+                    arch = await store.get_archive(ident, task.session_id, task.archive_index)
+                    overview, abstract = ((arch.overview, arch.abstract) if arch is not None
+                                          else ("", ""))
+                output = IndexOutput(archive_entries(task, messages, overview, abstract))
             elif stage is Stage.RELATIONS:
                 output = RelationsOutput(uris)
             else:

@@ -11,6 +11,7 @@ from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
 from sessiond.server.domain.pages import Page
+from sessiond.server.domain.recall import clip
 from sessiond.server.domain.values import (
     Archive,
     Identity,
@@ -122,17 +123,31 @@ class SessionManager:
         rec = UsageRecord(context_uris=tuple(uris), skill=skill, created_at=rules.utcnow())
         return await self.store.record_usage(identity, session_id, rec, req)
 
-    async def context(self, identity: Identity, session_id: str, max_messages: int
-                      ) -> SessionContextView:
+    async def context(self, identity: Identity, session_id: str, max_messages: int,
+                      max_chars: int = 0) -> SessionContextView:
         rules.check_session_id(session_id)
         if max_messages < 0:
             raise InvalidArgument("max_messages must not be negative", violations=[
                 FieldViolation("max_messages", "must be >= 0")])
+        if max_chars < 0:
+            raise InvalidArgument("max_chars must not be negative", violations=[
+                FieldViolation("max_chars", "must be >= 0 (0: no budget)")])
         messages = await self.store.list_live_messages(identity, session_id, max_messages)
         latest = await self.store.latest_done_archive(identity, session_id)
+        overview = latest.overview if latest else ""
+        if max_chars:
+            overview = clip(overview, max_chars // 2 if messages else max_chars)
+            left, kept = max_chars - len(overview), []
+            for m in reversed(messages):  # the newest that fit whole
+                size = len(m.text())
+                if size > left:
+                    break
+                left -= size
+                kept.append(m)
+            messages = kept[::-1]
         return SessionContextView(
             session_id=session_id,
-            latest_archive_overview=latest.overview if latest else "",
+            latest_archive_overview=overview,
             latest_archive_uri=latest.uri if latest else "",
             current_messages=messages)
 

@@ -24,6 +24,7 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.pages import Page
+from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -280,6 +281,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_memory(self, identity: Identity, memory_id: str) -> bool: ...
+
+    # -- retrieval index -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def recall(self, identity: Identity, query: RecallQuery,
+                     with_neighbours: int = 0) -> list[RecallHit]:
+        """The caller's best `query.limit` index entries by BM25 (statistics over the
+        caller's own entries), best first; the first `with_neighbours` episode hits
+        carry the turns right before and after them in their archive."""
+
+    @abc.abstractmethod
+    async def recall_entry_count(self, identity: Identity,
+                                 kind: RecallKind | None = None) -> int:
+        """How many index entries (of `kind`) the caller can recall."""
+
+    @abc.abstractmethod
+    async def index_entries(self, entries: Sequence[RecallEntry]) -> int:
+        """Add entries that are not indexed yet (reindexing); returns how many were new."""
 
     # -- retention ---------------------------------------------------------------------
     @abc.abstractmethod

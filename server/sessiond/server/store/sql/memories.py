@@ -18,6 +18,7 @@ from sessiond.server.domain.values import (
     memory_owner,
 )
 from sessiond.server.store import codec
+from sessiond.server.store.sql import recall
 from sessiond.server.store.sql.tx import Tx
 
 COLUMNS = ("memory_id", "account", "user_id", "agent", "category", "mkey", "content",
@@ -115,4 +116,5 @@ async def delete(tx: Tx, identity: Identity, memory_id: str) -> bool:
                                *_visible(identity), memory_id)
     if changed:
         await tx.d.unindex_memory(tx, memory_id)
+        await recall.delete_memory_entries(tx, [memory_id])
     return changed == 1

@@ -44,6 +44,10 @@ class RowMapper:
             raise ValueError("a required timestamp column is NULL")
         return dt
 
+    def ts(self, value: Any) -> datetime:
+        """A required timestamp column's value as a datetime."""
+        return self._req(value)
+
     def meta(self, row: Row) -> SessionMeta:
         return SessionMeta(
             identity=Identity(row["account"], row["user_id"], row["agent"]),

@@ -170,6 +170,34 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX api_keys_account ON api_keys (account, created_at);
     ${extra}
     """),
+    Migration(3, "retrieval index", """
+    CREATE TABLE recall_entries (
+        entry_id ${key} PRIMARY KEY,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        kind TEXT NOT NULL,
+        skey ${key} REFERENCES sessions (skey) ON DELETE CASCADE,
+        session_id ${key} NOT NULL,
+        archive_index INTEGER NOT NULL,
+        position ${int64} NOT NULL,
+        message_ids TEXT NOT NULL,
+        memory_id ${key} NOT NULL,
+        time ${ts} NOT NULL,
+        text TEXT NOT NULL,
+        length INTEGER NOT NULL
+    );
+    CREATE INDEX recall_entries_owner ON recall_entries (account, user_id, agent, length);
+    CREATE INDEX recall_entries_archive ON recall_entries (skey, archive_index, position);
+    CREATE INDEX recall_entries_memory ON recall_entries (memory_id);
+    CREATE TABLE recall_terms (
+        entry_id ${key} NOT NULL REFERENCES recall_entries (entry_id) ON DELETE CASCADE,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        term TEXT NOT NULL,
+        tf INTEGER NOT NULL,
+        PRIMARY KEY (entry_id, term)
+    );
+    CREATE INDEX recall_terms_lookup ON recall_terms (account, user_id, term, agent, tf);
+    ${extra}
+    """),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -177,7 +205,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
-                           "api_keys")
+                           "api_keys", "recall_entries", "recall_terms")
 
 
 def statements(script: str) -> list[str]:

@@ -9,6 +9,7 @@ from sessiond.server.domain import transitions as tr
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
     ExtractionResponse,
+    IndexOutput,
     RelationsOutput,
     StageOutput,
     SummaryResponse,
@@ -22,7 +23,7 @@ from sessiond.server.domain.values import (
     TaskEvent,
 )
 from sessiond.server.store import codec
-from sessiond.server.store.sql import memories, tasks
+from sessiond.server.store.sql import memories, recall, tasks
 from sessiond.server.store.sql.tx import Tx
 
 
@@ -50,6 +51,8 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
             "ON CONFLICT (uri) DO UPDATE SET active_count=active_counts.active_count+1, "
             "updated_at=excluded.updated_at",
             [(u, d.ts(now)) for u in sorted({codec.clean_text(u) for u in output.uris})])
+    elif isinstance(output, IndexOutput):
+        await recall.index_archive(tx, task, output.entries)
     ev, task = await tasks.apply(tx, task, tr.stage_completed(task, stage, output, counts), now)
     if next_stage is not None:
         ev, task = await tasks.apply(tx, task, tr.cross_boundary(task, stage, next_stage, now),

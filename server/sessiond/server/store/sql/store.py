@@ -8,7 +8,7 @@ operation below is the same for all backends.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.pages import Page
+from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -44,6 +45,7 @@ from sessiond.server.store.sql import (
     commit,
     memories,
     messages,
+    recall,
     retention,
     sessions,
     stages,
@@ -212,6 +214,18 @@ class SqlStore(Store):
 
     async def delete_memory(self, identity: Identity, memory_id: str) -> bool:
         return await self._write(lambda tx: memories.delete(tx, identity, memory_id))
+
+    # -- retrieval index
+    async def recall(self, identity: Identity, query: RecallQuery,
+                     with_neighbours: int = 0) -> list[RecallHit]:
+        return await self._read(lambda tx: recall.recall(tx, identity, query, with_neighbours))
+
+    async def recall_entry_count(self, identity: Identity,
+                                 kind: RecallKind | None = None) -> int:
+        return await self._read(lambda tx: recall.entry_count(tx, identity, kind))
+
+    async def index_entries(self, entries: Sequence[RecallEntry]) -> int:
+        return await self._write(lambda tx: recall.insert_entries(tx, entries))
 
     # -- retention
     async def sweep(self, now: datetime, completed_before: datetime, failed_before: datetime,

@@ -1,0 +1,203 @@
+"""Recall: the retrieval index's entries, a query, and the rules that turn scored
+candidates into what an agent gets back within its character budget. No I/O here.
+
+An entry is one thing a session produced, as the index keeps it: an archived message
+(an episode), an archive's overview with its abstract, or a memory. Lexical scores
+are Okapi BM25 over the caller's own entries (per-identity statistics), computed the
+same way on every backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sessiond.server.domain.values import Identity, Message, archive_uri
+
+DEFAULT_MAX_CHARS = 4000
+MAX_MAX_CHARS = 200_000
+DEFAULT_MAX_ITEMS = 20
+MAX_MAX_ITEMS = 200
+# What the index keeps of one entry's text (and derives its terms from).
+ENTRY_TEXT_CHARS = 4000
+# BM25 parameters (Robertson/Sparck Jones; Lucene's and the benchmark baseline's).
+BM25_K1 = 1.5
+BM25_B = 0.75
+# Candidates scored per query before de-duplication and packing.
+CANDIDATES = 60
+# Smallest useful remainder when the last item must be clipped to fit the budget.
+MIN_CLIPPED_ITEM = 120
+# An overview may take at most this share of the budget when items also compete.
+OVERVIEW_SHARE = 0.25
+
+
+class RecallKind(enum.StrEnum):
+    MEMORY = "memory"
+    OVERVIEW = "overview"
+    MESSAGE = "message"
+
+
+ALL_KINDS: tuple[RecallKind, ...] = tuple(RecallKind)
+
+
+@dataclass(frozen=True, slots=True)
+class RecallEntry:
+    """One indexed thing, owned by `owner` (memories: their owner space)."""
+
+    entry_id: str
+    owner: Identity
+    kind: RecallKind
+    session_id: str
+    archive_index: int
+    position: int  # message seq (episodes); 0 otherwise
+    message_ids: tuple[str, ...]
+    memory_id: str
+    time: datetime
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecallQuery:
+    terms: tuple[str, ...]
+    kinds: tuple[RecallKind, ...] = ALL_KINDS
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = CANDIDATES
+
+
+@dataclass(frozen=True, slots=True)
+class RecallHit:
+    """A scored entry; `before`/`after` are the neighbouring turns of an episode."""
+
+    entry: RecallEntry
+    score: float
+    before: tuple[RecallEntry, ...] = ()
+    after: tuple[RecallEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecallItem:
+    kind: RecallKind
+    text: str
+    score: float
+    session_id: str
+    archive_uri: str
+    message_ids: tuple[str, ...]
+    memory_id: str
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecallResult:
+    latest_archive_overview: str
+    items: tuple[RecallItem, ...] = field(default_factory=tuple)
+
+    def chars(self) -> int:
+        return len(self.latest_archive_overview) + sum(len(i.text) for i in self.items)
+
+
+def entry_id(kind: RecallKind, *parts: str) -> str:
+    """A stable id: indexing the same thing twice writes the same row (idempotent)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+    return f"{kind.value[:3]}_{digest}"
+
+
+def message_entry(owner: Identity, skey: str, session_id: str, archive_index: int,
+                  message: Message) -> RecallEntry | None:
+    """The episode of an archived message: its role and text (None when it has none)."""
+    text = message.text().strip()
+    if not text:
+        return None
+    text = f"{message.role.value}: {text}"[:ENTRY_TEXT_CHARS]
+    return RecallEntry(entry_id(RecallKind.MESSAGE, skey, message.id), owner,
+                       RecallKind.MESSAGE, session_id, archive_index, message.seq,
+                       (message.id,), "", message.created_at, text)
+
+
+def overview_entry(owner: Identity, skey: str, session_id: str, archive_index: int,
+                   abstract: str, overview: str, message_ids: tuple[str, ...],
+                   time: datetime) -> RecallEntry | None:
+    text = "\n".join(t for t in (abstract.strip(), overview.strip()) if t)
+    if not text:
+        return None
+    return RecallEntry(entry_id(RecallKind.OVERVIEW, skey, str(archive_index)), owner,
+                       RecallKind.OVERVIEW, session_id, archive_index, 0, message_ids, "",
+                       time, text[:ENTRY_TEXT_CHARS])
+
+
+def bm25_idf(n_docs: int, df: int) -> float:
+    """BM25's idf with the +1 inside the log (never negative), as Lucene uses it."""
+    import math
+
+    return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+
+
+def _item_text(hit: RecallHit, with_context: bool) -> tuple[str, tuple[str, ...]]:
+    turns = [*hit.before, hit.entry, *hit.after] if with_context else [hit.entry]
+    ids = tuple(dict.fromkeys(i for t in turns for i in t.message_ids))
+    return "\n".join(t.text for t in turns), ids
+
+
+def pack(hits: list[RecallHit], overview: str, max_chars: int,
+         max_items: int) -> RecallResult:
+    """Best first, de-duplicated, within `max_chars` (overview included).
+
+    Each episode is offered with its
+    neighbouring turns when they fit, alone otherwise; a turn already returned is
+    never returned again; the last item is clipped to the remaining budget rather
+    than dropped when a useful part of it fits.
+    """
+    budget = max(0, max_chars)
+    if overview:
+        cap = budget if not hits else max(0, int(budget * OVERVIEW_SHARE))
+        overview = clip(overview, cap)
+    left = budget - len(overview)
+    items: list[RecallItem] = []
+    seen_ids: set[str] = set()
+    seen_text: set[str] = set()
+    for hit in hits:
+        if len(items) >= max_items or left <= 0:
+            break
+        entry = hit.entry
+        if entry.kind is RecallKind.MESSAGE and entry.message_ids[0] in seen_ids:
+            continue
+        key = " ".join(entry.text.lower().split())
+        if key in seen_text:
+            continue
+        text, ids = _item_text(hit, with_context=True)
+        if entry.kind is RecallKind.MESSAGE:
+            # Neighbours already returned elsewhere are not repeated.
+            fresh = [t for t in (*hit.before, entry, *hit.after)
+                     if t is entry or t.message_ids[0] not in seen_ids]
+            text = "\n".join(t.text for t in fresh)
+            ids = tuple(i for t in fresh for i in t.message_ids)
+        if len(text) > left:
+            text, ids = _item_text(hit, with_context=False)
+        if len(text) > left:
+            if left < MIN_CLIPPED_ITEM:
+                break
+            text = clip(text, left)
+        seen_text.add(key)
+        if entry.kind is RecallKind.MESSAGE:
+            seen_ids.update(ids)
+        left -= len(text)
+        uri = (archive_uri(entry.session_id, entry.archive_index)
+               if entry.kind is not RecallKind.MEMORY else "")
+        items.append(RecallItem(entry.kind, text, hit.score, entry.session_id, uri, ids,
+                                entry.memory_id, entry.time))
+    return RecallResult(overview, tuple(items))
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, at a word boundary when one is near."""
+    if len(text) <= limit:
+        return text
+    if limit <= 1:
+        return text[:max(0, limit)]
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space >= limit * 0.8:
+        cut = cut[:space]
+    return cut + "…"

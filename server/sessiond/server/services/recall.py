@@ -1,0 +1,78 @@
+"""Recall: what an agent gets back for a question, within its character budget.
+
+One lexical ranking (BM25 over the caller's own index entries) over every kind the
+index holds; episodes carry their neighbouring turns when the budget allows; the
+caller's current session, when named, contributes its newest completed overview and
+its own entries rank first among equally good ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sessiond.server.domain import rules, terms
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.recall import (
+    ALL_KINDS,
+    CANDIDATES,
+    DEFAULT_MAX_CHARS,
+    DEFAULT_MAX_ITEMS,
+    MAX_MAX_CHARS,
+    MAX_MAX_ITEMS,
+    RecallKind,
+    RecallQuery,
+    RecallResult,
+    pack,
+)
+from sessiond.server.domain.values import Identity
+from sessiond.server.store.base import Store
+
+MAX_QUERY_CHARS = 4096
+# A hit of the named session outranks another session's hit unless that one scores
+# this much higher.
+OWN_SESSION_BOOST = 1.25
+
+
+class RecallService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def recall(self, identity: Identity, query: str, session_id: str = "",
+                     max_chars: int = 0, max_items: int = 0,
+                     kinds: Sequence[RecallKind] = (), since: datetime | None = None,
+                     until: datetime | None = None) -> RecallResult:
+        bad: list[FieldViolation] = []
+        if not query.strip():
+            bad.append(FieldViolation("query", "give at least one word"))
+        elif len(query) > MAX_QUERY_CHARS:
+            bad.append(FieldViolation("query", f"at most {MAX_QUERY_CHARS} characters"))
+        if max_chars < 0 or max_chars > MAX_MAX_CHARS:
+            bad.append(FieldViolation("max_chars", f"must be 0 (default {DEFAULT_MAX_CHARS}) "
+                                                   f"to {MAX_MAX_CHARS}"))
+        if max_items < 0 or max_items > MAX_MAX_ITEMS:
+            bad.append(FieldViolation("max_items", f"must be 0 (default {DEFAULT_MAX_ITEMS}) "
+                                                   f"to {MAX_MAX_ITEMS}"))
+        if since is not None and until is not None and since >= until:
+            bad.append(FieldViolation("until", "must be later than since"))
+        if bad:
+            raise InvalidArgument("invalid recall request", violations=bad)
+        if session_id:
+            rules.check_session_id(session_id)
+        budget = max_chars or DEFAULT_MAX_CHARS
+        limit = max_items or DEFAULT_MAX_ITEMS
+        wanted = tuple(dict.fromkeys(kinds)) or ALL_KINDS
+        overview = ""
+        if session_id and RecallKind.OVERVIEW in wanted:
+            latest = await self.store.latest_done_archive(identity, session_id)
+            overview = latest.overview if latest is not None else ""
+        q = RecallQuery(tuple(terms.query_terms(query)), wanted, since, until,
+                        max(CANDIDATES, 3 * limit))
+        hits = await self.store.recall(identity, q, with_neighbours=limit) if q.terms else []
+        if session_id:
+            hits.sort(key=lambda h: -h.score * (OWN_SESSION_BOOST
+                                                if h.entry.session_id == session_id else 1.0))
+            if overview:  # the overview returned on its own is not repeated as an item
+                hits = [h for h in hits if not (h.entry.kind is RecallKind.OVERVIEW
+                                                and overview.strip() in h.entry.text)]
+        return pack(hits, overview, budget, limit)

@@ -1,0 +1,185 @@
+"""The retrieval index: entries and their term postings, written by Phase 2's
+`index` stage, removed with their session or memory, and ranked with Okapi BM25
+over the caller's own entries, in SQL that is the same on every backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from sessiond.server.domain import terms as term_rules
+from sessiond.server.domain.recall import (
+    BM25_B,
+    BM25_K1,
+    RecallEntry,
+    RecallHit,
+    RecallKind,
+    RecallQuery,
+    bm25_idf,
+    entry_id,
+)
+from sessiond.server.domain.values import Identity, MemoryCategory, Task, memory_owner
+from sessiond.server.store import codec
+from sessiond.server.store.sql.tx import Row, Tx
+
+ENTRY_COLUMNS = ("entry_id", "account", "user_id", "agent", "kind", "skey", "session_id",
+                 "archive_index", "position", "message_ids", "memory_id", "time", "text",
+                 "length")
+VISIBLE = "account=? AND user_id=? AND (agent='' OR agent=?)"
+# Neighbouring turns are looked for this many message seqs away at most.
+NEIGHBOUR_SPAN = 4
+
+
+def _visible(identity: Identity) -> tuple[str, str, str]:
+    return identity.account, identity.user, identity.agent
+
+
+async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
+    """Index entries not indexed yet (ids are deterministic: a redo writes nothing)."""
+    n = 0
+    for e in entries:
+        tf, length = term_rules.term_frequencies(e.text)
+        skey = (codec.session_key(e.owner, e.session_id)
+                if e.kind is not RecallKind.MEMORY else None)
+        inserted = await tx.execute(
+            f"INSERT INTO recall_entries ({', '.join(ENTRY_COLUMNS)}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (entry_id) DO NOTHING",
+            e.entry_id, e.owner.account, e.owner.user, e.owner.agent, e.kind.value, skey,
+            e.session_id, e.archive_index, e.position, codec.dumps(list(e.message_ids)),
+            e.memory_id, tx.d.ts(e.time), codec.clean_text(e.text), length)
+        if inserted and tf:
+            await tx.executemany(
+                "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf) "
+                "VALUES (?,?,?,?,?,?)",
+                [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c)
+                 for t, c in sorted(tf.items())])
+        n += inserted
+    return n
+
+
+async def delete_memory_entries(tx: Tx, memory_ids: Sequence[str]) -> None:
+    for mid in memory_ids:
+        await tx.execute("DELETE FROM recall_terms WHERE entry_id IN "
+                         "(SELECT entry_id FROM recall_entries WHERE memory_id=?)", mid)
+        await tx.execute("DELETE FROM recall_entries WHERE memory_id=?", mid)
+
+
+async def delete_session_entries(tx: Tx, skey: str) -> None:
+    await tx.execute("DELETE FROM recall_terms WHERE entry_id IN "
+                     "(SELECT entry_id FROM recall_entries WHERE skey=?)", skey)
+    await tx.execute("DELETE FROM recall_entries WHERE skey=?", skey)
+
+
+async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry]) -> int:
+    """The `index` stage's writes: the archive's episodes and overview (given), and
+    the current text of every memory this archive's extraction wrote or merged
+    into (its entry replaced). Returns the number of entries written."""
+    written = await insert_entries(tx, entries)
+    rows = await tx.fetch(
+        "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
+        "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
+        "AND (agent='' OR agent=?) AND source_archive_uri=? ORDER BY memory_id",
+        *_visible(task.identity), task.archive_uri)
+    memory_entries = [_memory_entry(tx, r) for r in rows]
+    await delete_memory_entries(tx, [e.memory_id for e in memory_entries])
+    return written + await insert_entries(tx, memory_entries)
+
+
+def _memory_entry(tx: Tx, row: Row) -> RecallEntry:
+    category = MemoryCategory(row["category"])
+    owner = memory_owner(Identity(row["account"], row["user_id"], row["agent"] or ""),
+                         category)
+    updated = tx.d.rows.ts(row["updated_at"])
+    return RecallEntry(
+        entry_id(RecallKind.MEMORY, row["memory_id"], str(tx.d.epoch(row["updated_at"]))),
+        owner, RecallKind.MEMORY, row["source_session_id"], 0, 0,
+        tuple(json.loads(row["source_message_ids"])), row["memory_id"], updated,
+        f"{category.value}: {row['content']}")
+
+
+def _entry(tx: Tx, row: Row) -> RecallEntry:
+    return RecallEntry(
+        str(row["entry_id"]), Identity(row["account"], row["user_id"], row["agent"]),
+        RecallKind(row["kind"]), str(row["session_id"]), int(row["archive_index"]),
+        int(row["position"]), tuple(json.loads(row["message_ids"])), str(row["memory_id"]),
+        tx.d.rows.ts(row["time"]), str(row["text"]))
+
+
+def _cols(alias: str) -> str:
+    return ", ".join(f"{alias}.{c}" for c in ENTRY_COLUMNS)
+
+
+async def search(tx: Tx, identity: Identity, query: RecallQuery) -> list[RecallHit]:
+    """The best `query.limit` entries by BM25, best first (ties: newest first)."""
+    if not query.terms or not query.kinds:
+        return []
+    vis = _visible(identity)
+    stats = await tx.fetchrow("SELECT COUNT(*) AS n, COALESCE(SUM(length), 0) AS total "
+                              f"FROM recall_entries WHERE {VISIBLE}", *vis)
+    n_docs = int(stats["n"]) if stats is not None else 0
+    if n_docs == 0:
+        return []
+    avgdl = max(1.0, float(stats["total"]) / n_docs) if stats is not None else 1.0
+    marks = ",".join("?" * len(query.terms))
+    dfs = await tx.fetch(f"SELECT term, COUNT(*) AS df FROM recall_terms WHERE {VISIBLE} "
+                         f"AND term IN ({marks}) GROUP BY term", *vis, *query.terms)
+    weights = [(str(r["term"]), bm25_idf(n_docs, int(r["df"]))) for r in dfs]
+    if not weights:
+        return []
+    values = ",".join("(CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION))" for _ in weights)
+    args: list[object] = [x for tw in weights for x in tw]
+    sql = (f"WITH q(term, idf) AS (VALUES {values}) "
+           f"SELECT {_cols('e')}, SUM(q.idf * (t.tf * {BM25_K1 + 1}) / (t.tf + {BM25_K1} * "
+           f"({1 - BM25_B} + {BM25_B} * e.length / CAST(? AS DOUBLE PRECISION)))) AS score "
+           "FROM q JOIN recall_terms t ON t.term = q.term "
+           "JOIN recall_entries e ON e.entry_id = t.entry_id "
+           "WHERE t.account=? AND t.user_id=? AND (t.agent='' OR t.agent=?)")
+    args += [avgdl, *vis]
+    if set(query.kinds) != set(RecallKind):
+        sql += f" AND e.kind IN ({','.join('?' * len(query.kinds))})"
+        args += [k.value for k in query.kinds]
+    if query.since is not None:
+        sql += " AND e.time >= ?"
+        args.append(tx.d.ts(query.since))
+    if query.until is not None:
+        sql += " AND e.time < ?"
+        args.append(tx.d.ts(query.until))
+    sql += (f" GROUP BY {_cols('e')} ORDER BY score DESC, e.time DESC, e.entry_id LIMIT ?")
+    rows = await tx.fetch(sql, *args, query.limit)
+    return [RecallHit(_entry(tx, r), float(r["score"])) for r in rows]
+
+
+async def neighbours(tx: Tx, hit: RecallHit, span: int = 1) -> RecallHit:
+    """`hit` with the episodes right before and after it in its archive."""
+    e = hit.entry
+    if e.kind is not RecallKind.MESSAGE:
+        return hit
+    rows = await tx.fetch(
+        f"SELECT {_cols('r')} FROM recall_entries r WHERE r.skey=? AND r.archive_index=? "
+        "AND r.kind=? AND r.position BETWEEN ? AND ? AND r.position<>? ORDER BY r.position",
+        codec.session_key(e.owner, e.session_id), e.archive_index, RecallKind.MESSAGE.value,
+        e.position - NEIGHBOUR_SPAN * span, e.position + NEIGHBOUR_SPAN * span, e.position)
+    around = [_entry(tx, r) for r in rows]
+    before = tuple(x for x in around if x.position < e.position)[-span:]
+    after = tuple(x for x in around if x.position > e.position)[:span]
+    return RecallHit(e, hit.score, before, after)
+
+
+async def recall(tx: Tx, identity: Identity, query: RecallQuery,
+                 with_neighbours: int) -> list[RecallHit]:
+    """Search, then the neighbouring turns of the first `with_neighbours` hits."""
+    hits = await search(tx, identity, query)
+    out: list[RecallHit] = []
+    for i, hit in enumerate(hits):
+        out.append(await neighbours(tx, hit) if i < with_neighbours else hit)
+    return out
+
+
+async def entry_count(tx: Tx, identity: Identity, kind: RecallKind | None = None) -> int:
+    sql, args = f"SELECT COUNT(*) FROM recall_entries WHERE {VISIBLE}", list(_visible(identity))
+    if kind is not None:
+        sql += " AND kind=?"
+        args.append(kind.value)
+    return int(await tx.fetchval(sql, *args))
+
+
