@@ -31,11 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from sessiond.v1 import memory_pb2, memory_pb2_grpc, session_pb2, session_pb2_grpc, task_pb2
-from sessiond.v1 import task_pb2_grpc
+from sessiond.v1 import (
+    memory_pb2,
+    memory_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import REPO_DIR, sessiond_cmd, start_server  # noqa: E402
+from bench.harness import REPO_DIR, sessiond_cmd, start_server
 
 DEFAULT_DATA = REPO_DIR.parent / "shared" / "eval" / "locomo-dev"
 STOP = frozenset("a an the of in on at to for and or is was were be been it its this that "
@@ -143,10 +149,13 @@ def questions(conv: dict[str, Any], last: int) -> list[dict[str, Any]]:
     for q in conv.get("qa", []):
         if q.get("category") not in (1, 2, 3, 4) or "answer" not in q:
             continue
-        ev = [e for e in q.get("evidence", []) if re.fullmatch(r"D\d+:\d+", e.strip())]
-        if not ev or any(int(e.strip()[1:].split(":")[0]) >= last for e in ev):
+        # Evidence ids as the dataset spells them, a few irregular ones included
+        # ("D8:6; D9:17", "D:11:26").
+        ev = [f"D{m.group(1)}:{m.group(2)}" for e in q.get("evidence", [])
+              for m in re.finditer(r"D:?(\d+):(\d+)", e)]
+        if not ev or any(int(e[1:].split(":")[0]) >= last for e in ev):
             continue
-        out.append({**q, "evidence": [e.strip() for e in ev]})
+        out.append({**q, "evidence": ev})
     return out
 
 
@@ -163,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     totals = {"questions": 0, "sd_answer": 0, "sd_evidence": 0, "bm_answer": 0,
               "bm_evidence": 0, "sd_chars": 0, "bm_chars": 0}
     latencies: list[float] = []
+    kinds: Counter[str] = Counter()
     try:
         channel = grpc.insecure_channel(srv.target, options=[
             ("grpc.max_receive_message_length", 64 << 20)])
@@ -182,12 +192,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # sessiond
                 t1 = time.perf_counter()
                 resp = mem.Recall(memory_pb2.RecallRequest(
-                    query=q["question"], session_id=sid, max_chars=args.max_chars),
+                    query=q["question"], session_id="" if args.no_session else sid,
+                    max_chars=args.max_chars),
                     metadata=md)
                 latencies.append(time.perf_counter() - t1)
                 text = "\n".join([resp.latest_archive_overview,
                                   *(i.text for i in resp.items)])[: args.max_chars]
                 sources = {m for i in resp.items[:10] for m in i.message_ids}
+                kinds.update(memory_pb2.RecallKind.Name(i.kind) for i in resp.items)
                 totals["sd_answer"] += answer_hit(answer, text)
                 totals["sd_evidence"] += bool(ev_ids & sources)
                 totals["sd_chars"] += len(text)
@@ -222,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "mean_chars": totals["bm_chars"] / n},
         "recall_latency_ms": {"p50": 1000 * latencies[len(latencies) // 2],
                               "p99": 1000 * latencies[int(len(latencies) * 0.99)]},
+        "items_by_kind": dict(kinds),
         "max_chars": args.max_chars, "store": args.store or "sqlite",
         "server_args": args.server_arg,
     }
@@ -233,7 +246,9 @@ def main() -> None:
     ap.add_argument("--store", default="", help="default: SQLite in a temporary directory")
     ap.add_argument("--max-chars", type=int, default=4000)
     ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra `sessiond serve` flag (repeatable), e.g. --server-arg=--engine=openai")
+                    help="extra `sessiond serve` flag (repeatable), e.g. --server-arg=--workers=4")
+    ap.add_argument("--no-session", action="store_true",
+                    help="ask Recall without naming the session (no overview first)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     res = run(args)
@@ -246,6 +261,8 @@ def main() -> None:
               f"{r['mean_chars']:>12.0f}")
     print(f"{'difference (points)':24}{100 * (sd['answer_recall'] - bm['answer_recall']):>+15.1f}"
           f"{100 * (sd['evidence_recall_at_10'] - bm['evidence_recall_at_10']):>+13.1f}")
+    print("items returned by kind:", ", ".join(f"{k} {v}" for k, v in
+                                              sorted(res["items_by_kind"].items())))
     lat = res["recall_latency_ms"]
     print(f"Recall latency over the run: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms")
     if args.json:

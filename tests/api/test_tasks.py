@@ -31,7 +31,7 @@ def test_watch_finished_task_gets_snapshot_and_journal(server: Running) -> None:
     assert [e.seq for e in evs] == list(range(1, snap.last_seq + 1))
     assert evs[0].kind == task_pb2.TASK_EVENT_KIND_CREATED and evs[-1].kind in TERMINAL
     stages = [e.stage for e in evs if e.kind == task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED]
-    assert stages == ["summarize", "extract", "relations", "active_counts"]
+    assert stages == ["summarize", "extract", "relations", "active_counts", "index"]
     assert evs[-1].result.archive_uri == snap.archive_uri
     # after the terminal seq: snapshot only, then OK
     tail = watch_all(server.tasks, tid, after_seq=snap.last_seq)

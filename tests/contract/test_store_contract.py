@@ -17,6 +17,7 @@ from sessiond.server.domain.commands import (
     CommitOutcome,
     CommitPlan,
     ExtractionResponse,
+    IndexOutput,
     RelationsOutput,
     RequestKey,
     SummaryResponse,
@@ -127,6 +128,7 @@ async def run_pipeline(store: Store, task_id: str, worker: str, t: float, *,
                                at(t))
     await store.complete_stage(task_id, worker, Stage.ACTIVE_COUNTS,
                                ActiveCountsOutput(tuple(uris)), at(t))
+    await store.complete_stage(task_id, worker, Stage.INDEX, IndexOutput(()), at(t))
     return await store.finalize_task(task_id, worker, at(t))
 
 

@@ -63,11 +63,11 @@ TERMINAL_KINDS = frozenset({task_pb2.TASK_EVENT_KIND_COMPLETED, task_pb2.TASK_EV
 TERMINAL_STATES = frozenset({task_pb2.TASK_STATE_COMPLETED, task_pb2.TASK_STATE_FAILED,
                              task_pb2.TASK_STATE_CANCELLED})
 DEFAULT_IDENTITY = Identity("default", "default", "default")
-PIPELINE_STAGES = ("summarize", "extract", "relations", "active_counts")
+PIPELINE_STAGES = ("summarize", "extract", "relations", "active_counts", "index")
 MEMORY_FIELDS = ("profile", "preferences", "entities", "events", "cases", "patterns", "tools",
                  "skills", "total")
-STAGES_AT_LEAST_RELATIONS = frozenset({"relations", "active_counts", "finalize"})
-STAGES_AT_LEAST_ACTIVE = frozenset({"active_counts", "finalize"})
+STAGES_AT_LEAST_RELATIONS = frozenset({"relations", "active_counts", "index", "finalize"})
+STAGES_AT_LEAST_ACTIVE = frozenset({"active_counts", "index", "finalize"})
 
 CONTEXT_URIS = tuple(f"ctx://docs/{i}" for i in range(6))
 SKILL_URIS = tuple(f"skill://tools/{i}" for i in range(3))

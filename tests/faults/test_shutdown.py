@@ -159,7 +159,8 @@ def test_sigterm_while_phase2_runs(tmp_path: Path) -> None:
                 # Each stage completed exactly once, even across the shutdown.
                 done_stages = [e.stage for e in events
                                if e.kind == task_pb2.TASK_EVENT_KIND_STAGE_COMPLETED]
-                assert done_stages == ["summarize", "extract", "relations", "active_counts"]
+                assert done_stages == ["summarize", "extract", "relations", "active_counts",
+                                       "index"]
             # The task that was running when SIGTERM came stopped at a stage boundary and
             # was resumed by the new process.
             assert resumed >= 1

@@ -64,7 +64,7 @@ LEASE_SECONDS = 2.0
 POLL_SECONDS = 0.3
 WATCH_TIMEOUT = 50.0
 KILL_AFTER_COMMITS = 10
-PHASE2_STAGES = ("summarize", "extract", "relations", "active_counts")
+PHASE2_STAGES = ("summarize", "extract", "relations", "active_counts", "index")
 MEMORY_FIELDS = tuple(f.name for f in common_pb2.MemoryCounts.DESCRIPTOR.fields)
 EK = task_pb2.TaskEventKind
 

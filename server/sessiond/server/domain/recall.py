@@ -29,8 +29,13 @@ BM25_B = 0.75
 CANDIDATES = 60
 # Smallest useful remainder when the last item must be clipped to fit the budget.
 MIN_CLIPPED_ITEM = 120
-# An overview may take at most this share of the budget when items also compete.
-OVERVIEW_SHARE = 0.25
+# The named session's overview may take at most this share of the budget when items
+# also compete for it (measured: bench/recall.py, docs/retrieval.md).
+OVERVIEW_SHARE = 0.10
+# The best this many episode hits carry their neighbouring turns (the answer to a
+# question is often the reply to the turn that matches it); later hits come alone,
+# which leaves room for more distinct hits.
+NEIGHBOUR_HITS = 5
 
 
 class RecallKind(enum.StrEnum):

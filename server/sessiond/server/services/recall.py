@@ -20,6 +20,7 @@ from sessiond.server.domain.recall import (
     DEFAULT_MAX_ITEMS,
     MAX_MAX_CHARS,
     MAX_MAX_ITEMS,
+    NEIGHBOUR_HITS,
     RecallKind,
     RecallQuery,
     RecallResult,
@@ -68,7 +69,8 @@ class RecallService:
             overview = latest.overview if latest is not None else ""
         q = RecallQuery(tuple(terms.query_terms(query)), wanted, since, until,
                         max(CANDIDATES, 3 * limit))
-        hits = await self.store.recall(identity, q, with_neighbours=limit) if q.terms else []
+        hits = (await self.store.recall(identity, q, with_neighbours=NEIGHBOUR_HITS)
+                if q.terms else [])
         if session_id:
             hits.sort(key=lambda h: -h.score * (OWN_SESSION_BOOST
                                                 if h.entry.session_id == session_id else 1.0))
