@@ -146,7 +146,8 @@ def test_deleting_a_memory_removes_its_entry(server: Running) -> None:
 def test_bad_requests_are_invalid_argument(server: Running, request_kw: dict[str, object],
                                            field: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        _recall(server, **request_kw)
+        server.memories.Recall(memory_pb2.RecallRequest(**request_kw),  # type: ignore[arg-type]
+                               metadata=ALICE)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(err.value.details() or "") < 500
 

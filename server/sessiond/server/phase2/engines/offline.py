@@ -8,6 +8,7 @@ The same archive and previous overview always give the same output.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections import Counter
@@ -66,6 +67,11 @@ class OfflineEngine:
 
     async def summarize(self, request: SummaryRequest,
                         report: RetryReporter = no_report) -> SummaryResponse:
+        # CPU-bound and linear in the archive: run off the event loop so a large
+        # archive never stalls other RPCs (see docs/phase2.md).
+        return await asyncio.to_thread(self.summarize_now, request)
+
+    def summarize_now(self, request: SummaryRequest) -> SummaryResponse:
         msgs = list(request.messages)
         users = [m for m in msgs if m.role is Role.USER and m.text().strip()]
         tools = [p for m in msgs for p in m.parts if isinstance(p, ToolPart)]
@@ -132,10 +138,11 @@ class OfflineEngine:
     @staticmethod
     def _open_loops(msgs: Sequence[Message], tools: Sequence[ToolPart]) -> list[str]:
         loops: list[str] = []
+        last_assistant = max((i for i, m in enumerate(msgs) if m.role is Role.ASSISTANT),
+                             default=-1)
         for i, m in enumerate(msgs):
             if m.role is Role.USER and m.text().strip().endswith("?"):
-                answered = any(n.role is Role.ASSISTANT for n in msgs[i + 1:])
-                if not answered:
+                if i > last_assistant:  # no assistant message after it
                     loops.append(f"unanswered: {_clip(m.text(), 160)}")
         for t in tools:
             if t.status in (ToolStatus.PENDING, ToolStatus.RUNNING):
@@ -155,6 +162,9 @@ class OfflineEngine:
     # ------------------------------------------------------------------ extraction
     async def extract(self, request: ExtractionRequest,
                       report: RetryReporter = no_report) -> ExtractionResponse:
+        return await asyncio.to_thread(self.extract_now, request)
+
+    def extract_now(self, request: ExtractionRequest) -> ExtractionResponse:
         out: list[CandidateMemory] = []
         profile_lines: list[str] = []
         profile_ids: list[str] = []
@@ -195,11 +205,18 @@ class OfflineEngine:
     @staticmethod
     def _cases(msgs: Sequence[Message]) -> list[CandidateMemory]:
         out: list[CandidateMemory] = []
+        # The next assistant message with text after each position, in one pass
+        # from the end (linear in the archive).
+        next_reply: list[Message | None] = [None] * len(msgs)
+        following: Message | None = None
+        for i in range(len(msgs) - 1, -1, -1):
+            next_reply[i] = following
+            if msgs[i].role is Role.ASSISTANT and msgs[i].text().strip():
+                following = msgs[i]
         for i, m in enumerate(msgs):
             if m.role is not Role.USER or not _PROBLEM.search(m.text()):
                 continue
-            reply = next((n for n in msgs[i + 1:] if n.role is Role.ASSISTANT
-                          and n.text().strip()), None)
+            reply = next_reply[i]
             if reply is None:
                 continue
             problem = _clip(_first_sentence(m.text()), 200)
