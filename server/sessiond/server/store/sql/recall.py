@@ -49,10 +49,10 @@ async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
             e.memory_id, tx.d.ts(e.time), codec.clean_text(e.text), length)
         if inserted and tf:
             await tx.executemany(
-                "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf) "
-                "VALUES (?,?,?,?,?,?)",
-                [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c)
-                 for t, c in sorted(tf.items())])
+                "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf, kind, "
+                "length) VALUES (?,?,?,?,?,?,?,?)",
+                [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c, e.kind.value,
+                  length) for t, c in sorted(tf.items())])
         n += inserted
     return n
 
@@ -128,23 +128,29 @@ async def search(tx: Tx, identity: Identity, query: RecallQuery) -> list[RecallH
         return []
     values = ",".join("(CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION))" for _ in weights)
     args: list[object] = [x for tw in weights for x in tw]
-    sql = (f"WITH q(term, idf) AS (VALUES {values}) "
-           f"SELECT {_cols('e')}, SUM(q.idf * (t.tf * {BM25_K1 + 1}) / (t.tf + {BM25_K1} * "
-           f"({1 - BM25_B} + {BM25_B} * e.length / CAST(? AS DOUBLE PRECISION)))) AS score "
+    # Scores come from the postings alone (an index-only scan: each posting carries its
+    # entry's length and kind); entries are read for the best `limit` only, and only
+    # joined before that when a time filter needs them.
+    timed = query.since is not None or query.until is not None
+    sql = (f"WITH q(term, idf) AS (VALUES {values}), "
+           f"s AS (SELECT t.entry_id, SUM(q.idf * (t.tf * {BM25_K1 + 1}) / (t.tf + {BM25_K1} * "
+           f"({1 - BM25_B} + {BM25_B} * t.length / CAST(? AS DOUBLE PRECISION)))) AS score "
            "FROM q JOIN recall_terms t ON t.term = q.term "
-           "JOIN recall_entries e ON e.entry_id = t.entry_id "
-           "WHERE t.account=? AND t.user_id=? AND (t.agent='' OR t.agent=?)")
+           + ("JOIN recall_entries f ON f.entry_id = t.entry_id " if timed else "")
+           + "WHERE t.account=? AND t.user_id=? AND (t.agent='' OR t.agent=?)")
     args += [avgdl, *vis]
     if set(query.kinds) != set(RecallKind):
-        sql += f" AND e.kind IN ({','.join('?' * len(query.kinds))})"
+        sql += f" AND t.kind IN ({','.join('?' * len(query.kinds))})"
         args += [k.value for k in query.kinds]
     if query.since is not None:
-        sql += " AND e.time >= ?"
+        sql += " AND f.time >= ?"
         args.append(tx.d.ts(query.since))
     if query.until is not None:
-        sql += " AND e.time < ?"
+        sql += " AND f.time < ?"
         args.append(tx.d.ts(query.until))
-    sql += (f" GROUP BY {_cols('e')} ORDER BY score DESC, e.time DESC, e.entry_id LIMIT ?")
+    sql += (" GROUP BY t.entry_id ORDER BY score DESC, t.entry_id LIMIT ?) "
+            f"SELECT {_cols('e')}, s.score FROM s JOIN recall_entries e "
+            "ON e.entry_id = s.entry_id ORDER BY s.score DESC, e.entry_id")
     rows = await tx.fetch(sql, *args, query.limit)
     return [RecallHit(_entry(tx, r), float(r["score"])) for r in rows]
 

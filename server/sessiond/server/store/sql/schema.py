@@ -193,9 +193,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
         term TEXT NOT NULL,
         tf INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        length INTEGER NOT NULL,
         PRIMARY KEY (entry_id, term)
     );
-    CREATE INDEX recall_terms_lookup ON recall_terms (account, user_id, term, agent, tf);
+    CREATE INDEX recall_terms_lookup ON recall_terms (account, user_id, term, agent, tf,
+                                                      length, kind, entry_id);
     ${extra}
     """),
 )
