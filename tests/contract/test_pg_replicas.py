@@ -115,12 +115,12 @@ def test_notifications_reach_other_replicas(replicas: StoreMaker, run: Runner) -
         # B runs the task: A's watchers hear of every event B journals
         task = await claim(b, "w", 2)
         await run_pipeline(b, task.task_id, "w", 3)
-        await eventually(lambda: remote_a.count("t1") >= 6)
+        await eventually(lambda: remote_a.count("t1") >= 7)
         events = await a.list_events("t1", 0)
         assert events[-1].kind is EventKind.COMPLETED
         # a store does not hear its own writes as remote ones
         await asyncio.sleep(0.2)
-        assert remote_a.count("t1") == 6  # B's six transactions, not A's own commit
+        assert remote_a.count("t1") == 7  # B's seven transactions, not A's own commit
         assert remote_b.count("t1") == 1  # A's commit, not B's own writes
         assert local_a == [1]
 

@@ -902,8 +902,8 @@ def test_journal_cap(make_store: StoreFactory, run: Runner) -> None:
         assert [e.seq for e in await store.list_events("t1", 7)] == [8, 9, 10]
         await run_pipeline(store, "t1", "w", 4)
         t = await store.get_task("t1")
-        assert t is not None and t.last_seq == 15 and t.first_seq == 11
-        assert [e.seq for e in await store.list_events("t1", 0)] == [11, 12, 13, 14, 15]
+        assert t is not None and t.last_seq == 16 and t.first_seq == 12
+        assert [e.seq for e in await store.list_events("t1", 0)] == [12, 13, 14, 15, 16]
 
     run(body())
 
@@ -938,13 +938,13 @@ def test_event_listeners_run_after_commit(store: Store, run: Runner) -> None:
                                      Stage.SUMMARIZE, at(3))
         assert len(seen) == n
         await run_pipeline(store, "t1", "w", 4)
-        assert [e.seq for e in seen] == list(range(1, 8))
+        assert [e.seq for e in seen] == list(range(1, 9))
         final = seen[-1]
         assert final.kind is EventKind.COMPLETED and final.result is not None
         assert len(work) >= 2  # the finished task may unblock more work
         for c in checks:
             assert (await c)[-1] >= 1
-        assert await checks[-1] == list(range(1, 8))
+        assert await checks[-1] == list(range(1, 9))
 
     run(body())
 
