@@ -16,7 +16,8 @@ def test_readme_example_runs(server: Running, tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert blocks, "README has no python example"
-    code = blocks[0].replace("127.0.0.1:50051", server.target)
+    # The worked example, then its Recall continuation.
+    code = "\n".join(blocks[:2]).replace("127.0.0.1:50051", server.target)
     script = tmp_path / "example.py"
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
@@ -27,5 +28,6 @@ def test_readme_example_runs(server: Running, tmp_path: Path) -> None:
     assert "TASK_EVENT_KIND_COMPLETED" in out
     assert "commits: 1" in out
     assert "## Overview" in out
+    assert "RECALL_KIND_MESSAGE" in out and "health-check timeout" in out
     memories = int(re.search(r"memories: (\d+)", out).group(1))  # type: ignore[union-attr]
     assert memories >= 3  # name, preference, the Atlas case at least
