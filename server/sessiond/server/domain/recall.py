@@ -168,6 +168,9 @@ def pack(hits: list[RecallHit], overview: str, max_chars: int,
         entry = hit.entry
         if entry.kind is RecallKind.MESSAGE and entry.message_ids[0] in seen_ids:
             continue
+        if (entry.kind is RecallKind.MEMORY and entry.message_ids
+                and seen_ids.issuperset(entry.message_ids)):
+            continue  # derived from turns already returned whole
         key = " ".join(entry.text.lower().split())
         if key in seen_text:
             continue
