@@ -4,8 +4,6 @@ indexing across a crash, and removal with sessions and memories."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 from sessiond.server.domain import terms
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
@@ -29,11 +27,7 @@ from sessiond.server.phase2.pipeline import archive_entries
 from sessiond.server.store.base import Store
 
 from tests.contract.conftest import Runner
-
-ID = Identity("acme", "alice", "assistant")
-OTHER_USER = Identity("acme", "bob", "assistant")
-OTHER_AGENT = Identity("acme", "alice", "coder")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+from tests.contract.test_store_contract import ID, OTHER_AGENT, OTHER_USER, at
 
 TURNS = [
     (Role.USER, "We adopted a puppy named Biscuit last weekend."),
@@ -43,10 +37,6 @@ TURNS = [
     (Role.USER, "Next month I start a pottery class downtown."),
     (Role.ASSISTANT, "Pottery is relaxing. Which studio?"),
 ]
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
 
 
 def q(text: str, **kw: object) -> RecallQuery:
