@@ -197,7 +197,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         length INTEGER NOT NULL,
         PRIMARY KEY (entry_id, term)
     );
-    CREATE INDEX recall_terms_lookup ON recall_terms (account, user_id, term, agent, tf,
+    CREATE INDEX recall_terms_lookup ON recall_terms (term, account, user_id, agent, tf,
                                                       length, kind, entry_id);
     ${extra}
     """),
