@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from sessiond.server.domain.values import Identity, archive_uri
+from sessiond.server.domain.values import Identity, TextPart, archive_uri
 from sessiond.server.failpoints import ALL_POINTS
 from sessiond.server.store import codec
 from sessiond.v1 import session_pb2, task_pb2
@@ -1041,6 +1041,24 @@ class CrashRun:
                                               (skey,))}
             if rel != expected_rel.get(sid, set()):
                 v(f"{sid}: relations {sorted(rel)} != {sorted(expected_rel.get(sid, set()))}")
+        # Retrieval index: an archive past its index stage has one episode per message
+        # with text and at most one overview entry; an archive before it has none.
+        for (sid, idx), t in tasks.items():
+            if sid not in sessions:
+                continue
+            skey = codec.session_key(DEFAULT_IDENTITY, sid)
+            texts = sum(1 for r in conn.execute(
+                "SELECT parts FROM messages WHERE skey=? AND archive_index=?", (skey, idx))
+                if any(isinstance(p, TextPart) and p.text.strip()
+                       for p in codec.decode_parts(r[0])))
+            got = dict(conn.execute(
+                "SELECT kind, COUNT(*) FROM recall_entries WHERE skey=? AND archive_index=? "
+                "GROUP BY kind", (skey, idx)).fetchall())
+            indexed = t["done_stage"] in ("index", "finalize")
+            want_messages = texts if indexed else 0
+            if got.get("message", 0) != want_messages or got.get("overview", 0) > int(indexed):
+                v(f"{sid}: archive {idx} (done {t['done_stage']}) has index entries {got}, "
+                  f"expected {want_messages} episodes")
 
     def final_check(self) -> None:
         """Everything, all sessions, on a fresh start."""
