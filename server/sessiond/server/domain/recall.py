@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from sessiond.server.domain import terms
 from sessiond.server.domain.values import Identity, Message, archive_uri
 
 DEFAULT_MAX_CHARS = 4000
@@ -61,6 +62,14 @@ class RecallEntry:
     memory_id: str
     time: datetime
     text: str
+    # The text's index terms with their counts, and its length in terms; computed
+    # once, where the entry is made (never inside a store transaction).
+    term_counts: tuple[tuple[str, int], ...] = ()
+    length: int = 0
+
+    def with_terms(self) -> RecallEntry:
+        tf, length = terms.term_frequencies(self.text)
+        return replace(self, term_counts=tuple(sorted(tf.items())), length=length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +127,7 @@ def message_entry(owner: Identity, skey: str, session_id: str, archive_index: in
     text = f"{message.role.value}: {text}"[:ENTRY_TEXT_CHARS]
     return RecallEntry(entry_id(RecallKind.MESSAGE, skey, message.id), owner,
                        RecallKind.MESSAGE, session_id, archive_index, message.seq,
-                       (message.id,), "", message.created_at, text)
+                       (message.id,), "", message.created_at, text).with_terms()
 
 
 def overview_entry(owner: Identity, skey: str, session_id: str, archive_index: int,
@@ -129,7 +138,7 @@ def overview_entry(owner: Identity, skey: str, session_id: str, archive_index: i
         return None
     return RecallEntry(entry_id(RecallKind.OVERVIEW, skey, str(archive_index)), owner,
                        RecallKind.OVERVIEW, session_id, archive_index, 0, message_ids, "",
-                       time, text[:ENTRY_TEXT_CHARS])
+                       time, text[:ENTRY_TEXT_CHARS]).with_terms()
 
 
 def bm25_idf(n_docs: int, df: int) -> float:

@@ -8,6 +8,7 @@ Cancellation and shutdown are honoured at stage boundaries only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from sessiond.server.store.base import Store
 log = logging.getLogger(__name__)
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
+# Retrieval entries written per transaction by the index stage.
+INDEX_BATCH = 200
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -183,7 +186,7 @@ class Phase2Pipeline:
                     arch = await store.get_archive(ident, task.session_id, task.archive_index)
                     overview, abstract = ((arch.overview, arch.abstract) if arch is not None
                                           else ("", ""))
-                output = IndexOutput(archive_entries(task, messages, overview, abstract))
+                output = await self._index(task, messages, overview, abstract)
             elif stage is Stage.RELATIONS:
                 output = RelationsOutput(uris)
             else:
@@ -196,6 +199,20 @@ class Phase2Pipeline:
             started = True
             failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
+
+    async def _index(self, task: Task, messages: list[Message], overview: str,
+                     abstract: str) -> IndexOutput:
+        """Entries (and their terms) are made off the event loop; all but the last
+        batch are written in transactions of their own so that a large archive never
+        holds the store's writer for long. Entry ids are deterministic, so batches
+        written before a crash are not written twice; the last batch commits with the
+        stage's done mark."""
+        entries = await asyncio.to_thread(archive_entries, task, messages, overview,
+                                          abstract)
+        head = len(entries) - INDEX_BATCH if len(entries) > INDEX_BATCH else 0
+        for start in range(0, head, INDEX_BATCH):
+            await self.store.index_entries(entries[start:min(start + INDEX_BATCH, head)])
+        return IndexOutput(entries[head:])
 
     def _reporter(self, task: Task, stage: Stage) -> RetryReporterImpl:
         return RetryReporterImpl(self, task, stage)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sessiond.server.domain import terms as term_rules
 from sessiond.server.domain.recall import (
     BM25_B,
     BM25_K1,
@@ -34,26 +33,39 @@ def _visible(identity: Identity) -> tuple[str, str, str]:
     return identity.account, identity.user, identity.agent
 
 
+# Entries written per statement batch (bounded parameter lists on every backend).
+BATCH = 200
+
+
 async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
-    """Index entries not indexed yet (ids are deterministic: a redo writes nothing)."""
+    """Index entries not indexed yet (ids are deterministic: a redo writes nothing).
+    Entries should carry their terms (`RecallEntry.with_terms`); those that do not
+    get them here."""
     n = 0
-    for e in entries:
-        tf, length = term_rules.term_frequencies(e.text)
-        skey = (codec.session_key(e.owner, e.session_id)
-                if e.kind is not RecallKind.MEMORY else None)
-        inserted = await tx.execute(
+    for start in range(0, len(entries), BATCH):
+        chunk = [e if e.term_counts or not e.text.strip() else e.with_terms()
+                 for e in entries[start:start + BATCH]]
+        marks = ",".join("?" * len(chunk))
+        have = {str(r[0]) for r in await tx.fetch(
+            f"SELECT entry_id FROM recall_entries WHERE entry_id IN ({marks})",
+            *(e.entry_id for e in chunk))}
+        new = list({e.entry_id: e for e in chunk if e.entry_id not in have}.values())
+        if not new:
+            continue
+        await tx.executemany(
             f"INSERT INTO recall_entries ({', '.join(ENTRY_COLUMNS)}) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (entry_id) DO NOTHING",
-            e.entry_id, e.owner.account, e.owner.user, e.owner.agent, e.kind.value, skey,
-            e.session_id, e.archive_index, e.position, codec.dumps(list(e.message_ids)),
-            e.memory_id, tx.d.ts(e.time), codec.clean_text(e.text), length)
-        if inserted and tf:
-            await tx.executemany(
-                "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf, kind, "
-                "length) VALUES (?,?,?,?,?,?,?,?)",
-                [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c, e.kind.value,
-                  length) for t, c in sorted(tf.items())])
-        n += inserted
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, e.kind.value,
+              codec.session_key(e.owner, e.session_id) if e.kind is not RecallKind.MEMORY
+              else None, e.session_id, e.archive_index, e.position,
+              codec.dumps(list(e.message_ids)), e.memory_id, tx.d.ts(e.time),
+              codec.clean_text(e.text), e.length) for e in new])
+        await tx.executemany(
+            "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf, kind, "
+            "length) VALUES (?,?,?,?,?,?,?,?)",
+            [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c, e.kind.value,
+              e.length) for e in new for t, c in e.term_counts])
+        n += len(new)
     return n
 
 
