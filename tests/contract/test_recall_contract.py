@@ -213,3 +213,26 @@ def test_a_memory_merged_later_is_reindexed(store: Store, run: Runner) -> None:
                 if h.entry.kind is RecallKind.MEMORY]
         assert len(mems) == 1 and "sit on command" in mems[0].entry.text
     run(body())
+
+
+def test_terms_are_the_same_from_many_threads() -> None:
+    """Index terms are made in worker threads at once: the stemmer must not be shared
+    (a shared Snowball stemmer garbles words or raises IndexError under threads)."""
+    import random
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    rnd = random.Random(5)
+    suffixes = ("ational", "izing", "fulness", "ically", "ations", "ed", "ousness")
+    texts = [" ".join("".join(rnd.choice("abcdefghijklmnoprstu") for _ in range(6))
+                      + rnd.choice(suffixes) for _ in range(3000)) for _ in range(8)]
+    want = [terms.tokens(t) for t in texts]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        terms._stem.cache_clear()  # every thread stems for real
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(terms.tokens, texts))
+    finally:
+        sys.setswitchinterval(old)
+    assert got == want

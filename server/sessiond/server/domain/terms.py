@@ -9,6 +9,7 @@ which is what makes ranking identical on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from functools import lru_cache
 
@@ -28,12 +29,17 @@ very was we were what when where which while who whom why will with would you yo
 yours yourself yourselves s t d ll m re ve y o don didn doesn isn wasn weren aren
 """.split())
 
-_stemmer = snowballstemmer.stemmer("english")
+# A Snowball stemmer keeps the word it works on in the object: one per thread (index
+# terms are made in worker threads, queries on the event loop).
+_local = threading.local()
 
 
 @lru_cache(maxsize=65536)
 def _stem(token: str) -> str:
-    stem: str = _stemmer.stemWord(token)
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = snowballstemmer.stemmer("english")
+    stem: str = stemmer.stemWord(token)
     return stem
 
 
