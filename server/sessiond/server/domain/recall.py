@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -108,9 +109,6 @@ class RecallResult:
     latest_archive_overview: str
     items: tuple[RecallItem, ...] = field(default_factory=tuple)
 
-    def chars(self) -> int:
-        return len(self.latest_archive_overview) + sum(len(i.text) for i in self.items)
-
 
 def entry_id(kind: RecallKind, *parts: str) -> str:
     """A stable id: indexing the same thing twice writes the same row (idempotent)."""
@@ -143,13 +141,10 @@ def overview_entry(owner: Identity, skey: str, session_id: str, archive_index: i
 
 def bm25_idf(n_docs: int, df: int) -> float:
     """BM25's idf with the +1 inside the log (never negative), as Lucene uses it."""
-    import math
-
     return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
 
 
-def _item_text(hit: RecallHit, with_context: bool) -> tuple[str, tuple[str, ...]]:
-    turns = [*hit.before, hit.entry, *hit.after] if with_context else [hit.entry]
+def _item_text(turns: list[RecallEntry]) -> tuple[str, tuple[str, ...]]:
     ids = tuple(dict.fromkeys(i for t in turns for i in t.message_ids))
     return "\n".join(t.text for t in turns), ids
 
@@ -183,15 +178,11 @@ def pack(hits: list[RecallHit], overview: str, max_chars: int,
         key = " ".join(entry.text.lower().split())
         if key in seen_text:
             continue
-        text, ids = _item_text(hit, with_context=True)
-        if entry.kind is RecallKind.MESSAGE:
-            # Neighbours already returned elsewhere are not repeated.
-            fresh = [t for t in (*hit.before, entry, *hit.after)
-                     if t is entry or t.message_ids[0] not in seen_ids]
-            text = "\n".join(t.text for t in fresh)
-            ids = tuple(i for t in fresh for i in t.message_ids)
+        # Neighbouring turns (episodes only) already returned elsewhere are not repeated.
+        text, ids = _item_text([t for t in (*hit.before, entry, *hit.after)
+                                if t is entry or t.message_ids[0] not in seen_ids])
         if len(text) > left:
-            text, ids = _item_text(hit, with_context=False)
+            text, ids = _item_text([entry])
         if len(text) > left:
             if left < MIN_CLIPPED_ITEM:
                 break

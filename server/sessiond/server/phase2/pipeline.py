@@ -174,18 +174,14 @@ class Phase2Pipeline:
                 overview, abstract = output.overview, output.abstract
             elif stage is Stage.EXTRACT:
                 if not overview:
-                    arch = await store.get_archive(ident, task.session_id, task.archive_index)
-                    overview, abstract = ((arch.overview, arch.abstract) if arch is not None
-                                          else ("", ""))
+                    overview, abstract = await self._saved_summary(task)
                 output = await self.engine.extract(ExtractionRequest(
                     session_id=task.session_id, archive_uri=task.archive_uri,
                     messages=messages, previous_overview=prev_overview, overview=overview,
                     usage=usage), reporter)
             elif stage is Stage.INDEX:
                 if not overview:
-                    arch = await store.get_archive(ident, task.session_id, task.archive_index)
-                    overview, abstract = ((arch.overview, arch.abstract) if arch is not None
-                                          else ("", ""))
+                    overview, abstract = await self._saved_summary(task)
                 output = await self._index(task, messages, overview, abstract)
             elif stage is Stage.RELATIONS:
                 output = RelationsOutput(uris)
@@ -199,6 +195,11 @@ class Phase2Pipeline:
             started = True
             failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
+
+    async def _saved_summary(self, task: Task) -> tuple[str, str]:
+        """The overview and abstract a previous attempt's summarize stage stored."""
+        arch = await self.store.get_archive(task.identity, task.session_id, task.archive_index)
+        return (arch.overview, arch.abstract) if arch is not None else ("", "")
 
     async def _index(self, task: Task, messages: list[Message], overview: str,
                      abstract: str) -> IndexOutput:

@@ -17,7 +17,7 @@ from sessiond.server.domain.recall import (
     bm25_idf,
     entry_id,
 )
-from sessiond.server.domain.values import Identity, MemoryCategory, Task, memory_owner
+from sessiond.server.domain.values import Identity, MemoryCategory, Task
 from sessiond.server.store import codec
 from sessiond.server.store.sql.tx import Row, Tx
 
@@ -99,8 +99,7 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry]) -> i
 
 def _memory_entry(tx: Tx, row: Row) -> RecallEntry:
     category = MemoryCategory(row["category"])
-    owner = memory_owner(Identity(row["account"], row["user_id"], row["agent"] or ""),
-                         category)
+    owner = Identity(row["account"], row["user_id"], row["agent"])  # the owner space
     updated = tx.d.rows.ts(row["updated_at"])
     return RecallEntry(
         entry_id(RecallKind.MEMORY, row["memory_id"], str(tx.d.epoch(row["updated_at"]))),
