@@ -14,6 +14,8 @@ from sessiond.server.api.security import Security
 from sessiond.server.api.server import Health, build_server
 from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
+from sessiond.server.embedders import build_embedder
+from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -24,6 +26,7 @@ from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.server.store.base import Store
+from sessiond.server.store.sql.store import SqlStore
 
 if TYPE_CHECKING:
     import grpc
@@ -65,20 +68,27 @@ class App:
     """One sessiond process."""
 
     def __init__(self, settings: Settings, store: Store | None = None,
-                 engine: Phase2Engine | None = None) -> None:
+                 engine: Phase2Engine | None = None,
+                 embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else build_store(settings)
         secrets: tuple[str, ...] = ()
         if engine is None:
             engine, secrets = build_engine(settings)
         self.engine = engine
+        if embedder is None:
+            embedder, more = build_embedder(settings.embedder)
+            secrets += more
+        self.embedder = embedder
+        if isinstance(self.store, SqlStore):
+            self.store.vector_cache_bytes = settings.embedder.cache_mb * 1024 * 1024
         self.hub = EventHub()
         self.store.add_event_listener(self.hub.publish)
         self.store.add_remote_event_listener(self.hub.poke)
         self.sessions = SessionManager(self.store)
         self.commits = CommitService(self.store)
         self.memories = MemoryManager(self.store)
-        self.recall = RecallService(self.store)
+        self.recall = RecallService(self.store, self.embedder)
         # A single-process store publishes every event in-process, so idle watches only
         # need the polling fallback (a store read) at heartbeat pace.
         watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
@@ -89,7 +99,8 @@ class App:
         self.worker = Phase2Worker(self.store, self.engine,
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,
-                                   poll_seconds=settings.poll_seconds, secrets=secrets)
+                                   poll_seconds=settings.poll_seconds, secrets=secrets,
+                                   embedder=self.embedder)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None
@@ -110,8 +121,10 @@ class App:
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
         self._background.extend(self.security.background())
         host = self.settings.address.rsplit(":", 1)[0]
-        log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
-                 type(self.store).__name__, self.engine.name, self.security.describe())
+        log.info("sessiond listening on %s:%d (store %s, engine %s, embedder %s; %s)", host,
+                 self.port, type(self.store).__name__, self.engine.name,
+                 self.embedder.model if self.embedder is not None else "none",
+                 self.security.describe())
         return self.port
 
     def reload(self) -> None:
@@ -177,4 +190,6 @@ class App:
                        else asyncio.sleep(0))
         await asyncio.gather(stop_server, self.worker.stop(grace))
         await self.engine.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         await self.store.close()

@@ -1,4 +1,4 @@
-"""The `sessiond` command: serve, migrate, keys."""
+"""The `sessiond` command: serve, migrate, keys, reindex."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from sessiond.server.cli_auth import (
     add_security_flags,
     apply_security_flags,
     keys_main,
+)
+from sessiond.server.cli_recall import (
+    add_embedder_flags,
+    add_reindex_command,
+    apply_embedder_flags,
+    reindex_main,
 )
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
@@ -62,9 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO")
     add_security_flags(serve, env)
+    add_embedder_flags(serve, env)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
     add_keys_command(sub, env)
+    add_reindex_command(sub, env)
     return p
 
 
@@ -84,6 +92,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
     apply_security_flags(ns, s)
+    apply_embedder_flags(ns, s)
     return s
 
 
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command == "keys":
         return keys_main(ns)
+    if ns.command == "reindex":
+        return reindex_main(ns)
     if ns.command == "migrate":
         if not ns.store.startswith(("postgresql://", "postgres://")):
             print("sessiond migrate: SQLite migrates itself at start; give --store "

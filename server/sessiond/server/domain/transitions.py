@@ -121,7 +121,9 @@ def stage_completed(task: Task, stage: Stage, output: StageOutput,
         detail = f"{len(unique(output.uris))} active counts updated"
     else:
         assert isinstance(output, IndexOutput)
-        detail = f"{len(output.entries)} entries indexed (plus the archive's memories)"
+        n = output.total_entries or len(output.entries)
+        vecs = f", {output.total_vectors} vectors ({output.model})" if output.model else ""
+        detail = f"{n} entries indexed{vecs} (plus the archive's memories)"
     return Transition(EventKind.STAGE_COMPLETED, TaskState.RUNNING, stage,
                       f"{stage.value} done: {detail}", changes=changes)
 

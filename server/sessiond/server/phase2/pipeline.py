@@ -21,12 +21,18 @@ from sessiond.server.domain.commands import (
     StageOutput,
 )
 from sessiond.server.domain.errors import ErrorCode, LeaseLost, NotFound, Unavailable
-from sessiond.server.domain.recall import RecallEntry, message_entry, overview_entry
+from sessiond.server.domain.recall import (
+    EntryVector,
+    RecallEntry,
+    message_entry,
+    overview_entry,
+)
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
     ContextPart,
     EventKind,
+    Identity,
     Message,
     NewEvent,
     Stage,
@@ -35,6 +41,7 @@ from sessiond.server.domain.values import (
     ToolPart,
     UsageRecord,
 )
+from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # Retrieval entries written per transaction by the index stage.
 INDEX_BATCH = 200
+# Entry texts per embedder call.
+EMBED_BATCH = 64
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -69,14 +78,21 @@ def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, .
 
 def archive_entries(task: Task, messages: list[Message], overview: str,
                     abstract: str) -> tuple[RecallEntry, ...]:
+    """The retrieval index's entries of `task`'s archive."""
+    return archive_entries_of(task.identity, task.session_id, task.archive_index, messages,
+                              overview, abstract)
+
+
+def archive_entries_of(owner: Identity, session_id: str, archive_index: int,
+                       messages: list[Message], overview: str,
+                       abstract: str) -> tuple[RecallEntry, ...]:
     """The retrieval index's entries of an archive: each message with text, and the
     overview with its abstract (sourced from all of the archive's messages)."""
-    skey = codec.session_key(task.identity, task.session_id)
+    skey = codec.session_key(owner, session_id)
     out = [e for m in messages
-           if (e := message_entry(task.identity, skey, task.session_id, task.archive_index,
-                                  m)) is not None]
-    ov = overview_entry(task.identity, skey, task.session_id, task.archive_index, abstract,
-                        overview, tuple(m.id for m in messages),
+           if (e := message_entry(owner, skey, session_id, archive_index, m)) is not None]
+    ov = overview_entry(owner, skey, session_id, archive_index, abstract, overview,
+                        tuple(m.id for m in messages),
                         messages[-1].created_at if messages else utcnow())
     if ov is not None:
         out.append(ov)
@@ -91,8 +107,9 @@ class RunOutcome:
 class Phase2Pipeline:
     def __init__(self, store: Store, engine: Phase2Engine, worker_id: str,
                  should_stop: Callable[[], bool] = lambda: False,
-                 secrets: tuple[str, ...] = ()) -> None:
+                 secrets: tuple[str, ...] = (), embedder: Embedder | None = None) -> None:
         self.store = store
+        self.embedder = embedder
         self.engine = engine
         self.worker_id = worker_id
         self.should_stop = should_stop
@@ -207,13 +224,37 @@ class Phase2Pipeline:
         batch are written in transactions of their own so that a large archive never
         holds the store's writer for long. Entry ids are deterministic, so batches
         written before a crash are not written twice; the last batch commits with the
-        stage's done mark."""
+        stage's done mark. With an embedder, every entry (the archive's memories
+        included) gets its vector, embedded before any write; vectors a previous
+        attempt stored are not embedded again."""
         entries = await asyncio.to_thread(archive_entries, task, messages, overview,
                                           abstract)
+        vectors = await self._embed(task, entries) if self.embedder is not None else []
         head = len(entries) - INDEX_BATCH if len(entries) > INDEX_BATCH else 0
         for start in range(0, head, INDEX_BATCH):
             await self.store.index_entries(entries[start:min(start + INDEX_BATCH, head)])
-        return IndexOutput(entries[head:])
+        model = self.embedder.model if self.embedder is not None else ""
+        written = {e.entry_id for e in entries[:head]}
+        early = [v for v in vectors if v.entry.entry_id in written]
+        for start in range(0, len(early), INDEX_BATCH):
+            await self.store.index_vectors(model, early[start:start + INDEX_BATCH])
+        return IndexOutput(entries[head:], tuple(v for v in vectors
+                                                 if v.entry.entry_id not in written),
+                           model, len(entries), len(vectors))
+
+    async def _embed(self, task: Task, entries: tuple[RecallEntry, ...]) -> list[EntryVector]:
+        assert self.embedder is not None
+        model = self.embedder.model
+        todo = [e for e in (*entries, *await self.store.archive_memory_entries(task))
+                if e.text.strip()]
+        have = await self.store.vectors_present(model, [e.entry_id for e in todo])
+        todo = [e for e in todo if e.entry_id not in have]
+        out: list[EntryVector] = []
+        for start in range(0, len(todo), EMBED_BATCH):
+            chunk = todo[start:start + EMBED_BATCH]
+            vecs = await self.embedder.embed([e.text for e in chunk])
+            out += [EntryVector(e, tuple(v)) for e, v in zip(chunk, vecs, strict=True)]
+        return out
 
     def _reporter(self, task: Task, stage: Stage) -> RetryReporterImpl:
         return RetryReporterImpl(self, task, stage)
@@ -237,10 +278,11 @@ class RetryReporterImpl:
 
 def _engine_code(exc: EngineError) -> ErrorCode:
     """The google.rpc code of a failed stage: what a watcher should make of it."""
-    if exc.reason == "LLM_TIMEOUT":
+    reason = exc.reason.removeprefix("LLM_").removeprefix("EMBEDDER_")  # same meanings
+    if reason == "TIMEOUT":
         return ErrorCode.DEADLINE_EXCEEDED
-    if exc.reason in ("LLM_UNAVAILABLE", "LLM_RATE_LIMITED"):
+    if reason in ("UNAVAILABLE", "RATE_LIMITED"):
         return ErrorCode.UNAVAILABLE
-    if exc.reason in ("LLM_AUTH", "LLM_BAD_REQUEST"):
+    if reason in ("AUTH", "BAD_REQUEST"):
         return ErrorCode.FAILED_PRECONDITION  # the engine's configuration must change
     return ErrorCode.INTERNAL

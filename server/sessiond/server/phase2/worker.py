@@ -14,6 +14,7 @@ from datetime import timedelta
 from sessiond.server.domain.errors import SessiondError
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import Task
+from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
 from sessiond.server.store.base import Store
@@ -28,7 +29,8 @@ def new_worker_id() -> str:
 class Phase2Worker:
     def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
-                 secrets: tuple[str, ...] = (), worker_id: str | None = None) -> None:
+                 secrets: tuple[str, ...] = (), worker_id: str | None = None,
+                 embedder: Embedder | None = None) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
@@ -40,7 +42,8 @@ class Phase2Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self.pipeline = Phase2Pipeline(store, engine, self.worker_id,
-                                       should_stop=lambda: self._stopping, secrets=secrets)
+                                       should_stop=lambda: self._stopping, secrets=secrets,
+                                       embedder=embedder)
         store.add_work_listener(self.wake)
 
     def wake(self) -> None:

@@ -1,13 +1,18 @@
 """Recall: what an agent gets back for a question, within its character budget.
 
-One lexical ranking (BM25 over the caller's own index entries) over every kind the
-index holds; episodes carry their neighbouring turns when the budget allows; the
-caller's current session, when named, contributes its newest completed overview and
-its own entries rank first among equally good ones.
+A lexical ranking (BM25 over the caller's own index entries) over every kind the
+index holds, fused by reciprocal rank with a dense ranking (cosine similarity of
+the query's embedding) when an embedder is configured; episodes carry their
+neighbouring turns when the budget allows; the caller's current session, when
+named, contributes its newest completed overview and its own entries rank first
+among equally good ones.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -27,17 +32,41 @@ from sessiond.server.domain.recall import (
     pack,
 )
 from sessiond.server.domain.values import Identity
+from sessiond.server.embedders.base import Embedder, EmbedderError
 from sessiond.server.store.base import Store
 
+log = logging.getLogger(__name__)
+
 MAX_QUERY_CHARS = 4096
+# A query's embedding must come within this long, or recall ranks lexically only.
+QUERY_EMBED_SECONDS = 3.0
+WARN_EVERY_SECONDS = 60.0
 # A hit of the named session outranks another session's hit unless that one scores
 # this much higher.
 OWN_SESSION_BOOST = 1.25
 
 
 class RecallService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, embedder: Embedder | None = None) -> None:
         self.store = store
+        self.embedder = embedder
+        self._warned_at = -WARN_EVERY_SECONDS
+
+    async def _embed_query(self, query: str) -> tuple[tuple[float, ...], str]:
+        """The query's vector, or none (lexical ranking only) when the embedder fails
+        or is slow: recall still answers, and the log says why (at most once a minute)."""
+        assert self.embedder is not None
+        try:
+            async with asyncio.timeout(QUERY_EMBED_SECONDS):
+                vecs = await self.embedder.embed([query])
+            return tuple(vecs[0]), self.embedder.model
+        except (TimeoutError, EmbedderError) as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY_SECONDS:
+                self._warned_at = now
+                log.warning("recall without dense ranking: the query embedding failed (%s)",
+                            str(exc) or "timed out")
+            return (), ""
 
     async def recall(self, identity: Identity, query: str, session_id: str = "",
                      max_chars: int = 0, max_items: int = 0,
@@ -67,10 +96,12 @@ class RecallService:
         if session_id and RecallKind.OVERVIEW in wanted:
             latest = await self.store.latest_done_archive(identity, session_id)
             overview = latest.overview if latest is not None else ""
+        vector, model = (await self._embed_query(query) if self.embedder is not None
+                         else ((), ""))
         q = RecallQuery(tuple(terms.query_terms(query)), wanted, since, until,
-                        max(CANDIDATES, 3 * limit))
+                        max(CANDIDATES, 3 * limit), vector, model)
         hits = (await self.store.recall(identity, q, with_neighbours=NEIGHBOUR_HITS)
-                if q.terms else [])
+                if q.terms or q.vector else [])
         if session_id:
             hits.sort(key=lambda h: -h.score * (OWN_SESSION_BOOST
                                                 if h.entry.session_id == session_id else 1.0))

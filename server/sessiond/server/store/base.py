@@ -24,7 +24,13 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.pages import Page
-from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
+from sessiond.server.domain.recall import (
+    EntryVector,
+    RecallEntry,
+    RecallHit,
+    RecallKind,
+    RecallQuery,
+)
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -298,6 +304,45 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def index_entries(self, entries: Sequence[RecallEntry]) -> int:
         """Add entries that are not indexed yet (reindexing); returns how many were new."""
+
+    @abc.abstractmethod
+    async def archive_memory_entries(self, task: Task) -> list[RecallEntry]:
+        """The entries of the memories `task`'s archive wrote or merged into, as the
+        memories read now (what its index stage will write)."""
+
+    @abc.abstractmethod
+    async def vectors_present(self, model: str, entry_ids: Sequence[str]) -> set[str]:
+        """Which of `entry_ids` have a vector of `model` already."""
+
+    @abc.abstractmethod
+    async def index_vectors(self, model: str, vectors: Sequence[EntryVector]) -> int:
+        """Store vectors of `model` for entries that exist and have none of it yet;
+        returns how many were new."""
+
+    @abc.abstractmethod
+    async def vector_count(self, identity: Identity, model: str) -> int:
+        """How many vectors of `model` the caller's entries have."""
+
+    @abc.abstractmethod
+    async def unindexed_archives(self, after: tuple[str, int], limit: int
+                                 ) -> list[tuple[str, Identity, str, int]]:
+        """(cursor key, owner, session_id, index) of completed archives without index
+        entries, in a stable order after the cursor `after` (start: ("", -1))."""
+
+    @abc.abstractmethod
+    async def unindexed_memories(self, after: str, limit: int) -> list[RecallEntry]:
+        """Entries for memories with none, by memory id after `after` (start: "")."""
+
+    @abc.abstractmethod
+    async def missing_vectors(self, model: str, after: str, limit: int) -> list[RecallEntry]:
+        """Entries with no vector of `model`, by entry id after `after` (start: "")."""
+
+    @abc.abstractmethod
+    async def count_missing_vectors(self, model: str) -> int: ...
+
+    @abc.abstractmethod
+    async def prune_vectors(self, model: str) -> int:
+        """Remove the vectors of every model but `model`; returns how many."""
 
     # -- retention ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -16,7 +16,7 @@ from sessiond.server.domain.errors import FailedPrecondition, Unavailable
 from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 
 TYPES = {"key": 'TEXT COLLATE "C"', "ts": "TIMESTAMPTZ", "int64": "BIGINT",
-         "bool": "BOOLEAN", "false": "FALSE",
+         "bool": "BOOLEAN", "false": "FALSE", "blob": "BYTEA",
          "serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
          "memory_columns": ",\n        tsv TSVECTOR GENERATED ALWAYS AS "
                            "(to_tsvector('simple'::regconfig, content)) STORED"}

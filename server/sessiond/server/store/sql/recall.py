@@ -10,15 +10,18 @@ from collections.abc import Sequence
 from sessiond.server.domain.recall import (
     BM25_B,
     BM25_K1,
+    EntryVector,
     RecallEntry,
     RecallHit,
     RecallKind,
     RecallQuery,
     bm25_idf,
     entry_id,
+    fuse,
 )
 from sessiond.server.domain.values import Identity, MemoryCategory, Task
 from sessiond.server.store import codec
+from sessiond.server.store.sql import vectors as vectors_sql
 from sessiond.server.store.sql.tx import Row, Tx
 
 ENTRY_COLUMNS = ("entry_id", "account", "user_id", "agent", "kind", "skey", "session_id",
@@ -71,30 +74,52 @@ async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
 
 async def delete_memory_entries(tx: Tx, memory_ids: Sequence[str]) -> None:
     for mid in memory_ids:
-        await tx.execute("DELETE FROM recall_terms WHERE entry_id IN "
-                         "(SELECT entry_id FROM recall_entries WHERE memory_id=?)", mid)
+        for table in ("recall_terms", "recall_vectors"):
+            await tx.execute(f"DELETE FROM {table} WHERE entry_id IN "
+                             "(SELECT entry_id FROM recall_entries WHERE memory_id=?)", mid)
         await tx.execute("DELETE FROM recall_entries WHERE memory_id=?", mid)
 
 
 async def delete_session_entries(tx: Tx, skey: str) -> None:
-    await tx.execute("DELETE FROM recall_terms WHERE entry_id IN "
-                     "(SELECT entry_id FROM recall_entries WHERE skey=?)", skey)
+    for table in ("recall_terms", "recall_vectors"):
+        await tx.execute(f"DELETE FROM {table} WHERE entry_id IN "
+                         "(SELECT entry_id FROM recall_entries WHERE skey=?)", skey)
     await tx.execute("DELETE FROM recall_entries WHERE skey=?", skey)
 
 
-async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry]) -> int:
-    """The `index` stage's writes: the archive's episodes and overview (given), and
-    the current text of every memory this archive's extraction wrote or merged
-    into (its entry replaced). Returns the number of entries written."""
-    written = await insert_entries(tx, entries)
+async def archive_memory_entries(tx: Tx, task: Task) -> list[RecallEntry]:
+    """The entries of the memories this archive's extraction wrote or merged into,
+    as they read now."""
     rows = await tx.fetch(
         "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
         "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
         "AND (agent='' OR agent=?) AND source_archive_uri=? ORDER BY memory_id",
         *_visible(task.identity), task.archive_uri)
-    memory_entries = [_memory_entry(tx, r) for r in rows]
-    await delete_memory_entries(tx, [e.memory_id for e in memory_entries])
-    return written + await insert_entries(tx, memory_entries)
+    return [_memory_entry(tx, r) for r in rows]
+
+
+async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
+                        vectors: Sequence[EntryVector] = (), model: str = "") -> int:
+    """The `index` stage's writes: the archive's episodes and overview (given), the
+    current text of every memory this archive's extraction wrote or merged into
+    (its entry replaced), and the given vectors of `model`. Returns the number of
+    entries written."""
+    written = await insert_entries(tx, entries)
+    memory_entries = await archive_memory_entries(tx, task)
+    current: dict[str, set[str]] = {}
+    if memory_entries:
+        for r in await tx.fetch(
+                "SELECT memory_id, entry_id FROM recall_entries WHERE memory_id IN "
+                f"({','.join('?' * len(memory_entries))})",
+                *(e.memory_id for e in memory_entries)):
+            current.setdefault(str(r[0]), set()).add(str(r[1]))
+    # A memory whose entry is current keeps it (and its vector); others are replaced.
+    stale = [e for e in memory_entries if current.get(e.memory_id) != {e.entry_id}]
+    await delete_memory_entries(tx, [e.memory_id for e in stale])
+    written += await insert_entries(tx, stale)
+    if vectors and model:
+        await vectors_sql.insert(tx, model, vectors)
+    return written
 
 
 def _memory_entry(tx: Tx, row: Row) -> RecallEntry:
@@ -182,10 +207,32 @@ async def neighbours(tx: Tx, hit: RecallHit, span: int = 1) -> RecallHit:
     return RecallHit(e, hit.score, before, after)
 
 
-async def recall(tx: Tx, identity: Identity, query: RecallQuery,
-                 with_neighbours: int) -> list[RecallHit]:
-    """Search, then the neighbouring turns of the first `with_neighbours` hits."""
+async def entries(tx: Tx, entry_ids: Sequence[str]) -> dict[str, RecallEntry]:
+    if not entry_ids:
+        return {}
+    rows = await tx.fetch(f"SELECT {_cols('e')} FROM recall_entries e WHERE e.entry_id IN "
+                          f"({','.join('?' * len(entry_ids))})", *entry_ids)
+    return {str(r["entry_id"]): _entry(tx, r) for r in rows}
+
+
+async def dense(tx: Tx, index: vectors_sql.VectorIndex, identity: Identity,
+                query: RecallQuery) -> list[RecallHit]:
+    """The nearest entries to the query's vector (cosine), best first."""
+    if not query.vector or not query.model or not query.kinds:
+        return []
+    top = await index.top(tx, identity, query.model, query.vector, query.kinds,
+                          query.since, query.until, query.limit)
+    found = await entries(tx, [i for i, _ in top])
+    return [RecallHit(found[i], score) for i, score in top if i in found]
+
+
+async def recall(tx: Tx, identity: Identity, query: RecallQuery, with_neighbours: int,
+                 index: vectors_sql.VectorIndex | None = None) -> list[RecallHit]:
+    """Lexical search, fused with the dense ranking when the query has a vector,
+    then the neighbouring turns of the first `with_neighbours` hits."""
     hits = await search(tx, identity, query)
+    if query.vector and index is not None:
+        hits = fuse([hits, await dense(tx, index, identity, query)], query.limit)
     out: list[RecallHit] = []
     for i, hit in enumerate(hits):
         out.append(await neighbours(tx, hit) if i < with_neighbours else hit)
@@ -200,3 +247,37 @@ async def entry_count(tx: Tx, identity: Identity, kind: RecallKind | None = None
     return int(await tx.fetchval(sql, *args))
 
 
+
+
+# -- reindexing (`sessiond reindex`): what the index lacks, in stable order ---------------
+async def unindexed_archives(tx: Tx, after: tuple[str, int], limit: int
+                             ) -> list[tuple[str, Identity, str, int]]:
+    """(skey, owner, session_id, index) of completed archives with no episode or
+    overview entry (archived before the index existed), after `after` (skey, idx)."""
+    rows = await tx.fetch(
+        "SELECT a.skey, s.account, s.user_id, s.agent, a.session_id, a.idx FROM archives a "
+        "JOIN sessions s ON s.skey = a.skey WHERE a.state='done' AND "
+        "(a.skey > ? OR (a.skey = ? AND a.idx > ?)) AND NOT EXISTS (SELECT 1 FROM "
+        "recall_entries e WHERE e.skey = a.skey AND e.archive_index = a.idx AND e.kind IN "
+        "('message', 'overview')) ORDER BY a.skey, a.idx LIMIT ?",
+        after[0], after[0], after[1], limit)
+    return [(str(r[0]), Identity(r[1], r[2], r[3]), str(r[4]), int(r[5])) for r in rows]
+
+
+async def unindexed_memories(tx: Tx, after: str, limit: int) -> list[RecallEntry]:
+    """Entries for memories that have none, by memory id after `after`."""
+    rows = await tx.fetch(
+        "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
+        "source_message_ids, updated_at FROM memories m WHERE m.memory_id > ? AND NOT EXISTS "
+        "(SELECT 1 FROM recall_entries e WHERE e.memory_id = m.memory_id) "
+        "ORDER BY m.memory_id LIMIT ?", after, limit)
+    return [_memory_entry(tx, r) for r in rows]
+
+
+async def missing_vectors(tx: Tx, model: str, after: str, limit: int) -> list[RecallEntry]:
+    """Entries (every identity) with no vector of `model`, by entry id after `after`."""
+    rows = await tx.fetch(
+        f"SELECT {_cols('e')} FROM recall_entries e WHERE e.entry_id > ? AND NOT EXISTS "
+        "(SELECT 1 FROM recall_vectors v WHERE v.entry_id = e.entry_id AND v.model = ?) "
+        "ORDER BY e.entry_id LIMIT ?", after, model, limit)
+    return [_entry(tx, r) for r in rows]

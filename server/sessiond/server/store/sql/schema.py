@@ -201,6 +201,21 @@ MIGRATIONS: tuple[Migration, ...] = (
                                                       length, kind, entry_id);
     ${extra}
     """),
+    Migration(4, "retrieval vectors", """
+    CREATE TABLE recall_vectors (
+        vseq ${serial},
+        entry_id ${key} NOT NULL REFERENCES recall_entries (entry_id) ON DELETE CASCADE,
+        model ${key} NOT NULL,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        kind TEXT NOT NULL,
+        time ${ts} NOT NULL,
+        vector ${blob} NOT NULL
+    );
+    CREATE UNIQUE INDEX recall_vectors_entry ON recall_vectors (entry_id, model);
+    CREATE INDEX recall_vectors_owner ON recall_vectors (model, account, user_id, agent,
+                                                         vseq);
+    ${extra}
+    """),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -208,7 +223,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
-                           "api_keys", "recall_entries", "recall_terms")
+                           "api_keys", "recall_entries", "recall_terms",
+                           "recall_vectors")
 
 
 def statements(script: str) -> list[str]:

@@ -52,7 +52,7 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
             "updated_at=excluded.updated_at",
             [(u, d.ts(now)) for u in sorted({codec.clean_text(u) for u in output.uris})])
     elif isinstance(output, IndexOutput):
-        await recall.index_archive(tx, task, output.entries)
+        await recall.index_archive(tx, task, output.entries, output.vectors, output.model)
     ev, task = await tasks.apply(tx, task, tr.stage_completed(task, stage, output, counts), now)
     if next_stage is not None:
         ev, task = await tasks.apply(tx, task, tr.cross_boundary(task, stage, next_stage, now),

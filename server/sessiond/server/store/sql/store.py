@@ -20,7 +20,13 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.pages import Page
-from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
+from sessiond.server.domain.recall import (
+    EntryVector,
+    RecallEntry,
+    RecallHit,
+    RecallKind,
+    RecallQuery,
+)
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -50,6 +56,7 @@ from sessiond.server.store.sql import (
     sessions,
     stages,
     tasks,
+    vectors,
 )
 from sessiond.server.store.sql.tx import Announce, Tx
 
@@ -216,9 +223,22 @@ class SqlStore(Store):
         return await self._write(lambda tx: memories.delete(tx, identity, memory_id))
 
     # -- retrieval index
+    # Exact-scan cache of each identity's vectors (dense ranking); its size is set
+    # by the app from --embedder-cache-mb.
+    vector_cache_bytes = 512 * 1024 * 1024
+    _vector_index: vectors.VectorIndex | None = None
+
+    @property
+    def vector_index(self) -> vectors.VectorIndex:
+        if self._vector_index is None:
+            self._vector_index = vectors.VectorIndex(self.vector_cache_bytes)
+        return self._vector_index
+
     async def recall(self, identity: Identity, query: RecallQuery,
                      with_neighbours: int = 0) -> list[RecallHit]:
-        return await self._read(lambda tx: recall.recall(tx, identity, query, with_neighbours))
+        index = self.vector_index if query.vector else None
+        return await self._read(lambda tx: recall.recall(tx, identity, query, with_neighbours,
+                                                         index))
 
     async def recall_entry_count(self, identity: Identity,
                                  kind: RecallKind | None = None) -> int:
@@ -226,6 +246,34 @@ class SqlStore(Store):
 
     async def index_entries(self, entries: Sequence[RecallEntry]) -> int:
         return await self._write(lambda tx: recall.insert_entries(tx, entries))
+
+    async def archive_memory_entries(self, task: Task) -> list[RecallEntry]:
+        return await self._read(lambda tx: recall.archive_memory_entries(tx, task))
+
+    async def vectors_present(self, model: str, entry_ids: Sequence[str]) -> set[str]:
+        return await self._read(lambda tx: vectors.present(tx, model, entry_ids))
+
+    async def index_vectors(self, model: str, vecs: Sequence[EntryVector]) -> int:
+        return await self._write(lambda tx: vectors.insert(tx, model, vecs))
+
+    async def vector_count(self, identity: Identity, model: str) -> int:
+        return await self._read(lambda tx: vectors.count(tx, identity, model))
+
+    async def unindexed_archives(self, after: tuple[str, int], limit: int
+                                 ) -> list[tuple[str, Identity, str, int]]:
+        return await self._read(lambda tx: recall.unindexed_archives(tx, after, limit))
+
+    async def unindexed_memories(self, after: str, limit: int) -> list[RecallEntry]:
+        return await self._read(lambda tx: recall.unindexed_memories(tx, after, limit))
+
+    async def missing_vectors(self, model: str, after: str, limit: int) -> list[RecallEntry]:
+        return await self._read(lambda tx: recall.missing_vectors(tx, model, after, limit))
+
+    async def count_missing_vectors(self, model: str) -> int:
+        return await self._read(lambda tx: vectors.count_missing(tx, model))
+
+    async def prune_vectors(self, model: str) -> int:
+        return await self._write(lambda tx: vectors.prune(tx, model))
 
     # -- retention
     async def sweep(self, now: datetime, completed_before: datetime, failed_before: datetime,

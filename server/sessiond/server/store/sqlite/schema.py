@@ -9,7 +9,7 @@ from sessiond.server.domain.errors import FailedPrecondition
 from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 TYPES = {"key": "TEXT", "ts": "REAL", "int64": "INTEGER", "bool": "INTEGER", "false": "0",
-         "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "memory_columns": ""}
+         "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "memory_columns": ""}
 EXTRA = {1: """
     CREATE INDEX tasks_open ON tasks (state, created_at);
     CREATE VIRTUAL TABLE memories_fts USING fts5(content, memory_id UNINDEXED,

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import openai
@@ -64,7 +64,12 @@ BAD_REPLY_ECHO_MAX = 8000
 ResponseFormat = completion_create_params.ResponseFormat
 
 
-def read_api_key(settings: LLMSettings) -> str:
+class KeySource(Protocol):
+    api_key_env: str
+    api_key_file: str
+
+
+def read_api_key(settings: KeySource, what: str = "LLM") -> str:
     """The key from `api_key_file` (wins; surrounding whitespace dropped) or from the
     environment variable named by `api_key_env`; "" when neither is set."""
     if settings.api_key_file:
@@ -72,10 +77,10 @@ def read_api_key(settings: LLMSettings) -> str:
         try:
             key = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ValueError(f"cannot read the LLM API key file {path}: "
+            raise ValueError(f"cannot read the {what} API key file {path}: "
                              f"{exc.strerror or type(exc).__name__}") from None
         if not key:
-            raise ValueError(f"the LLM API key file {path} is empty")
+            raise ValueError(f"the {what} API key file {path} is empty")
         return key
     if settings.api_key_env:
         return os.environ.get(settings.api_key_env, "").strip()
