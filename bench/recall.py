@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [*sessiond_cmd(), "serve", "--address", "127.0.0.1:0", "--data-dir", str(tmp / "d")]
     if args.store:
         cmd += ["--store", args.store]
-    cmd += args.server_arg
+    cmd += ["--embedder", args.embedder, *args.server_arg]
     srv = start_server("sessiond", cmd, tmp / "server.log")
     totals = {"questions": 0, "sd_answer": 0, "sd_evidence": 0, "bm_answer": 0,
               "bm_evidence": 0, "sd_chars": 0, "bm_chars": 0}
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "p99": 1000 * latencies[int(len(latencies) * 0.99)]},
         "items_by_kind": dict(kinds),
         "max_chars": args.max_chars, "store": args.store or "sqlite",
-        "server_args": args.server_arg,
+        "server_args": args.server_arg, "embedder": args.embedder,
     }
 
 
@@ -247,6 +247,9 @@ def main() -> None:
     ap.add_argument("--max-chars", type=int, default=4000)
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra `sessiond serve` flag (repeatable), e.g. --server-arg=--workers=4")
+    ap.add_argument("--embedder", default="none", choices=["none", "local", "openai"],
+                    help="the server's embedder (local: needs the `local` extra; openai: "
+                         "give its flags with --server-arg)")
     ap.add_argument("--no-session", action="store_true",
                     help="ask Recall without naming the session (no overview first)")
     ap.add_argument("--json", default="")
@@ -254,7 +257,7 @@ def main() -> None:
     res = run(args)
     sd, bm = res["sessiond"], res["bm25_raw_turns"]
     print(f"\n{res['questions']} questions, budget {res['max_chars']} chars, "
-          f"store {res['store']}")
+          f"store {res['store']}, embedder {res['embedder']}")
     print(f"{'':24}{'answer recall':>15}{'evidence@10':>13}{'mean chars':>12}")
     for label, r in (("sessiond Recall", sd), ("BM25 over raw turns", bm)):
         print(f"{label:24}{r['answer_recall']:>15.3f}{r['evidence_recall_at_10']:>13.3f}"

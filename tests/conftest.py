@@ -15,6 +15,7 @@ import grpc
 import pytest
 from sessiond.server.app import App
 from sessiond.server.config import Settings
+from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.store.base import Store
 from sessiond.v1 import memory_pb2_grpc, session_pb2_grpc, task_pb2_grpc
@@ -85,9 +86,10 @@ def server_factory(tmp_path: Path, loop_thread: LoopThread) -> Iterator[ServerFa
     started: list[Running] = []
 
     def start(data_dir: Path | None = None, store: Store | None = None,
-              engine: Phase2Engine | None = None, **overrides: Any) -> Running:
+              engine: Phase2Engine | None = None, embedder: Embedder | None = None,
+              **overrides: Any) -> Running:
         settings = fast_settings(data_dir or tmp_path / "data", **overrides)
-        app = loop_thread.run(_make_app(settings, store, engine))
+        app = loop_thread.run(_make_app(settings, store, engine, embedder))
         port = loop_thread.run(app.start())
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         r = Running(app, port, channel, session_pb2_grpc.SessionServiceStub(channel),
@@ -106,9 +108,9 @@ def server_factory(tmp_path: Path, loop_thread: LoopThread) -> Iterator[ServerFa
                 pass
 
 
-async def _make_app(settings: Settings, store: Store | None,
-                    engine: Phase2Engine | None) -> App:
-    return App(settings, store=store, engine=engine)
+async def _make_app(settings: Settings, store: Store | None, engine: Phase2Engine | None,
+                    embedder: Embedder | None = None) -> App:
+    return App(settings, store=store, engine=engine, embedder=embedder)
 
 
 @pytest.fixture
