@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = sorted(Path(args.data).glob("*.json"))
     if not files:
         raise SystemExit(f"no *.json conversations in {args.data}")
-    tmp = Path(tempfile.mkdtemp(prefix="sessiond-recall-"))
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sessiond-recall-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    kept: list[dict[str, Any]] = []
     cmd = [*sessiond_cmd(), "serve", "--address", "127.0.0.1:0", "--data-dir", str(tmp / "d")]
     if args.store:
         cmd += ["--store", args.store]
@@ -186,6 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             replay_s = time.perf_counter() - t0
             bm = BM25([t for _, t in raw])
             qs = questions(body, last)
+            kept.append({"name": f.stem, "sid": sid, "metadata": list(md), "ids": ids,
+                         "raw": raw, "questions": qs})
             for q in qs:
                 ev_ids = {ids[e] for e in q["evidence"] if e in ids}
                 answer = str(q["answer"])
@@ -222,6 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"replay {replay_s:.1f} s", flush=True)
     finally:
         srv.stop()
+    if args.keep:
+        (tmp / "replay.json").write_text(json.dumps(kept))
     n = max(1, totals["questions"])
     latencies.sort()
     return {
@@ -253,6 +259,8 @@ def main() -> None:
     ap.add_argument("--no-session", action="store_true",
                     help="ask Recall without naming the session (no overview first)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--keep", default="", help="keep the server's data and the replay "
+                                               "(ids, questions) in this directory")
     args = ap.parse_args()
     res = run(args)
     sd, bm = res["sessiond"], res["bm25_raw_turns"]

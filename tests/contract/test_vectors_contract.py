@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from sessiond.server.domain.recall import EntryVector, RecallKind, RecallQuery
+from sessiond.server.domain import recall as rules
+from sessiond.server.domain.recall import EntryVector, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import Stage
 from sessiond.server.store.base import Store
 
@@ -73,20 +74,39 @@ def test_dense_ranking_is_fused_with_bm25(store: Store, run: Runner) -> None:
         assert pottery.entry.entry_id not in {h.entry.entry_id for h in lexical}
         best = lexical[0].entry.entry_id
         # the words find the puppy; the vector points at the pottery turn, which no
-        # word matches: fused, it is found all the same, scored 1 / (60 + 1) by the
-        # dense ranking alone
+        # word matches: fused, it is found all the same, scored by the dense ranking
+        # alone (normalised 1, weight 1 - alpha)
         fused = await store.recall(ID, RecallQuery(q("adopted puppy").terms,
                                                    vector=vecs[pottery.entry.entry_id],
                                                    model=MODEL))
         found = {h.entry.entry_id: h.score for h in fused}
-        assert math.isclose(found[pottery.entry.entry_id], 1 / 61)
-        assert found[best] > 1 / 61  # first by words, and somewhere by the vector
-        # both rankings agree: that entry scores 2 / (60 + 1) and beats every other
+        alpha = rules.CONVEX_ALPHA
+        assert math.isclose(found[pottery.entry.entry_id], 1 - alpha)
+        assert found[best] >= alpha  # first by words (normalised 1)
+        # both rankings agree: that entry scores 1 and beats every other
         agreed = await store.recall(ID, RecallQuery(q("adopted puppy").terms,
                                                     vector=vecs[best], model=MODEL))
         assert agreed[0].entry.entry_id == best
-        assert math.isclose(agreed[0].score, 2 / 61)
-        assert all(h.score < agreed[0].score for h in agreed[1:])
+        assert math.isclose(agreed[0].score, 1.0)
+        assert all(h.score < 1.0 for h in agreed[1:])
+    run(body())
+
+
+def test_reciprocal_rank_fusion(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await indexed(store)
+        vecs = await embed_all(store)
+        lexical = await store.recall(ID, q("adopted puppy"))
+        near = await store.recall(ID, RecallQuery((), vector=vecs[lexical[1].entry.entry_id],
+                                                  model=MODEL, limit=3))
+        fused = rules.fuse([lexical, near], 10)
+        by_id = {h.entry.entry_id: h.score for h in fused}
+        # second by words, first by vector: 1/62 + 1/61
+        assert math.isclose(by_id[lexical[1].entry.entry_id], 1 / 62 + 1 / 61)
+        assert fused[0].entry.entry_id == lexical[1].entry.entry_id
+        assert all(isinstance(h, RecallHit) for h in fused)
+        weighted = rules.fuse([lexical, near], 10, weights=(1.0, 0.0))
+        assert weighted[0].entry.entry_id == lexical[0].entry.entry_id
     run(body())
 
 

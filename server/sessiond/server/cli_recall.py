@@ -33,6 +33,8 @@ def add_embedder_flags(p: argparse.ArgumentParser, env: Settings) -> None:
     g.add_argument("--embedder-timeout", type=float, default=e.timeout_seconds)
     g.add_argument("--embedder-max-retries", type=int, default=e.max_retries)
     g.add_argument("--embedder-batch-size", type=int, default=e.batch_size)
+    g.add_argument("--embedder-threads", type=int, default=e.threads,
+                   help="local: CPU threads torch may use")
     g.add_argument("--embedder-cache-mb", type=int, default=e.cache_mb,
                    help="memory for the in-process vector cache (exact scan)")
 
@@ -43,7 +45,7 @@ def apply_embedder_flags(ns: argparse.Namespace, s: Settings) -> None:
     e.api_key_env, e.api_key_file = ns.embedder_api_key_env, ns.embedder_api_key_file
     e.dimensions, e.timeout_seconds = ns.embedder_dimensions, ns.embedder_timeout
     e.max_retries, e.batch_size = ns.embedder_max_retries, ns.embedder_batch_size
-    e.cache_mb = ns.embedder_cache_mb
+    e.cache_mb, e.threads = ns.embedder_cache_mb, ns.embedder_threads
 
 
 def add_reindex_command(sub: Any, env: Settings) -> None:

@@ -39,6 +39,7 @@ class EmbedderSettings:
     timeout_seconds: float = 30.0
     max_retries: int = 5
     batch_size: int = 64
+    threads: int = 1  # local: torch's intra-op threads
     # Memory the in-process vector cache may use across identities (exact scan).
     cache_mb: int = 512
 

@@ -39,9 +39,18 @@ OVERVIEW_SHARE = 0.10
 # question is often the reply to the turn that matches it); later hits come alone,
 # which leaves room for more distinct hits.
 NEIGHBOUR_HITS = 5
-# Reciprocal rank fusion constant (the usual 60: flat enough that an entry ranked
-# well by both lexical and dense ranking beats one ranked first by only one).
+# Fusion of the lexical and the dense ranking, measured on the LoCoMo dev split with
+# the local embedder (bench/recall_tune.py, docs/retrieval.md): a convex combination
+# of min-max normalised scores, lexical weight CONVEX_ALPHA, over the lexical
+# candidates and the DENSE_CANDIDATES nearest entries. Reciprocal rank fusion
+# (CONVEX_ALPHA = 0; constant RRF_K, dense weight DENSE_WEIGHT) measured 1-2 points
+# lower on both measures.
 RRF_K = 60
+DENSE_WEIGHT = 1.0
+DENSE_CANDIDATES = 20
+# The kinds the dense ranking proposes (the lexical one proposes every kind asked for).
+DENSE_KINDS: tuple[RecallKind, ...] = ()  # () = every kind
+CONVEX_ALPHA = 0.5
 
 
 class RecallKind(enum.StrEnum):
@@ -125,18 +134,42 @@ class RecallResult:
     items: tuple[RecallItem, ...] = field(default_factory=tuple)
 
 
-def fuse(rankings: Sequence[Sequence[RecallHit]], limit: int,
-         k: int = RRF_K) -> list[RecallHit]:
-    """Reciprocal rank fusion (Cormack et al., 2009): each entry scores the sum of
-    1 / (k + rank) over the rankings it appears in; best first (ties: the order of
-    first appearance). The hit object kept is the first one seen."""
+def fuse(rankings: Sequence[Sequence[RecallHit]], limit: int, k: int = RRF_K,
+         weights: Sequence[float] = ()) -> list[RecallHit]:
+    """Weighted reciprocal rank fusion (Cormack et al., 2009): each entry scores the
+    sum of weight / (k + rank) over the rankings it appears in (weights default to
+    1); best first (ties: the order of first appearance). The hit object kept is
+    the first one seen."""
     scores: dict[str, float] = {}
     first: dict[str, RecallHit] = {}
-    for ranking in rankings:
+    for n, ranking in enumerate(rankings):
+        weight = weights[n] if n < len(weights) else 1.0
         for rank, hit in enumerate(ranking, start=1):
             key = hit.entry.entry_id
-            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            scores[key] = scores.get(key, 0.0) + weight / (k + rank)
             first.setdefault(key, hit)
+    order = sorted(first, key=lambda key: -scores[key])
+    return [replace(first[key], score=scores[key]) for key in order[:limit]]
+
+
+def fuse_convex(lexical: Sequence[RecallHit], dense: Sequence[RecallHit], limit: int,
+                alpha: float) -> list[RecallHit]:
+    """Convex combination of min-max normalised scores (Bruch et al., 2023): an
+    entry scores alpha * lexical + (1 - alpha) * dense, each normalised over its own
+    candidate list (absent from a list: 0); best first."""
+    def norm(hits: Sequence[RecallHit]) -> dict[str, float]:
+        if not hits:
+            return {}
+        hi, lo = max(h.score for h in hits), min(h.score for h in hits)
+        span = hi - lo
+        return {h.entry.entry_id: (h.score - lo) / span if span > 0 else 1.0 for h in hits}
+
+    lex, den = norm(lexical), norm(dense)
+    first: dict[str, RecallHit] = {}
+    for h in (*lexical, *dense):
+        first.setdefault(h.entry.entry_id, h)
+    scores = {key: alpha * lex.get(key, 0.0) + (1 - alpha) * den.get(key, 0.0)
+              for key in first}
     order = sorted(first, key=lambda key: -scores[key])
     return [replace(first[key], score=scores[key]) for key in order[:limit]]
 

@@ -55,12 +55,20 @@ class LocalEmbedder:
             from sentence_transformers import SentenceTransformer
         except ImportError:
             raise ValueError(INSTALL_HINT) from None
+        import torch
+
+        # Torch's intra-op threads: 1 unless set. More threads barely speed up a small
+        # model's batches and fight the event loop and the store for the cores (on a
+        # loaded 2-core machine, 2 threads were 2-5x slower than 1: docs/retrieval.md).
+        torch.set_num_threads(max(1, settings.threads))
         self._model: Any = SentenceTransformer(str(self.path), device="cpu")
         self._lock = threading.Lock()  # one encode at a time (torch uses the cores)
         name = self.path.name if self.path.name != "model" else self.path.parent.name
         self._name = f"local:{name}"
-        log.info("embedder local: %s (%s dimensions)", self.path,
-                 self._model.get_sentence_embedding_dimension())
+        dims = getattr(self._model, "get_embedding_dimension", None) or getattr(
+            self._model, "get_sentence_embedding_dimension")
+        log.info("embedder local: %s (%s dimensions, %d thread(s))", self.path, dims(),
+                 max(1, settings.threads))
 
     @property
     def model(self) -> str:

@@ -20,6 +20,7 @@ from sessiond.server.domain.recall import (
     fuse,
 )
 from sessiond.server.domain.values import Identity, MemoryCategory, Task
+from sessiond.server.domain import recall as recall_rules
 from sessiond.server.store import codec
 from sessiond.server.store.sql import vectors as vectors_sql
 from sessiond.server.store.sql.tx import Row, Tx
@@ -218,9 +219,11 @@ async def entries(tx: Tx, entry_ids: Sequence[str]) -> dict[str, RecallEntry]:
 async def dense(tx: Tx, index: vectors_sql.VectorIndex, identity: Identity,
                 query: RecallQuery) -> list[RecallHit]:
     """The nearest entries to the query's vector (cosine), best first."""
-    if not query.vector or not query.model or not query.kinds:
+    kinds = tuple(k for k in query.kinds
+                  if not recall_rules.DENSE_KINDS or k in recall_rules.DENSE_KINDS)
+    if not query.vector or not query.model or not kinds:
         return []
-    top = await index.top(tx, identity, query.model, query.vector, query.kinds,
+    top = await index.top(tx, identity, query.model, query.vector, kinds,
                           query.since, query.until, query.limit)
     found = await entries(tx, [i for i, _ in top])
     return [RecallHit(found[i], score) for i, score in top if i in found]
@@ -232,7 +235,13 @@ async def recall(tx: Tx, identity: Identity, query: RecallQuery, with_neighbours
     then the neighbouring turns of the first `with_neighbours` hits."""
     hits = await search(tx, identity, query)
     if query.vector and index is not None:
-        hits = fuse([hits, await dense(tx, index, identity, query)], query.limit)
+        near = (await dense(tx, index, identity, query))[:recall_rules.DENSE_CANDIDATES]
+        if recall_rules.CONVEX_ALPHA:
+            hits = recall_rules.fuse_convex(hits, near, query.limit,
+                                            recall_rules.CONVEX_ALPHA)
+        else:
+            hits = fuse([hits, near], query.limit, k=recall_rules.RRF_K,
+                        weights=(1.0, recall_rules.DENSE_WEIGHT))
     out: list[RecallHit] = []
     for i, hit in enumerate(hits):
         out.append(await neighbours(tx, hit) if i < with_neighbours else hit)
