@@ -22,14 +22,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.recall import answer_hit  # noqa: E402
-from sessiond.server.config import EmbedderSettings  # noqa: E402
-from sessiond.server.domain import recall as rules  # noqa: E402
-from sessiond.server.domain.values import Identity  # noqa: E402
-from sessiond.server.embedders.local import LocalEmbedder  # noqa: E402
-from sessiond.server.services.recall import RecallService  # noqa: E402
-from sessiond.server.services.reindex import Reindexer  # noqa: E402
-from sessiond.server.store.sqlite.store import SqliteStore  # noqa: E402
+from sessiond.server.config import EmbedderSettings
+from sessiond.server.domain import recall as rules
+from sessiond.server.domain.values import Identity
+from sessiond.server.embedders.local import LocalEmbedder
+from sessiond.server.services.recall import RecallService
+from sessiond.server.services.reindex import Reindexer
+from sessiond.server.store.sqlite.store import SqliteStore
+
+from bench.recall import answer_hit
 
 
 class Cached:

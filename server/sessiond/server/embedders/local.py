@@ -65,8 +65,8 @@ class LocalEmbedder:
         self._lock = threading.Lock()  # one encode at a time (torch uses the cores)
         name = self.path.name if self.path.name != "model" else self.path.parent.name
         self._name = f"local:{name}"
-        dims = getattr(self._model, "get_embedding_dimension", None) or getattr(
-            self._model, "get_sentence_embedding_dimension")
+        dims = (getattr(self._model, "get_embedding_dimension", None)
+                or self._model.get_sentence_embedding_dimension)
         log.info("embedder local: %s (%s dimensions, %d thread(s))", self.path, dims(),
                  max(1, settings.threads))
 

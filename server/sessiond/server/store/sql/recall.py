@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from sessiond.server.domain import recall as recall_rules
 from sessiond.server.domain.recall import (
     BM25_B,
     BM25_K1,
@@ -20,7 +21,6 @@ from sessiond.server.domain.recall import (
     fuse,
 )
 from sessiond.server.domain.values import Identity, MemoryCategory, Task
-from sessiond.server.domain import recall as recall_rules
 from sessiond.server.store import codec
 from sessiond.server.store.sql import vectors as vectors_sql
 from sessiond.server.store.sql.tx import Row, Tx
