@@ -272,18 +272,20 @@ def _sentences(text: str) -> list[str]:
 
 
 # (label, lower-case cues one of which must be in the sentence, pattern): the cues
-# skip the regular expression for the many sentences that cannot match.
+# skip the regular expression for the many sentences that cannot match. The cue
+# words match in any case ("My name is", "i work at"); the captured names must be
+# capitalised.
 _PROFILE = [
-    ("name", ("my name",), re.compile(r"\bmy name is ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)")),
-    ("name", ("call me",), re.compile(r"\bcall me ([A-Z][\w'-]*)")),
+    ("name", ("my name",), re.compile(r"\b(?i:my name is) ([A-Z][\w'-]*(?: [A-Z][\w'-]*)*)")),
+    ("name", ("call me",), re.compile(r"\b(?i:call me) ([A-Z][\w'-]*)")),
     ("occupation", ("work",), re.compile(r"\bI (?:work as|am working as) (?:an? )?([^.,;!?]+)",
                                       re.I)),
     ("role", ("i am a", "i'm a"), re.compile(
         r"\bI(?: am|'m) an? ((?:[a-z-]+ ){0,3}(?:engineer|developer|designer|"
                         r"manager|scientist|student|teacher|researcher|analyst|writer|doctor|"
                         r"lawyer|founder|consultant))\b", re.I)),
-    ("location", (" in ",), re.compile(r"\bI (?:live|am based|'m based) in ([A-Z][^.,;!?]*)")),
-    ("employer", ("work",), re.compile(r"\bI work (?:at|for) ([A-Z][^.,;!?]*)")),
+    ("location", (" in ",), re.compile(r"\b(?i:I (?:live|am based|'m based) in) ([A-Z][^.,;!?]*)")),
+    ("employer", ("work",), re.compile(r"\b(?i:I work (?:at|for)) ([A-Z][^.,;!?]*)")),
 ]
 
 _PREFERENCE = [
