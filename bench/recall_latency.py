@@ -56,7 +56,7 @@ def fill(channel: grpc.Channel, items: int, rnd: random.Random, words: list[str]
                 parts=[session_pb2.Part(text=session_pb2.TextPart(text=text))]), metadata=MD)
         reply = ss.Commit(session_pb2.CommitRequest(session_id=sid), metadata=MD)
         for resp in ts.WatchTask(task_pb2.WatchTaskRequest(task_id=reply.task_id),
-                                 metadata=MD, timeout=300):
+                                 metadata=MD, timeout=1800):
             if resp.HasField("event") and resp.event.state in (
                     task_pb2.TASK_STATE_COMPLETED, task_pb2.TASK_STATE_FAILED):
                 break
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--store", default="")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--embedder", default="none", choices=["none", "local"],
+                    help="local: the query is embedded too and the dense ranking fused")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sessiond-recall-lat-"))
     floor = start_server("floor", [python_exe(), str(BENCH_DIR / "floor_server.py"),
@@ -84,6 +86,7 @@ def main() -> None:
                    "--data-dir", str(tmp / f"d{n}")]
             if args.store:
                 cmd += ["--store", args.store]
+            cmd += ["--embedder", args.embedder]
             srv = start_server(f"sessiond-{n}", cmd, tmp / f"server{n}.log")
             try:
                 ch = grpc.insecure_channel(srv.target)
