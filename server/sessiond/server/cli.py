@@ -1,4 +1,4 @@
-"""The `sessiond` command: serve, migrate, keys."""
+"""The `sessiond` command: serve, migrate, keys, and the client commands (cli_client.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ from sessiond.server.cli_auth import (
     apply_security_flags,
     keys_main,
 )
+from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
     env = Settings.from_env()
     p = argparse.ArgumentParser(prog="sessiond", description="Session and memory service")
+    p.add_argument("--version", action="version", version=f"sessiond {version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", help="run the gRPC server",
+                           formatter_class=DefaultsFormatter)
     serve.add_argument("--address", default=env.address, help="host:port to listen on")
     serve.add_argument("--data-dir", type=Path, default=env.data_dir,
                        help="directory of the embedded SQLite store")
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
     add_keys_command(sub, env)
+    add_client_commands(sub)
     return p
 
 
@@ -114,6 +119,8 @@ async def _migrate(url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if getattr(ns, "client_fn", None) is not None:
+        return run_client(ns)
     if ns.command == "serve":
         logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
