@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from sessiond.server.api.security import Security
 from sessiond.server.api.server import Health, build_server
 from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
+from sessiond.server.observability import metrics
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -68,6 +69,9 @@ class App:
                  engine: Phase2Engine | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else build_store(settings)
+        if settings.observe.metrics_address:
+            # Time every store operation (sessiond_store_operation_duration_seconds).
+            self.store = cast(Store, metrics.TimedStore(self.store))
         secrets: tuple[str, ...] = ()
         if engine is None:
             engine, secrets = build_engine(settings)
@@ -96,12 +100,19 @@ class App:
         self.port = 0
         self._background: list[asyncio.Task[None]] = []
         self._serving = False
+        self._metrics_http: Any = None
+        self.metrics_port = 0
 
     async def start(self) -> int:
         await self.store.open()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.observe.metrics_address:
+            self._metrics_http, self.metrics_port = metrics.serve(
+                self.settings.observe.metrics_address)
+            interceptors.append(metrics.MetricsInterceptor())
         server, self.port = build_server(self.settings, self.sessions, self.commits,
                                          self.tasks, self.memories, self.recall, self.health,
-                                         self.security)
+                                         self.security, interceptors)
         await server.start()
         self.server = server
         await self.worker.start()
@@ -109,6 +120,9 @@ class App:
         self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
         self._background.extend(self.security.background())
+        if self._metrics_http is not None:
+            self._background.append(asyncio.create_task(self._queue_gauges_loop(),
+                                                        name="queue-gauges"))
         host = self.settings.address.rsplit(":", 1)[0]
         log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
                  type(self.store).__name__, self.engine.name, self.security.describe())
@@ -155,6 +169,16 @@ class App:
                      res.request_ids_removed)
         return res.tasks_removed
 
+    async def _queue_gauges_loop(self) -> None:
+        while True:
+            try:
+                depth, oldest = await self.store.queue_stats()
+                age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+                metrics.set_queue(depth, age)
+            except Exception as exc:
+                log.warning("reading the queue gauges failed: %s", exc)
+            await asyncio.sleep(self.settings.observe.metrics_interval_seconds)
+
     async def _sweep_loop(self) -> None:
         while True:
             try:
@@ -178,3 +202,8 @@ class App:
         await asyncio.gather(stop_server, self.worker.stop(grace))
         await self.engine.aclose()
         await self.store.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+            metrics.enable(False)

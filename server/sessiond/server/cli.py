@@ -18,6 +18,10 @@ from sessiond.server.cli_auth import (
 from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.observability.settings import (
+    add_observability_flags,
+    apply_observability_flags,
+)
 from sessiond.server.version import version
 
 
@@ -66,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO")
     add_security_flags(serve, env)
+    add_observability_flags(serve, env.observe)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
     add_keys_command(sub, env)
@@ -89,6 +94,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
     apply_security_flags(ns, s)
+    apply_observability_flags(ns, s.observe)
+    s.observe.validate()
     return s
 
 
@@ -100,6 +107,9 @@ async def _serve(settings: Settings) -> None:
     host = settings.address.rsplit(":", 1)[0]
     print(f"sessiond serving on {host}:{port} (store={settings.store}, "
           f"engine={settings.engine}; {app.security.describe()})", flush=True)
+    if app.metrics_port:
+        mhost = settings.observe.metrics_address.rsplit(":", 1)[0]
+        print(f"sessiond metrics on {mhost}:{app.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,6 +3,8 @@ process (store, engines, worker, sweeps) is composed in `sessiond.server.app`.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -60,12 +62,14 @@ class Health:
 
 def build_server(settings: Settings, sessions: SessionManager, commits: CommitService,
                  tasks: TaskManager, memories: MemoryManager, recall: RecallService,
-                 health_: Health,
-                 security: Security) -> tuple[grpc.aio.Server, int]:
+                 health_: Health, security: Security,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
-    actually bound."""
-    server = grpc.aio.server(interceptors=[security.interceptor],
+    actually bound. `interceptors` (metrics, tracing) run before the auth one, so
+    they see refused calls too."""
+    server = grpc.aio.server(interceptors=[*interceptors, security.interceptor],
                              options=server_options(settings))
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, commits), server)

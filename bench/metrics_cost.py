@@ -1,0 +1,133 @@
+"""What Prometheus metrics cost: AddMessage throughput at concurrency 16 with metrics
+off and on (`--metrics-address`), side by side. Goal: less than 5% apart.
+
+Two `sessiond serve` processes (same flags but the metrics one), trials interleaved
+(off, on, off, on, ...) so drift on a shared machine hits both; the table has the
+median of the trials. The metrics server is scraped while it is loaded, as Prometheus
+would (every `--scrape-interval` seconds), so the cost of rendering is included.
+
+Usage: .venv/bin/python bench/metrics_cost.py [--trials 5] [--seconds 3] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/x.py): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc
+from sessiond.v1 import session_pb2
+
+from bench import harness as h
+from bench.workloads import Stubs, add_message_caller, closed_loop
+
+_METRICS_PORT = re.compile(rb"metrics on 127\.0\.0\.1:(\d+)")
+
+
+async def _trial(target: str, sessions: list[str], concurrency: int, seconds: float
+                 ) -> tuple[float, list[float], int]:
+    stubs = Stubs.connect(target)
+    await stubs.ready()
+    res = await closed_loop(add_message_caller(stubs, sessions), concurrency, seconds, 0.3)
+    await stubs.close()
+    return res.count / res.elapsed, res.latencies, res.errors
+
+
+async def _make_sessions(target: str, sessions: list[str]) -> None:
+    stubs = Stubs.connect(target)
+    await stubs.ready()
+    for sid in sessions:
+        await stubs.sessions.GetSession(session_pb2.GetSessionRequest(session_id=sid,
+                                                                      auto_create=True))
+    await stubs.close()
+
+
+class Scraper:
+    """GET /metrics every `interval` seconds in a thread while a trial runs."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+        self.stop = threading.Event()
+        self.scrapes, self.bytes = 0, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                self.bytes = len(r.read())
+                self.scrapes += 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--scrape-interval", type=float, default=1.0)
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sessiond-metrics-bench-"))
+    sessions = [f"add-{i}" for i in range(a.concurrency)]
+    base = [*h.sessiond_cmd(), "serve", "--address", "127.0.0.1:0", "--log-level", "WARNING",
+            "--sqlite-synchronous", "NORMAL"]
+    modes = {"metrics off": [], "metrics on": ["--metrics-address", "127.0.0.1:0"]}
+    servers = {name: h.start_server(name, [*base, "--data-dir", str(work / str(i)), *flags],
+                                    work / f"server{i}.log", data_dir=work / str(i))
+               for i, (name, flags) in enumerate(modes.items())}
+    results: dict[str, list[tuple[float, list[float]]]] = {n: [] for n in modes}
+    scrapes = 0
+    try:
+        for s in servers.values():
+            asyncio.run(_make_sessions(s.target, sessions))
+        on = servers["metrics on"]
+        m = None
+        deadline = time.monotonic() + 10
+        while m is None and time.monotonic() < deadline:
+            m = _METRICS_PORT.search(on.log_path.read_bytes())
+            time.sleep(0.05)
+        if m is None:
+            raise RuntimeError("the metrics server did not report its port:\n" + on.log_tail())
+        url = f"http://127.0.0.1:{int(m.group(1))}/metrics"
+        for _ in range(a.trials):
+            for name, s in servers.items():
+                scraper = Scraper(url, a.scrape_interval) if name == "metrics on" else None
+                if scraper is not None:
+                    scraper.thread.start()
+                tput, lat, errors = asyncio.run(_trial(s.target, sessions, a.concurrency,
+                                                       a.seconds))
+                if scraper is not None:
+                    scraper.stop.set()
+                    scraper.thread.join()
+                    scrapes += scraper.scrapes
+                if errors:
+                    raise RuntimeError(f"{name}: {errors} failed calls")
+                results[name].append((tput, lat))
+    finally:
+        for s in servers.values():
+            s.stop(10)
+    off = h.median([t for t, _ in results["metrics off"]])
+    print(f"AddMessage, closed loop, concurrency {a.concurrency}, {a.trials} trials of "
+          f"{a.seconds:g} s per mode (interleaved), SQLite NORMAL, grpc {grpc.__version__}; "
+          f"{scrapes} scrapes of /metrics during the 'on' trials")
+    print("| mode | calls/s (median) | ratio | p50 ms | p99 ms | trials (calls/s) |")
+    print("|---|---|---|---|---|---|")
+    for name in modes:
+        tputs = [t for t, _ in results[name]]
+        lat = h.summarize_ms([x for _, ls in results[name] for x in ls])
+        print(f"| {name} | {h.median(tputs):.0f} | {h.ratio(h.median(tputs), off):.3f} | "
+              f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | "
+              f"{', '.join(f'{t:.0f}' for t in tputs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
