@@ -122,9 +122,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name in modes:
         tputs = [t for t, _ in results[name]]
-        lat = h.summarize_ms([x for _, ls in results[name] for x in ls])
+        ms = h.summarize_ms([x for _, ls in results[name] for x in ls])
         print(f"| {name} | {h.median(tputs):.0f} | {h.ratio(h.median(tputs), off):.3f} | "
-              f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | "
+              f"{ms['p50_ms']:.2f} | {ms['p99_ms']:.2f} | "
               f"{', '.join(f'{t:.0f}' for t in tputs)} |")
     return 0
 
