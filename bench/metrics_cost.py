@@ -84,6 +84,7 @@ def main() -> int:
                                     work / f"server{i}.log", data_dir=work / str(i))
                for i, (name, flags) in enumerate(modes.items())}
     results: dict[str, list[tuple[float, list[float]]]] = {n: [] for n in modes}
+    cpu_us: dict[str, list[float]] = {n: [] for n in modes}  # server CPU per call
     scrapes = 0
     try:
         for s in servers.values():
@@ -102,8 +103,11 @@ def main() -> int:
                 scraper = Scraper(url, a.scrape_interval) if name == "metrics on" else None
                 if scraper is not None:
                     scraper.thread.start()
+                cpu0 = s.cpu_seconds()
                 tput, lat, errors = asyncio.run(_trial(s.target, sessions, a.concurrency,
                                                        a.seconds))
+                calls = max(1, len(lat))
+                cpu_us[name].append((s.cpu_seconds() - cpu0) / calls * 1e6)
                 if scraper is not None:
                     scraper.stop.set()
                     scraper.thread.join()
@@ -118,13 +122,14 @@ def main() -> int:
     print(f"AddMessage, closed loop, concurrency {a.concurrency}, {a.trials} trials of "
           f"{a.seconds:g} s per mode (interleaved), SQLite NORMAL, grpc {grpc.__version__}; "
           f"{scrapes} scrapes of /metrics during the 'on' trials")
-    print("| mode | calls/s (median) | ratio | p50 ms | p99 ms | trials (calls/s) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | calls/s (median) | ratio | p50 ms | p99 ms | server CPU µs/call (median) "
+          "| trials (calls/s) |")
+    print("|---|---|---|---|---|---|---|")
     for name in modes:
         tputs = [t for t, _ in results[name]]
         ms = h.summarize_ms([x for _, ls in results[name] for x in ls])
         print(f"| {name} | {h.median(tputs):.0f} | {h.ratio(h.median(tputs), off):.3f} | "
-              f"{ms['p50_ms']:.2f} | {ms['p99_ms']:.2f} | "
+              f"{ms['p50_ms']:.2f} | {ms['p99_ms']:.2f} | {h.median(cpu_us[name]):.0f} | "
               f"{', '.join(f'{t:.0f}' for t in tputs)} |")
     return 0
 

@@ -14,7 +14,7 @@ from sessiond.server.api.security import Security
 from sessiond.server.api.server import Health, build_server
 from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
-from sessiond.server.observability import metrics
+from sessiond.server.observability import metrics, tracing
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -106,6 +106,9 @@ class App:
     async def start(self) -> int:
         await self.store.open()
         interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.observe.otel_exporter != "none":
+            tracing.configure(self.settings.observe)
+        interceptors.extend(tracing.server_interceptors())
         if self.settings.observe.metrics_address:
             self._metrics_http, self.metrics_port = metrics.serve(
                 self.settings.observe.metrics_address)
@@ -202,6 +205,7 @@ class App:
         await asyncio.gather(stop_server, self.worker.stop(grace))
         await self.engine.aclose()
         await self.store.close()
+        tracing.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

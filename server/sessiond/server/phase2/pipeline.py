@@ -35,7 +35,7 @@ from sessiond.server.domain.values import (
     ToolPart,
     UsageRecord,
 )
-from sessiond.server.observability import metrics
+from sessiond.server.observability import metrics, tracing
 from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
@@ -104,7 +104,8 @@ class Phase2Pipeline:
         appended STAGE_STARTED for the first of them. Returns finished=False when it
         stopped for shutdown or a store outage (the worker hands the task back)."""
         try:
-            return await self._run(task, announced)
+            with tracing.task_span(task):
+                return await self._run(task, announced)
         except LeaseLost:
             log.warning("lost the lease of %s; another worker owns it now", task.task_id)
             return RunOutcome(True)
@@ -163,7 +164,8 @@ class Phase2Pipeline:
                 await store.append_event(task.task_id, self.worker_id,
                                          NewEvent(EventKind.STAGE_STARTED,
                                                   f"{stage.value} started"), stage, utcnow())
-            with metrics.stage_timer(stage.value):
+            with metrics.stage_timer(stage.value), \
+                    tracing.span(f"stage {stage.value}", {"sessiond.stage": stage.value}):
                 failpoints.hit(f"phase2.{stage.value}.before")
                 if stage is Stage.FINALIZE:
                     await store.finalize_task(task.task_id, self.worker_id, utcnow())
@@ -171,9 +173,11 @@ class Phase2Pipeline:
                     failpoints.hit("phase2.finalize.after")
                     return RunOutcome(True)
                 reporter = self._reporter(task, stage)
+                engine_attrs = {"sessiond.engine": self.engine.name}
                 output: StageOutput
                 if stage is Stage.SUMMARIZE:
-                    with metrics.engine_call(self.engine.name, "summarize") as tokens:
+                    with metrics.engine_call(self.engine.name, "summarize") as tokens, \
+                            tracing.span("engine summarize", engine_attrs):
                         output = await self.engine.summarize(SummaryRequest(
                             session_id=task.session_id, archive_index=task.archive_index,
                             messages=messages, previous_overview=prev_overview, usage=usage),
@@ -183,7 +187,8 @@ class Phase2Pipeline:
                 elif stage is Stage.EXTRACT:
                     if not overview:
                         overview, abstract = await self._saved_summary(task)
-                    with metrics.engine_call(self.engine.name, "extract") as tokens:
+                    with metrics.engine_call(self.engine.name, "extract") as tokens, \
+                            tracing.span("engine extract", engine_attrs):
                         output = await self.engine.extract(ExtractionRequest(
                             session_id=task.session_id, archive_uri=task.archive_uri,
                             messages=messages, previous_overview=prev_overview, overview=overview,
@@ -240,8 +245,12 @@ class RetryReporterImpl:
 
     async def __call__(self, attempt: int, max_attempts: int, reason: str) -> None:
         metrics.record_engine_retry(self.pipeline.engine.name, self.stage.value, reason)
+        safe = sanitize(reason, self.pipeline.secrets)
+        tracing.add_event("retry", {"sessiond.attempt": attempt,
+                                    "sessiond.max_attempts": max_attempts,
+                                    "sessiond.reason": safe})
         msg = (f"retrying {self.stage.value}, attempt {attempt} of {max_attempts}, after "
-               f"{sanitize(reason, self.pipeline.secrets)}")
+               f"{safe}")
         await self.pipeline.store.append_event(
             self.task.task_id, self.pipeline.worker_id,
             NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())
