@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from sessiond.server.cli_auth import (
 from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.observability import logs
 from sessiond.server.observability.settings import (
     add_observability_flags,
     apply_observability_flags,
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(ns, "client_fn", None) is not None:
         return run_client(ns)
     if ns.command == "serve":
-        logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(ns.log_level, ns.log_format)
         try:
             asyncio.run(_serve(settings_from_args(ns)))
         except (OSError, ValueError) as exc:

@@ -35,7 +35,7 @@ from sessiond.server.domain.values import (
     ToolPart,
     UsageRecord,
 )
-from sessiond.server.observability import metrics, tracing
+from sessiond.server.observability import logs, metrics, tracing
 from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
@@ -103,6 +103,10 @@ class Phase2Pipeline:
         """Run the stages after `task.done_stage`; `announced` when the claim already
         appended STAGE_STARTED for the first of them. Returns finished=False when it
         stopped for shutdown or a store outage (the worker hands the task back)."""
+        with logs.bind(task_id=task.task_id, session_id=task.session_id):
+            return await self._run_logged(task, announced)
+
+    async def _run_logged(self, task: Task, announced: bool) -> RunOutcome:
         try:
             with tracing.task_span(task):
                 return await self._run(task, announced)
