@@ -225,6 +225,16 @@ def test_settings_from_env_and_config_file(server: Running, capsys: pytest.Captu
     assert code == EXIT_UNAVAILABLE
 
 
+def test_info_reports_the_server_version(server: Running,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    got = js(capsys, "info", "--address", server.target)
+    assert got["client"] == {"version": "0.1.0"}
+    assert got["server"] == {"version": "0.1.0", "api": "sessiond.v1", "schema_version": 7,
+                             "engine": "offline", "store": "sqlite"}
+    code, out, _ = sd(capsys, "info", "--address", server.target)
+    assert code == EXIT_OK and "sessiond 0.1.0" in out and "sqlite" in out
+
+
 def test_installed_console_script(server: Running) -> None:
     # The real `sessiond` executable, as a user runs it (a subprocess, fresh process).
     exe = Path(sys.executable).parent / "sessiond"

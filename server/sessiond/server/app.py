@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sessiond.server.api.security import Security
 from sessiond.server.api.server import Health, build_server
+from sessiond.server.api.server_info import ServerInfo
 from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.observability import metrics, tracing
@@ -25,6 +26,8 @@ from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.server.store.base import Store
+from sessiond.server.store.sql.schema import SCHEMA_VERSION
+from sessiond.server.version import version
 
 if TYPE_CHECKING:
     import grpc
@@ -115,7 +118,7 @@ class App:
             interceptors.append(metrics.MetricsInterceptor())
         server, self.port = build_server(self.settings, self.sessions, self.commits,
                                          self.tasks, self.memories, self.recall, self.health,
-                                         self.security, interceptors)
+                                         self.security, interceptors, self.info())
         await server.start()
         self.server = server
         await self.worker.start()
@@ -130,6 +133,12 @@ class App:
         log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
                  type(self.store).__name__, self.engine.name, self.security.describe())
         return self.port
+
+    def info(self) -> ServerInfo:
+        """What GetServerInfo answers."""
+        store = "sqlite" if self.settings.store in ("", "sqlite") else "postgresql"
+        return ServerInfo(version=version(), schema_version=SCHEMA_VERSION,
+                          engine=self.engine.name, store=store)
 
     def reload(self) -> None:
         """SIGHUP: re-read TLS certificates and token keys (open connections stay)."""

@@ -3,6 +3,7 @@
     sessiond sessions ls|show|rm      sessiond messages add
     sessiond commit SESSION [--watch] sessiond tasks ls|show|watch|cancel
     sessiond memories ls|search|rm    sessiond recall QUERY
+    sessiond info
 
 They talk gRPC through the project's client library (`sessiond.client.connect`).
 Connection settings come from flags, else the environment (SESSIOND_ADDRESS,
@@ -40,6 +41,8 @@ from sessiond.client import Identity, WatchInterrupted, WatchTimeout, connect, w
 from sessiond.v1 import (
     memory_pb2,
     memory_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     task_pb2,
@@ -70,7 +73,7 @@ _EXIT_BY_CODE: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAVAILABLE,
 }
 
-COMMANDS = ("sessions", "messages", "commit", "tasks", "memories", "recall")
+COMMANDS = ("sessions", "messages", "commit", "tasks", "memories", "recall", "info")
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_CONFIG = Path("~/.config/sessiond/client.toml")
 _MAX_ERROR_CHARS = 500
@@ -684,6 +687,21 @@ def recall(c: Ctx, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def info(c: Ctx, ns: argparse.Namespace) -> int:
+    from sessiond.server.version import version
+
+    r = server_pb2_grpc.ServerServiceStub(c.channel).GetServerInfo(
+        server_pb2.GetServerInfoRequest(), timeout=c.conn.timeout)
+    if c.out.json:
+        c.out.emit({"client": {"version": version()}, "server": to_dict(r)})
+    else:
+        c.out.fields([("client", f"sessiond {version()}"), ("server", f"sessiond {r.version}"),
+                      ("address", c.conn.address), ("api", r.api),
+                      ("schema version", str(r.schema_version)), ("engine", r.engine),
+                      ("store", r.store)])
+    return EXIT_OK
+
+
 # --- parser ------------------------------------------------------------------------------
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -821,6 +839,8 @@ def add_client_commands(sub: Any) -> None:
     p.add_argument("--limit", type=_positive, default=10)
     p = cmd(memsub, "rm", memories_rm, "delete a memory")
     p.add_argument("memory_id")
+
+    cmd(sub, "info", info, "the server's version, API, schema version, engine and store")
 
     p = cmd(sub, "recall", recall, "what the past holds about QUERY, within a budget")
     p.add_argument("query")

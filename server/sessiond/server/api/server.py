@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sessiond.server.api.security import Security
+from sessiond.server.api.server_info import ServerInfo, ServerServicer
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
 from sessiond.server.config import Settings
 from sessiond.server.services.commit import CommitService
@@ -19,6 +20,8 @@ from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
     memory_pb2,
     memory_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     task_pb2,
@@ -29,6 +32,7 @@ SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
 )
 
 
@@ -63,8 +67,8 @@ class Health:
 def build_server(settings: Settings, sessions: SessionManager, commits: CommitService,
                  tasks: TaskManager, memories: MemoryManager, recall: RecallService,
                  health_: Health, security: Security,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-                 ) -> tuple[grpc.aio.Server, int]:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 info: ServerInfo | None = None) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
     actually bound. `interceptors` (metrics, tracing) run before the auth one, so
@@ -75,6 +79,8 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
         SessionServicer(sessions, commits), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories, recall), server)
+    if info is not None:
+        server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(info), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     if security.reflection:
         reflection.enable_server_reflection(
