@@ -141,7 +141,11 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any], failed: bool) -> str
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Latency, count by code, and in-flight RPCs, for every method."""
+    """Latency, count by code, and in-flight RPCs, for every method. The wrapped
+    handler of a method is made once and reused while the inner handler is the same."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -151,7 +155,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.lstrip("/")
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler_call_details.method.lstrip("/"), handler)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]
+              ) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(method, handler.unary_unary),
@@ -290,12 +303,17 @@ class TimedStore:
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self._timed: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
+        timed = self._timed.get(name)
+        if timed is not None:
+            return timed
         attr = getattr(self._inner, name)
         if name.startswith("_") or not inspect.iscoroutinefunction(attr):
             return attr
-        return _timed(name, attr)
+        timed = self._timed[name] = _timed(name, attr)
+        return timed
 
 
 def _timed(name: str, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
