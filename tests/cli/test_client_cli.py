@@ -77,6 +77,13 @@ def test_version_and_serve_help_show_defaults(capsys: pytest.CaptureFixture[str]
     assert "host:port to listen on (default: 127.0.0.1:50051)" in text
     assert "--workers WORKERS Phase 2 tasks run at once by this process (default: 16)" in text
     assert "--llm-timeout LLM_TIMEOUT (default: 60.0)" in text
+    assert "is remembered (default: 24.0)" in text  # --request-id-retention-hours
+    assert "[SESSIOND_METRICS_ADDRESS]" in text and "--otel-exporter" in text
+    ns = cli._parser().parse_args(["serve", "--request-id-retention-hours", "2",
+                                   "--metrics-address", "127.0.0.1:0", "--log-format", "json"])
+    s = cli.settings_from_args(ns)
+    assert s.request_id_retention_hours == 2
+    assert s.observe.metrics_address == "127.0.0.1:0" and s.observe.log_format == "json"
 
 
 def test_sessions_messages_commit_and_memories(server: Running,

@@ -62,13 +62,17 @@ def _parser() -> argparse.ArgumentParser:
                        default=env.completed_retention_hours)
     serve.add_argument("--failed-retention-hours", type=float,
                        default=env.failed_retention_hours)
+    serve.add_argument("--request-id-retention-hours", type=float,
+                       default=env.request_id_retention_hours,
+                       help="how long an idempotency key (request_id) is remembered")
     serve.add_argument("--max-stored-tasks", type=int, default=env.max_stored_tasks)
     serve.add_argument("--sqlite-synchronous", default=env.sqlite_synchronous,
                        choices=["FULL", "NORMAL"])
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     add_security_flags(serve, env)
     add_observability_flags(serve, env.observe)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
@@ -91,6 +95,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.shutdown_grace_seconds = ns.shutdown_grace
     s.completed_retention_hours = ns.completed_retention_hours
     s.failed_retention_hours = ns.failed_retention_hours
+    s.request_id_retention_hours = ns.request_id_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
     apply_security_flags(ns, s)

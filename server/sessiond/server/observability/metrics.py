@@ -178,8 +178,25 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler  # sessiond has no client- or bidi-streaming methods
 
 
+class _Durations:
+    """The latency children of one method, one per status code, looked up once."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.by_code: dict[str, Any] = {"OK": RPC_DURATION.labels(method, "OK")}
+
+    def observe(self, context: grpc.aio.ServicerContext[Any, Any], failed: bool,
+                seconds: float) -> None:
+        code = _code_name(context, failed)
+        child = self.by_code.get(code)
+        if child is None:
+            child = self.by_code[code] = RPC_DURATION.labels(self.method, code)
+        child.observe(seconds)
+
+
 def _unary(method: str, fn: Any) -> Any:
     in_flight = RPC_IN_FLIGHT.labels(method)
+    durations = _Durations(method)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         in_flight.inc()
@@ -191,14 +208,14 @@ def _unary(method: str, fn: Any) -> Any:
             return reply
         finally:
             in_flight.dec()
-            RPC_DURATION.labels(method, _code_name(context, failed)).observe(
-                time.perf_counter() - start)
+            durations.observe(context, failed, time.perf_counter() - start)
 
     return wrapper
 
 
 def _stream(method: str, fn: Any) -> Any:
     in_flight = RPC_IN_FLIGHT.labels(method)
+    durations = _Durations(method)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                       ) -> AsyncIterator[Any]:
@@ -215,8 +232,7 @@ def _stream(method: str, fn: Any) -> Any:
             failed = False
         finally:
             in_flight.dec()
-            RPC_DURATION.labels(method, _code_name(context, failed)).observe(
-                time.perf_counter() - start)
+            durations.observe(context, failed, time.perf_counter() - start)
 
     return wrapper
 
