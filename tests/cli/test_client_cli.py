@@ -28,7 +28,7 @@ from sessiond.server.phase2.engines.base import (
 )
 from sessiond.server.phase2.engines.offline import OfflineEngine
 
-from tests.api.helpers import FailingEngine
+from tests.api.helpers import FailingEngine, GatedEngine
 from tests.conftest import Running, ServerFactory
 
 
@@ -188,6 +188,20 @@ def test_commit_watch_of_a_failing_task_exits_7_with_the_reason(
     assert code == EXIT_TASK_FAILED
     code, _, err = sd(capsys, "tasks", "cancel", task_id, *a)
     assert code in (EXIT_OK, EXIT_REJECTED), err
+
+
+def test_watch_timeout_exits_6(server_factory: ServerFactory,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    gated = GatedEngine()
+    server = server_factory(engine=gated)
+    a = ("--address", server.target)
+    sd(capsys, "messages", "add", "g", "Hello.", "--create", *a)
+    try:
+        code, _, err = sd(capsys, "commit", "g", "--watch", "--watch-timeout", "0.5", *a)
+    finally:
+        gated.release()
+    assert code == EXIT_UNAVAILABLE
+    assert err.startswith("sessiond: DEADLINE_EXCEEDED WATCH_TIMEOUT: ")
 
 
 def test_errors_are_one_line_with_meaningful_exit_codes(

@@ -547,8 +547,9 @@ def watch(c: Ctx, task_id: str, timeout: float | None) -> int:
                     c.out.console.print(_event_line(item), markup=False)
             c.out.console.print(progress.render(time.time()))
     except WatchTimeout:
-        raise UsageError(f"watch of {task_id} timed out after {timeout:g} s "
-                         "(--watch-timeout)") from None
+        _error_line(c.out, "DEADLINE_EXCEEDED", "WATCH_TIMEOUT",
+                    f"the task {task_id} did not end within --watch-timeout {timeout:g} s")
+        return EXIT_UNAVAILABLE
     except WatchInterrupted as exc:
         _error_line(c.out, "UNAVAILABLE", "WATCH_INTERRUPTED",
                     f"the watch of {task_id} broke and could not resume: {exc}")
