@@ -72,6 +72,7 @@ class App:
                  engine: Phase2Engine | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else build_store(settings)
+        self._store_kind = type(self.store).__name__
         if settings.observe.metrics_address:
             # Time every store operation (sessiond_store_operation_duration_seconds).
             self.store = cast(Store, metrics.TimedStore(self.store))
@@ -131,7 +132,7 @@ class App:
                                                         name="queue-gauges"))
         host = self.settings.address.rsplit(":", 1)[0]
         log.info("sessiond listening on %s:%d (store %s, engine %s; %s)", host, self.port,
-                 type(self.store).__name__, self.engine.name, self.security.describe())
+                 self._store_kind, self.engine.name, self.security.describe())
         return self.port
 
     def info(self) -> ServerInfo:

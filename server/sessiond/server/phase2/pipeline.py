@@ -248,8 +248,8 @@ class RetryReporterImpl:
         self.stage = stage
 
     async def __call__(self, attempt: int, max_attempts: int, reason: str) -> None:
-        metrics.record_engine_retry(self.pipeline.engine.name, self.stage.value, reason)
         safe = sanitize(reason, self.pipeline.secrets)
+        metrics.record_engine_retry(self.pipeline.engine.name, self.stage.value, safe)
         tracing.add_event("retry", {"sessiond.attempt": attempt,
                                     "sessiond.max_attempts": max_attempts,
                                     "sessiond.reason": safe})
