@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sessiond.server import cli
 from sessiond.server.cli_client import (
+    EXIT_AUTH,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_REJECTED,
@@ -265,3 +266,27 @@ def test_installed_console_script(server: Running) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"sessions": []}
+
+
+def test_api_key_from_a_file_and_the_environment(server_factory: ServerFactory,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.security.test_apikeys import create_key, key_server
+
+    server, store_args = key_server(server_factory, tmp_path)
+    made = create_key(store_args, "--account", "acme", "--user", "cli")
+    a = ("--address", server.target)
+    code, _, err = sd(capsys, "sessions", "ls", *a)
+    assert code == EXIT_AUTH and err.startswith("sessiond: UNAUTHENTICATED ")
+    key_file = tmp_path / "key"
+    key_file.write_text(made["key"] + "\n")
+    code, out, err = sd(capsys, "messages", "add", "k", "with a key", "--create",
+                        "--api-key-file", str(key_file), *a)
+    assert code == EXIT_OK, err
+    monkeypatch.setenv("SESSIOND_API_KEY", made["key"])
+    listed = js(capsys, "sessions", "ls", *a)
+    assert [s["session_id"] for s in listed["sessions"]] == ["k"]
+    code, _, err = sd(capsys, "sessions", "ls", "--api-key", made["key"][:-1] + "x", *a)
+    assert code == EXIT_AUTH
+    assert made["key"] not in err  # the secret never shows in an error
