@@ -281,7 +281,7 @@ def test_api_key_from_a_file_and_the_environment(server_factory: ServerFactory,
     assert code == EXIT_AUTH and err.startswith("sessiond: UNAUTHENTICATED ")
     key_file = tmp_path / "key"
     key_file.write_text(made["key"] + "\n")
-    code, out, err = sd(capsys, "messages", "add", "k", "with a key", "--create",
+    code, _, err = sd(capsys, "messages", "add", "k", "with a key", "--create",
                         "--api-key-file", str(key_file), *a)
     assert code == EXIT_OK, err
     monkeypatch.setenv("SESSIOND_API_KEY", made["key"])
