@@ -24,12 +24,14 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def _include_dirs() -> list[str]:
-    import google.rpc.status_pb2  # googleapis-common-protos ships the .proto files
+    # protos/ is self-contained (google/rpc/*.proto are vendored there); only the
+    # google/protobuf well-known types come from grpc_tools. Only sessiond/v1 is
+    # generated: the Python code imports google.rpc.status_pb2 from
+    # googleapis-common-protos, built from the same files.
     import grpc_tools
 
-    googleapis = Path(google.rpc.status_pb2.__file__).resolve().parent.parent.parent
     well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
-    return [str(PROTO_ROOT), str(googleapis), str(well_known)]
+    return [str(PROTO_ROOT), str(well_known)]
 
 
 def generate(out_root: Path) -> list[Path]:

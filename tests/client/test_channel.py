@@ -25,6 +25,7 @@ from sessiond.client import (
 )
 from sessiond.v1 import (
     memory_pb2,
+    server_pb2,
     session_pb2,
     session_pb2_grpc,
     task_pb2,
@@ -39,7 +40,8 @@ EVE = Identity("acme", "eve", "assistant")
 DESCRIPTORS = {f.services_by_name[name].full_name: f.services_by_name[name]
                for f, name in ((session_pb2.DESCRIPTOR, "SessionService"),
                                (task_pb2.DESCRIPTOR, "TaskService"),
-                               (memory_pb2.DESCRIPTOR, "MemoryService"))}
+                               (memory_pb2.DESCRIPTOR, "MemoryService"),
+                               (server_pb2.DESCRIPTOR, "ServerService"))}
 
 
 # -- configuration --------------------------------------------------------------------

@@ -103,9 +103,10 @@ def test_credentials_are_not_sent_in_plaintext(server_factory: ServerFactory,
 def test_every_rpc_has_a_scope() -> None:
     """A new RPC must be classified in api/authz.SCOPES (else it needs admin)."""
     from sessiond.server.api.authz import SCOPES
-    from sessiond.v1 import memory_pb2, session_pb2, task_pb2
+    from sessiond.v1 import memory_pb2, server_pb2, session_pb2, task_pb2
 
-    methods = {f"/{svc.full_name}/{m.name}" for mod in (session_pb2, task_pb2, memory_pb2)
+    methods = {f"/{svc.full_name}/{m.name}"
+               for mod in (session_pb2, task_pb2, memory_pb2, server_pb2)
                for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods}
     assert methods == set(SCOPES)
 

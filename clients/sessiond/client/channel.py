@@ -7,7 +7,7 @@ Retries (gRPC's built-in retry, `grpc.enable_retries` = 1): UNAVAILABLE is retri
 to 5 attempts with exponential backoff (0.1 s, x2, at most 2 s, full jitter) on the
 methods where repeating is safe:
 
-* reads: every Get*/List* method, GetSessionContext, SearchMemories;
+* reads: every Get*/List* method, GetSessionContext, SearchMemories, GetServerInfo;
 * CancelTask (asking twice is asking once);
 * the mutating calls that carry a request id (CreateSession, AddMessage, Commit,
   RecordUsage): the interceptor fills an empty `request_id` before the first attempt,
@@ -51,6 +51,7 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
     ),
     "sessiond.v1.TaskService": ("GetTask", "ListTasks", "CancelTask"),
     "sessiond.v1.MemoryService": ("ListMemories", "GetMemory", "SearchMemories"),
+    "sessiond.v1.ServerService": ("GetServerInfo",),
 }
 
 RETRY_POLICY: dict[str, Any] = {

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/common.proto\x12\x0bsessiond.v1\"\xa5\x01\n\x0cMemoryCounts\x12\x0f\n\x07profile\x18\x01 \x01(\x03\x12\x13\n\x0bpreferences\x18\x02 \x01(\x03\x12\x10\n\x08\x65ntities\x18\x03 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x04 \x01(\x03\x12\r\n\x05\x63\x61ses\x18\x05 \x01(\x03\x12\x10\n\x08patterns\x18\x06 \x01(\x03\x12\r\n\x05tools\x18\x07 \x01(\x03\x12\x0e\n\x06skills\x18\x08 \x01(\x03\x12\r\n\x05total\x18\t \x01(\x03\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/common.proto\x12\x0bsessiond.v1\"\xa5\x01\n\x0cMemoryCounts\x12\x0f\n\x07profile\x18\x01 \x01(\x03\x12\x13\n\x0bpreferences\x18\x02 \x01(\x03\x12\x10\n\x08\x65ntities\x18\x03 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x04 \x01(\x03\x12\r\n\x05\x63\x61ses\x18\x05 \x01(\x03\x12\x10\n\x08patterns\x18\x06 \x01(\x03\x12\r\n\x05tools\x18\x07 \x01(\x03\x12\x0e\n\x06skills\x18\x08 \x01(\x03\x12\r\n\x05total\x18\t \x01(\x03\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x42\x8d\x01\n\x0f\x64\x65v.sessiond.v1B\x0b\x43ommonProtoP\x01Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\xa2\x02\x03SDX\xaa\x02\x0bSessiond.V1\xca\x02\x0bSessiond\\V1\xea\x02\x0cSessiond::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessiond.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.sessiond.v1B\013CommonProtoP\001Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\242\002\003SDX\252\002\013Sessiond.V1\312\002\013Sessiond\\V1\352\002\014Sessiond::V1'
   _globals['_MEMORYCOUNTS']._serialized_start=42
   _globals['_MEMORYCOUNTS']._serialized_end=207
   _globals['_TOKENUSAGE']._serialized_start=209

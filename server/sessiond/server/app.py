@@ -8,14 +8,16 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from sessiond.server.api.security import Security
 from sessiond.server.api.server import Health, build_server
+from sessiond.server.api.server_info import ServerInfo
 from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.embedders import build_embedder
 from sessiond.server.embedders.base import Embedder
+from sessiond.server.observability import metrics, tracing
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -27,6 +29,8 @@ from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.server.store.base import Store
 from sessiond.server.store.sql.store import SqlStore
+from sessiond.server.store.sql.schema import SCHEMA_VERSION
+from sessiond.server.version import version
 
 if TYPE_CHECKING:
     import grpc
@@ -72,6 +76,12 @@ class App:
                  embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else build_store(settings)
+        self._store_kind = type(self.store).__name__
+        if isinstance(self.store, SqlStore):
+            self.store.vector_cache_bytes = settings.embedder.cache_mb * 1024 * 1024
+        if settings.observe.metrics_address:
+            # Time every store operation (sessiond_store_operation_duration_seconds).
+            self.store = cast(Store, metrics.TimedStore(self.store))
         secrets: tuple[str, ...] = ()
         if engine is None:
             engine, secrets = build_engine(settings)
@@ -80,8 +90,6 @@ class App:
             embedder, more = build_embedder(settings.embedder)
             secrets += more
         self.embedder = embedder
-        if isinstance(self.store, SqlStore):
-            self.store.vector_cache_bytes = settings.embedder.cache_mb * 1024 * 1024
         self.hub = EventHub()
         self.store.add_event_listener(self.hub.publish)
         self.store.add_remote_event_listener(self.hub.poke)
@@ -107,12 +115,22 @@ class App:
         self.port = 0
         self._background: list[asyncio.Task[None]] = []
         self._serving = False
+        self._metrics_http: Any = None
+        self.metrics_port = 0
 
     async def start(self) -> int:
         await self.store.open()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.observe.otel_exporter != "none":
+            tracing.configure(self.settings.observe)
+        interceptors.extend(tracing.server_interceptors())
+        if self.settings.observe.metrics_address:
+            self._metrics_http, self.metrics_port = metrics.serve(
+                self.settings.observe.metrics_address)
+            interceptors.append(metrics.MetricsInterceptor())
         server, self.port = build_server(self.settings, self.sessions, self.commits,
                                          self.tasks, self.memories, self.recall, self.health,
-                                         self.security)
+                                         self.security, interceptors, self.info())
         await server.start()
         self.server = server
         await self.worker.start()
@@ -120,12 +138,21 @@ class App:
         self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
         self._background.extend(self.security.background())
+        if self._metrics_http is not None:
+            self._background.append(asyncio.create_task(self._queue_gauges_loop(),
+                                                        name="queue-gauges"))
         host = self.settings.address.rsplit(":", 1)[0]
         log.info("sessiond listening on %s:%d (store %s, engine %s, embedder %s; %s)", host,
-                 self.port, type(self.store).__name__, self.engine.name,
+                 self.port, self._store_kind, self.engine.name,
                  self.embedder.model if self.embedder is not None else "none",
                  self.security.describe())
         return self.port
+
+    def info(self) -> ServerInfo:
+        """What GetServerInfo answers."""
+        store = "sqlite" if self.settings.store in ("", "sqlite") else "postgresql"
+        return ServerInfo(version=version(), schema_version=SCHEMA_VERSION,
+                          engine=self.engine.name, store=store)
 
     def reload(self) -> None:
         """SIGHUP: re-read TLS certificates and token keys (open connections stay)."""
@@ -168,6 +195,16 @@ class App:
                      res.request_ids_removed)
         return res.tasks_removed
 
+    async def _queue_gauges_loop(self) -> None:
+        while True:
+            try:
+                depth, oldest = await self.store.queue_stats()
+                age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+                metrics.set_queue(depth, age)
+            except Exception as exc:
+                log.warning("reading the queue gauges failed: %s", exc)
+            await asyncio.sleep(self.settings.observe.metrics_interval_seconds)
+
     async def _sweep_loop(self) -> None:
         while True:
             try:
@@ -193,3 +230,9 @@ class App:
         if self.embedder is not None:
             await self.embedder.aclose()
         await self.store.close()
+        tracing.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+            metrics.enable(False)

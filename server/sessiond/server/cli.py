@@ -1,10 +1,10 @@
-"""The `sessiond` command: serve, migrate, keys, reindex."""
+"""The `sessiond` command: serve, migrate, keys, reindex, and the client commands
+(cli_client.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -21,15 +21,24 @@ from sessiond.server.cli_recall import (
     apply_embedder_flags,
     reindex_main,
 )
+from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.observability import logs
+from sessiond.server.observability.settings import (
+    add_observability_flags,
+    apply_observability_flags,
+)
+from sessiond.server.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
     env = Settings.from_env()
     p = argparse.ArgumentParser(prog="sessiond", description="Session and memory service")
+    p.add_argument("--version", action="version", version=f"sessiond {version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", help="run the gRPC server",
+                           formatter_class=DefaultsFormatter)
     serve.add_argument("--address", default=env.address, help="host:port to listen on")
     serve.add_argument("--data-dir", type=Path, default=env.data_dir,
                        help="directory of the embedded SQLite store")
@@ -60,19 +69,25 @@ def _parser() -> argparse.ArgumentParser:
                        default=env.completed_retention_hours)
     serve.add_argument("--failed-retention-hours", type=float,
                        default=env.failed_retention_hours)
+    serve.add_argument("--request-id-retention-hours", type=float,
+                       default=env.request_id_retention_hours,
+                       help="how long an idempotency key (request_id) is remembered")
     serve.add_argument("--max-stored-tasks", type=int, default=env.max_stored_tasks)
     serve.add_argument("--sqlite-synchronous", default=env.sqlite_synchronous,
                        choices=["FULL", "NORMAL"])
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     add_security_flags(serve, env)
     add_embedder_flags(serve, env)
+    add_observability_flags(serve, env.observe)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
     add_keys_command(sub, env)
     add_reindex_command(sub, env)
+    add_client_commands(sub)
     return p
 
 
@@ -89,10 +104,13 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.shutdown_grace_seconds = ns.shutdown_grace
     s.completed_retention_hours = ns.completed_retention_hours
     s.failed_retention_hours = ns.failed_retention_hours
+    s.request_id_retention_hours = ns.request_id_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
+    apply_observability_flags(ns, s.observe)
+    s.observe.validate()
     return s
 
 
@@ -104,6 +122,9 @@ async def _serve(settings: Settings) -> None:
     host = settings.address.rsplit(":", 1)[0]
     print(f"sessiond serving on {host}:{port} (store={settings.store}, "
           f"engine={settings.engine}; {app.security.describe()})", flush=True)
+    if app.metrics_port:
+        mhost = settings.observe.metrics_address.rsplit(":", 1)[0]
+        print(f"sessiond metrics on {mhost}:{app.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,9 +144,10 @@ async def _migrate(url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if getattr(ns, "client_fn", None) is not None:
+        return run_client(ns)
     if ns.command == "serve":
-        logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(ns.log_level, ns.log_format)
         try:
             asyncio.run(_serve(settings_from_args(ns)))
         except (OSError, ValueError) as exc:

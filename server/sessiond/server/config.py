@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sessiond.server.auth.policy import AuthSettings
+from sessiond.server.observability.settings import ObservabilitySettings
 
 
 def _env(name: str, default: str) -> str:
@@ -81,6 +82,7 @@ class Settings:
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    observe: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     worker_concurrency: int = 16
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
@@ -97,6 +99,7 @@ class Settings:
     def from_env(cls) -> Settings:
         s = cls()
         s.address = _env("ADDRESS", s.address)
+        s.observe = ObservabilitySettings.from_env()
         s.data_dir = Path(_env("DATA_DIR", str(s.data_dir)))
         s.store = _env("STORE", s.store)
         s.pg_channel = _env("PG_CHANNEL", s.pg_channel)

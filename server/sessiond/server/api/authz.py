@@ -66,6 +66,7 @@ SCOPES: dict[str, Scope] = {
     "/sessiond.v1.MemoryService/SearchMemories": _R,
     "/sessiond.v1.MemoryService/Recall": _R,
     "/sessiond.v1.MemoryService/DeleteMemory": _W,
+    "/sessiond.v1.ServerService/GetServerInfo": _R,
 }
 
 

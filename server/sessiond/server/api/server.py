@@ -3,10 +3,13 @@ process (store, engines, worker, sweeps) is composed in `sessiond.server.app`.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sessiond.server.api.security import Security
+from sessiond.server.api.server_info import ServerInfo, ServerServicer
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
 from sessiond.server.config import Settings
 from sessiond.server.services.commit import CommitService
@@ -17,6 +20,8 @@ from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
     memory_pb2,
     memory_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     task_pb2,
@@ -27,6 +32,7 @@ SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
 )
 
 
@@ -60,17 +66,21 @@ class Health:
 
 def build_server(settings: Settings, sessions: SessionManager, commits: CommitService,
                  tasks: TaskManager, memories: MemoryManager, recall: RecallService,
-                 health_: Health,
-                 security: Security) -> tuple[grpc.aio.Server, int]:
+                 health_: Health, security: Security,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 info: ServerInfo | None = None) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
-    actually bound."""
-    server = grpc.aio.server(interceptors=[security.interceptor],
+    actually bound. `interceptors` (metrics, tracing) run before the auth one, so
+    they see refused calls too."""
+    server = grpc.aio.server(interceptors=[*interceptors, security.interceptor],
                              options=server_options(settings))
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, commits), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories, recall), server)
+    if info is not None:
+        server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(info), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     if security.reflection:
         reflection.enable_server_reflection(

@@ -43,6 +43,9 @@ class CommitPlan:
     reject_if_running: bool
     task_id: str
     now: datetime
+    # Opaque trace context of the Commit (W3C carrier as JSON; "" when tracing is off),
+    # stored with the task so Phase 2 joins the same trace.
+    trace_context: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,6 +358,8 @@ class Task:
     # What the extraction and active-counts stages wrote (for the final result).
     memory_counts: MemoryCounts = field(default_factory=MemoryCounts)
     active_count_updated: int = 0
+    # The Commit's trace context (opaque to the domain; see CommitPlan.trace_context).
+    trace_context: str = ""
 
     @property
     def archive_uri(self) -> str:

@@ -42,6 +42,7 @@ from sessiond.server.domain.values import (
     UsageRecord,
 )
 from sessiond.server.embedders.base import Embedder
+from sessiond.server.observability import logs, metrics, tracing
 from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
@@ -119,8 +120,13 @@ class Phase2Pipeline:
         """Run the stages after `task.done_stage`; `announced` when the claim already
         appended STAGE_STARTED for the first of them. Returns finished=False when it
         stopped for shutdown or a store outage (the worker hands the task back)."""
+        with logs.bind(task_id=task.task_id, session_id=task.session_id):
+            return await self._run_logged(task, announced)
+
+    async def _run_logged(self, task: Task, announced: bool) -> RunOutcome:
         try:
-            return await self._run(task, announced)
+            with tracing.task_span(task):
+                return await self._run(task, announced)
         except LeaseLost:
             log.warning("lost the lease of %s; another worker owns it now", task.task_id)
             return RunOutcome(True)
@@ -147,6 +153,7 @@ class Phase2Pipeline:
     async def _fail(self, task: Task, error: TaskError) -> None:
         try:
             await self.store.fail_task(task.task_id, self.worker_id, error, utcnow())
+            metrics.record_task_finished("failed")
         except LeaseLost:
             log.warning("could not fail %s: lease lost", task.task_id)
 
@@ -170,6 +177,7 @@ class Phase2Pipeline:
                 # Requested before this attempt started; later requests are honoured by
                 # complete_stage at the boundary it crosses (no extra read per stage).
                 await store.cancel_task(task.task_id, self.worker_id, utcnow())
+                metrics.record_task_finished("cancelled")
                 return RunOutcome(True)
             if self.should_stop():
                 return RunOutcome(False)
@@ -177,40 +185,52 @@ class Phase2Pipeline:
                 await store.append_event(task.task_id, self.worker_id,
                                          NewEvent(EventKind.STAGE_STARTED,
                                                   f"{stage.value} started"), stage, utcnow())
-            failpoints.hit(f"phase2.{stage.value}.before")
-            if stage is Stage.FINALIZE:
-                await store.finalize_task(task.task_id, self.worker_id, utcnow())
-                failpoints.hit("phase2.finalize.after")
-                return RunOutcome(True)
-            reporter = self._reporter(task, stage)
-            output: StageOutput
-            if stage is Stage.SUMMARIZE:
-                output = await self.engine.summarize(SummaryRequest(
-                    session_id=task.session_id, archive_index=task.archive_index,
-                    messages=messages, previous_overview=prev_overview, usage=usage), reporter)
-                overview, abstract = output.overview, output.abstract
-            elif stage is Stage.EXTRACT:
-                if not overview:
-                    overview, abstract = await self._saved_summary(task)
-                output = await self.engine.extract(ExtractionRequest(
-                    session_id=task.session_id, archive_uri=task.archive_uri,
-                    messages=messages, previous_overview=prev_overview, overview=overview,
-                    usage=usage), reporter)
-            elif stage is Stage.INDEX:
-                if not overview:
-                    overview, abstract = await self._saved_summary(task)
-                output = await self._index(task, messages, overview, abstract)
-            elif stage is Stage.RELATIONS:
-                output = RelationsOutput(uris)
-            else:
-                output = ActiveCountsOutput(uris)
-            following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
-            last = await store.complete_stage(task.task_id, self.worker_id, stage, output,
-                                              utcnow(), next_stage=following)
-            if last.state.terminal:  # cancelled at this boundary
-                return RunOutcome(True)
-            started = True
-            failpoints.hit(f"phase2.{stage.value}.after")
+            with metrics.stage_timer(stage.value), \
+                    tracing.span(f"stage {stage.value}", {"sessiond.stage": stage.value}):
+                failpoints.hit(f"phase2.{stage.value}.before")
+                if stage is Stage.FINALIZE:
+                    await store.finalize_task(task.task_id, self.worker_id, utcnow())
+                    metrics.record_task_finished("completed")
+                    failpoints.hit("phase2.finalize.after")
+                    return RunOutcome(True)
+                reporter = self._reporter(task, stage)
+                engine_attrs = {"sessiond.engine": self.engine.name}
+                output: StageOutput
+                if stage is Stage.SUMMARIZE:
+                    with metrics.engine_call(self.engine.name, "summarize") as tokens, \
+                            tracing.span("engine summarize", engine_attrs):
+                        output = await self.engine.summarize(SummaryRequest(
+                            session_id=task.session_id, archive_index=task.archive_index,
+                            messages=messages, previous_overview=prev_overview, usage=usage),
+                            reporter)
+                        tokens(output.usage.prompt_tokens, output.usage.completion_tokens)
+                    overview, abstract = output.overview, output.abstract
+                elif stage is Stage.EXTRACT:
+                    if not overview:
+                        overview, abstract = await self._saved_summary(task)
+                    with metrics.engine_call(self.engine.name, "extract") as tokens, \
+                            tracing.span("engine extract", engine_attrs):
+                        output = await self.engine.extract(ExtractionRequest(
+                            session_id=task.session_id, archive_uri=task.archive_uri,
+                            messages=messages, previous_overview=prev_overview, overview=overview,
+                            usage=usage), reporter)
+                        tokens(output.usage.prompt_tokens, output.usage.completion_tokens)
+                elif stage is Stage.INDEX:
+                    if not overview:
+                        overview, abstract = await self._saved_summary(task)
+                    output = await self._index(task, messages, overview, abstract)
+                elif stage is Stage.RELATIONS:
+                    output = RelationsOutput(uris)
+                else:
+                    output = ActiveCountsOutput(uris)
+                following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
+                last = await store.complete_stage(task.task_id, self.worker_id, stage, output,
+                                                  utcnow(), next_stage=following)
+                if last.state.terminal:  # cancelled at this boundary
+                    metrics.record_task_finished("cancelled")
+                    return RunOutcome(True)
+                started = True
+                failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
@@ -269,8 +289,13 @@ class RetryReporterImpl:
         self.stage = stage
 
     async def __call__(self, attempt: int, max_attempts: int, reason: str) -> None:
+        safe = sanitize(reason, self.pipeline.secrets)
+        metrics.record_engine_retry(self.pipeline.engine.name, self.stage.value, safe)
+        tracing.add_event("retry", {"sessiond.attempt": attempt,
+                                    "sessiond.max_attempts": max_attempts,
+                                    "sessiond.reason": safe})
         msg = (f"retrying {self.stage.value}, attempt {attempt} of {max_attempts}, after "
-               f"{sanitize(reason, self.pipeline.secrets)}")
+               f"{safe}")
         await self.pipeline.store.append_event(
             self.task.task_id, self.pipeline.worker_id,
             NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())

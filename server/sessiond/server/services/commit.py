@@ -9,6 +9,7 @@ from sessiond.server.domain import rules
 from sessiond.server.domain.commands import CommitOutcome, CommitPlan
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.values import Identity
+from sessiond.server.observability import tracing
 from sessiond.server.services.sessions import request_key
 from sessiond.server.store.base import Store
 
@@ -28,7 +29,7 @@ class CommitService:
         plan = CommitPlan(identity=identity, session_id=session_id,
                           keep_recent_count=keep_recent_count,
                           reject_if_running=reject_if_running, task_id=rules.new_task_id(),
-                          now=rules.utcnow())
+                          now=rules.utcnow(), trace_context=tracing.carrier())
         failpoints.hit("commit.before_write")
         outcome = await self.store.commit(plan, req)
         failpoints.hit("commit.after_write")

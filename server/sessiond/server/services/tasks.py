@@ -12,6 +12,7 @@ from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
+from sessiond.server.observability import metrics
 from sessiond.server.services.hub import EventHub
 from sessiond.server.store.base import Store
 
@@ -70,6 +71,7 @@ class TaskManager:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
         sub = self.hub.subscribe(task_id)
+        metrics.WATCHERS.inc()
         try:
             task = await self.get(identity, task_id)
             if after_seq > task.last_seq:
@@ -124,4 +126,5 @@ class TaskManager:
                     if ev.kind.terminal:
                         return
         finally:
+            metrics.WATCHERS.dec()
             sub.close()

@@ -221,6 +221,10 @@ class Store(abc.ABC):
         nothing is runnable."""
 
     @abc.abstractmethod
+    async def queue_stats(self) -> tuple[int, datetime | None]:
+        """(PENDING tasks, created_at of the oldest of them or None): the queue gauges."""
+
+    @abc.abstractmethod
     async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool: ...
 
     @abc.abstractmethod

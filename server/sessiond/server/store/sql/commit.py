@@ -68,11 +68,11 @@ async def commit(tx: Tx, plan: CommitPlan, request: RequestKey | None) -> Commit
                      "WHERE skey=?", index, len(to_archive), d.ts(now), skey)
     trow = await tx.fetchrow(
         "INSERT INTO tasks (task_id, skey, account, user_id, agent, session_id, archive_index, "
-        "task_type, state, stage, done_stage, created_at, updated_at) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
+        "task_type, state, stage, done_stage, created_at, updated_at, trace_context) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
         plan.task_id, skey, identity.account, identity.user, identity.agent, sid, index,
         TASK_TYPE_COMMIT, TaskState.PENDING.value, Stage.QUEUED.value, Stage.QUEUED.value,
-        d.ts(now), d.ts(now))
+        d.ts(now), d.ts(now), plan.trace_context)
     assert arow is not None and trow is not None
     _, task = await tasks.apply(tx, d.rows.task(trow),
                                 transitions.created(index, len(to_archive)), now)

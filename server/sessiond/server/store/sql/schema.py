@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from string import Template
 
 
@@ -216,9 +217,23 @@ MIGRATIONS: tuple[Migration, ...] = (
                                                          vseq);
     ${extra}
     """),
+    Migration(7, "trace context of tasks", """
+    -- The W3C trace context of the Commit that made the task (JSON carrier, '' when
+    -- tracing was off): Phase 2 spans join that trace on any replica, after restarts.
+    ALTER TABLE tasks ADD COLUMN trace_context TEXT NOT NULL DEFAULT '';
+    ${extra}
+    """),
 )
 
-SCHEMA_VERSION = len(MIGRATIONS)
+# Versions are numbered by the change that introduced them (not necessarily without
+# gaps on a branch); a store at version N gets every migration numbered above N.
+assert all(a.version < b.version for a, b in pairwise(MIGRATIONS))
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def pending(found: int) -> tuple[Migration, ...]:
+    """The migrations a store at version `found` still needs, in order."""
+    return tuple(m for m in MIGRATIONS if m.version > found)
 
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",

@@ -167,6 +167,9 @@ class SqlStore(Store):
         return await self._write(lambda tx: tasks.claim(tx, worker_id, now, lease_until,
                                                         announce))
 
+    async def queue_stats(self) -> tuple[int, datetime | None]:
+        return await self._read(tasks.queue_stats)
+
     async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool:
         return await self._write(lambda tx: tasks.renew_lease(tx, task_id, worker_id,
                                                               lease_until))

@@ -164,6 +164,15 @@ async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
     return task
 
 
+async def queue_stats(tx: Tx) -> tuple[int, datetime | None]:
+    """How many tasks wait to start (PENDING), and when the oldest of them was made."""
+    row = await tx.fetchrow("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM tasks "
+                            "WHERE state=?", TaskState.PENDING.value)
+    if row is None or not row["n"]:
+        return 0, None
+    return int(row["n"]), tx.d.rows.ts(row["oldest"])
+
+
 async def renew_lease(tx: Tx, task_id: str, worker_id: str, lease_until: datetime) -> bool:
     changed = await tx.execute(
         "UPDATE tasks SET lease_expires_at=? WHERE task_id=? AND lease_owner=? AND state=?",

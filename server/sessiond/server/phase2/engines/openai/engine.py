@@ -25,6 +25,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam, completion_create_params
 from sessiond.server.config import LLMSettings
 from sessiond.server.domain.values import CandidateMemory, Role, TokenUsage
+from sessiond.server.observability import tracing
 from sessiond.server.phase2.engines.base import (
     EngineError,
     ExtractionRequest,
@@ -335,6 +336,20 @@ class OpenAIEngine:
 
     async def _call_once(self, conversation: Sequence[ChatCompletionMessageParam],
                          response_format: ResponseFormat | None, meter: _Meter) -> str:
+        """One request to the endpoint: a span of its own (`llm chat.completions`)."""
+        before = meter.total
+        with tracing.span("llm chat.completions", {"gen_ai.system": "openai",
+                                                   "gen_ai.request.model": self.model}):
+            text = await self._request(conversation, response_format, meter)
+            tracing.set_attributes({
+                "gen_ai.usage.input_tokens":
+                    meter.total.prompt_tokens - before.prompt_tokens,
+                "gen_ai.usage.output_tokens":
+                    meter.total.completion_tokens - before.completion_tokens})
+            return text
+
+    async def _request(self, conversation: Sequence[ChatCompletionMessageParam],
+                       response_format: ResponseFormat | None, meter: _Meter) -> str:
         started = time.monotonic()
         async with self._gate:
             try:
