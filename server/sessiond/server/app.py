@@ -75,17 +75,18 @@ class App:
         self.hub = EventHub()
         self.store.add_event_listener(self.hub.publish)
         self.store.add_remote_event_listener(self.hub.poke)
-        self.sessions = SessionManager(self.store)
-        self.commits = CommitService(self.store)
-        self.memories = MemoryManager(self.store)
-        self.recall = RecallService(self.store)
+        limits = settings.limits
+        self.sessions = SessionManager(self.store, limits)
+        self.commits = CommitService(self.store, limits)
+        self.memories = MemoryManager(self.store, limits)
+        self.recall = RecallService(self.store, limits)
         # A single-process store publishes every event in-process, so idle watches only
         # need the polling fallback (a store read) at heartbeat pace.
         watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
                       if self.store.single_process else settings.poll_seconds)
         self.tasks = TaskManager(self.store, self.hub,
                                  heartbeat_seconds=settings.heartbeat_seconds,
-                                 poll_seconds=watch_poll)
+                                 poll_seconds=watch_poll, limits=limits)
         self.worker = Phase2Worker(self.store, self.engine,
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,

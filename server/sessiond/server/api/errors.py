@@ -12,6 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sessiond.server.domain import errors as e
+from sessiond.server.redact import redact_text
 
 log = logging.getLogger(__name__)
 DOMAIN = "sessiond.v1"
@@ -38,21 +39,47 @@ def code_of(exc: e.SessiondError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Error details stay far below the 16 KiB trailer limit whatever the request held:
+# the first MAX_VIOLATIONS violations then one "and N more", every text clipped.
+MAX_VIOLATIONS = 20
+MAX_MESSAGE_CHARS = 512
+MAX_DETAIL_CHARS = 160
+MAX_METADATA = 8
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
+
+
+def bounded_violations(violations: list[e.FieldViolation]
+                       ) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    shown = [error_details_pb2.BadRequest.FieldViolation(
+        field=_clip(v.field, MAX_DETAIL_CHARS),
+        description=_clip(redact_text(v.description), MAX_DETAIL_CHARS))
+        for v in violations[:MAX_VIOLATIONS]]
+    if len(violations) > MAX_VIOLATIONS:
+        shown.append(error_details_pb2.BadRequest.FieldViolation(
+            field="*", description=f"and {len(violations) - MAX_VIOLATIONS} more violations"))
+    return shown
+
+
 def to_status(exc: e.SessiondError) -> grpc.Status:
     code = code_of(exc)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
-    details = [info]
+    metadata = {_clip(k, MAX_DETAIL_CHARS): _clip(redact_text(v), MAX_DETAIL_CHARS)
+                for k, v in list(exc.metadata.items())[:MAX_METADATA]}
+    info = error_details_pb2.ErrorInfo(reason=_clip(exc.reason, MAX_DETAIL_CHARS),
+                                       domain=DOMAIN, metadata=metadata)
+    details: list[Any] = [info]
     if isinstance(exc, e.InvalidArgument) and exc.violations:
-        details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations]))
+        details.append(error_details_pb2.BadRequest(
+            field_violations=bounded_violations(exc.violations)))
     packed = []
     for d in details:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    st = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message,
-                           details=packed)
+    message = _clip(redact_text(exc.message), MAX_MESSAGE_CHARS)
+    st = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
     return rpc_status.to_status(st)
 
 

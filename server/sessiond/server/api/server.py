@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sessiond.server.api.decoding import DecodeGuard
 from sessiond.server.api.security import Security
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
 from sessiond.server.config import Settings
@@ -65,7 +66,9 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
     actually bound."""
-    server = grpc.aio.server(interceptors=[security.interceptor],
+    # The auth interceptor runs first; DecodeGuard answers undecodable requests
+    # with INVALID_ARGUMENT before any servicer sees them.
+    server = grpc.aio.server(interceptors=[security.interceptor, DecodeGuard()],
                              options=server_options(settings))
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, commits), server)

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sessiond.server.domain import rules, terms
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.recall import (
     ALL_KINDS,
     CANDIDATES,
@@ -29,15 +30,15 @@ from sessiond.server.domain.recall import (
 from sessiond.server.domain.values import Identity
 from sessiond.server.store.base import Store
 
-MAX_QUERY_CHARS = 4096
 # A hit of the named session outranks another session's hit unless that one scores
 # this much higher.
 OWN_SESSION_BOOST = 1.25
 
 
 class RecallService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
 
     async def recall(self, identity: Identity, query: str, session_id: str = "",
                      max_chars: int = 0, max_items: int = 0,
@@ -46,8 +47,8 @@ class RecallService:
         bad: list[FieldViolation] = []
         if not query.strip():
             bad.append(FieldViolation("query", "give at least one word"))
-        elif len(query) > MAX_QUERY_CHARS:
-            bad.append(FieldViolation("query", f"at most {MAX_QUERY_CHARS} characters"))
+        elif len(query) > self.limits.query_chars:
+            bad.append(FieldViolation("query", f"at most {self.limits.query_chars} characters"))
         if max_chars < 0 or max_chars > MAX_MAX_CHARS:
             bad.append(FieldViolation("max_chars", f"must be 0 (default {DEFAULT_MAX_CHARS}) "
                                                    f"to {MAX_MAX_CHARS}"))

@@ -23,6 +23,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
@@ -138,8 +139,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
-                               now: datetime) -> Message:
-        """`NotFound` when the session, live message or tool part is missing."""
+                               now: datetime,
+                               max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
+        """`NotFound` when the session, live message or tool part is missing;
+        `InvalidArgument` when the message would exceed `max_bytes` (all string
+        fields, `rules.message_bytes`)."""
 
     @abc.abstractmethod
     async def list_live_messages(self, identity: Identity, session_id: str,

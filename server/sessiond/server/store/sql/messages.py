@@ -5,8 +5,15 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
+from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
-from sessiond.server.domain.errors import FailedPrecondition, NotFound
+from sessiond.server.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from sessiond.server.domain.limits import DEFAULT_LIMITS, clip_echo
 from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
 from sessiond.server.store import codec
 from sessiond.server.store.sql import requests, sessions
@@ -40,18 +47,19 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
 
 async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_id: str,
                            tool_id: str, output: str, status: ToolStatus,
-                           now: datetime) -> Message:
+                           now: datetime, max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
     skey = codec.session_key(identity, session_id)
     # The session row lock serializes this with commits and other tool updates.
     await sessions.require(tx, identity, session_id, lock=True)
     row = await tx.fetchrow("SELECT * FROM messages WHERE skey=? AND message_id=?",
                             skey, message_id)
     if row is None:
-        raise NotFound(f"message {message_id!r} not found in session {session_id!r}",
+        raise NotFound(f"message {clip_echo(message_id)!r} not found in session "
+                       f"{session_id!r}",
                        reason="MESSAGE_NOT_FOUND")
     if row["archive_index"] is not None:
         raise FailedPrecondition(
-            f"message {message_id!r} was archived by commit {row['archive_index']}; "
+            f"message {clip_echo(message_id)!r} was archived by commit {row['archive_index']}; "
             "archived messages are immutable", reason="MESSAGE_ARCHIVED")
     msg = tx.d.rows.message(row)
     parts = list(msg.parts)
@@ -60,8 +68,13 @@ async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_
             parts[i] = dataclasses.replace(p, output=output, status=status)
             break
     else:
-        raise NotFound(f"tool part {tool_id!r} not found in message {message_id!r}",
-                       reason="TOOL_PART_NOT_FOUND")
+        raise NotFound(f"tool part {clip_echo(tool_id)!r} not found in message "
+                       f"{clip_echo(message_id)!r}", reason="TOOL_PART_NOT_FOUND")
+    size = rules.message_bytes(parts)
+    if size > max_bytes:
+        raise InvalidArgument("output makes the message too large", violations=[
+            FieldViolation("output", f"the message may hold at most {max_bytes} bytes in all "
+                                     f"string fields (would be {size})")])
     await tx.execute("UPDATE messages SET parts=? WHERE skey=? AND message_id=?",
                      codec.encode_parts(parts), skey, message_id)
     await tx.execute("UPDATE sessions SET updated_at=? WHERE skey=?", tx.d.ts(now), skey)

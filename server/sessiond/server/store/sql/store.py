@@ -19,6 +19,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
@@ -100,9 +101,10 @@ class SqlStore(Store):
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
-                               now: datetime) -> Message:
+                               now: datetime,
+                               max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
         return await self._write(lambda tx: messages.update_tool_part(
-            tx, identity, session_id, message_id, tool_id, output, status, now))
+            tx, identity, session_id, message_id, tool_id, output, status, now, max_bytes))
 
     async def list_live_messages(self, identity: Identity, session_id: str,
                                  newest: int = 0) -> list[Message]:
