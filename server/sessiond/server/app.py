@@ -17,6 +17,7 @@ from sessiond.server.domain.rules import utcnow
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
+from sessiond.server.redact import redact_text, redact_url
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.memories import MemoryManager
@@ -47,7 +48,8 @@ def build_store(settings: Settings) -> Store:
 
         return PostgresStore(settings.store, min_size=settings.pg_pool_min,
                              max_size=settings.pg_pool_max, channel=settings.pg_channel)
-    raise ValueError(f"unknown store {settings.store!r}: use 'sqlite' or a postgresql:// URL")
+    raise ValueError(f"unknown store {redact_url(settings.store)!r}: use 'sqlite' or a "
+                     "postgresql:// URL")
 
 
 def build_engine(settings: Settings) -> tuple[Phase2Engine, tuple[str, ...]]:
@@ -161,7 +163,7 @@ class App:
             try:
                 await self.sweep_once()
             except Exception as exc:
-                log.warning("retention sweep failed: %s", exc)
+                log.warning("retention sweep failed: %s", redact_text(str(exc)))
             await asyncio.sleep(self.settings.sweep_interval_seconds)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sessiond.server.cli_auth import (
@@ -17,6 +18,8 @@ from sessiond.server.cli_auth import (
 )
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.domain.limits import Limits
+from sessiond.server.redact import install_log_redaction, redact_text, redact_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO")
+    for f in fields(Limits):
+        serve.add_argument(f"--limit-{f.name.replace('_', '-')}", type=int,
+                           default=getattr(env.limits, f.name), metavar="N",
+                           help=f"limit {f.name} (docs/api.md)")
     add_security_flags(serve, env)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
@@ -83,6 +90,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.failed_retention_hours = ns.failed_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
+    s.limits = replace(s.limits, **{f.name: getattr(ns, f"limit_{f.name}")
+                                    for f in fields(Limits)})
+    s.limits.validate()
     apply_security_flags(ns, s)
     return s
 
@@ -93,7 +103,7 @@ async def _serve(settings: Settings) -> None:
     app = App(settings)
     port = await app.start()
     host = settings.address.rsplit(":", 1)[0]
-    print(f"sessiond serving on {host}:{port} (store={settings.store}, "
+    print(f"sessiond serving on {host}:{port} (store={redact_url(settings.store)}, "
           f"engine={settings.engine}; {app.security.describe()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        install_log_redaction()
         try:
             asyncio.run(_serve(settings_from_args(ns)))
         except (OSError, ValueError) as exc:
-            print(f"sessiond: {exc}", file=sys.stderr)
+            print(f"sessiond: {redact_text(str(exc))}", file=sys.stderr)
             return 2
         except SessiondError as exc:
-            print(f"sessiond: {exc.message} ({exc.reason})", file=sys.stderr)
+            print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
             return 1
         return 0
     if ns.command == "keys":
@@ -136,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(_migrate(ns.store))
         except SessiondError as exc:
-            print(f"sessiond migrate: {exc.message} ({exc.reason})", file=sys.stderr)
+            print(f"sessiond migrate: {redact_text(exc.message)} ({exc.reason})",
+                  file=sys.stderr)
             return 1
         return 0
     return 2

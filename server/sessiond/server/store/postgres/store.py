@@ -49,6 +49,7 @@ from sessiond.server.domain.errors import (
     Unavailable,
 )
 from sessiond.server.domain.values import Identity, Message
+from sessiond.server.redact import redact_text
 from sessiond.server.store import codec
 from sessiond.server.store.postgres import migrations
 from sessiond.server.store.postgres.dialect import DIALECT, PgTx
@@ -91,7 +92,8 @@ _RECONNECTABLE: tuple[type[BaseException], ...] = (
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"postgresql unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
+    return Unavailable(redact_text(f"postgresql unavailable: {type(exc).__name__}: {exc}"
+                                   .rstrip(": ")))
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -154,7 +156,7 @@ class PostgresStore(SqlStore):
             raise
         except (asyncpg.InvalidCatalogNameError,
                 asyncpg.InvalidAuthorizationSpecificationError) as exc:
-            raise FailedPrecondition(f"postgresql refused the connection: {exc}",
+            raise FailedPrecondition(redact_text(f"postgresql refused the connection: {exc}"),
                                      reason="DATABASE_REJECTED") from exc
         except BaseException as exc:
             if _is_unavailable(exc):
