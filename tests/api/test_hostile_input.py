@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.message import Message as ProtoMessage
-from sessiond.v1 import memory_pb2, session_pb2, task_pb2
+from sessiond.client import connect
+from sessiond.v1 import memory_pb2, session_pb2, session_pb2_grpc, task_pb2
 
 from tests.api.helpers import add, text_part
 from tests.api.test_sessions import details
@@ -201,3 +202,85 @@ def test_huge_ids_are_echoed_clipped(server: Running) -> None:
         assert len(err.details() or "") < 300
         assert trailer_size(err) < 4 * 1024
     add(server.sessions, "ok", "still fine")
+
+
+# ------------------------------------------------------------------ 5: archive pages
+def read_archive(stub: session_pb2_grpc.SessionServiceStub, sid: str, index: int,
+                 page_size: int = 0) -> tuple[list[session_pb2.Message], int]:
+    """Every message of an archive through its pages; returns them and the page count."""
+    out: list[session_pb2.Message] = []
+    token, pages = "", 0
+    while True:
+        reply = stub.GetArchive(session_pb2.GetArchiveRequest(
+            session_id=sid, index=index, page_size=page_size, page_token=token), timeout=30)
+        assert reply.ByteSize() < 16 * MiB
+        pages += 1
+        out.extend(reply.messages)
+        token = reply.next_page_token
+        if not token:
+            return out, pages
+
+
+def test_five_large_messages_are_all_readable_from_the_archive(server: Running) -> None:
+    channel = connect(server.target)  # the sessiond client: 16 MiB replies
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    stub.CreateSession(session_pb2.CreateSessionRequest(session_id="huge"))
+    sent = []
+    for i in range(5):
+        text = chr(ord("a") + i) * 3_900_000
+        sent.append(stub.AddMessage(session_pb2.AddMessageRequest(
+            session_id="huge", role=session_pb2.ROLE_USER, parts=[text_part(text)]),
+            timeout=30).message.id)
+    reply = stub.Commit(session_pb2.CommitRequest(session_id="huge"), timeout=30)
+    assert reply.archived
+    got, pages = read_archive(stub, "huge", 1)
+    assert [m.id for m in got] == sent and pages == 3  # 2 + 2 + 1 under 8 MiB each
+    assert all(len(m.parts[0].text.text) == 3_900_000 for m in got)
+    one_by_one, pages = read_archive(stub, "huge", 1, page_size=1)
+    assert [m.id for m in one_by_one] == sent and pages == 5
+    channel.close()
+
+
+def test_archive_pages_count_bytes_not_characters(server: Running) -> None:
+    channel = connect(server.target)
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    stub.CreateSession(session_pb2.CreateSessionRequest(session_id="wide"))
+    for _ in range(3):  # 1 M four-byte characters: 4 MB each, 3 M characters in all
+        stub.AddMessage(session_pb2.AddMessageRequest(
+            session_id="wide", role=session_pb2.ROLE_USER,
+            parts=[text_part("\U0001f600" * 1_000_000)]), timeout=30)
+    stub.Commit(session_pb2.CommitRequest(session_id="wide"), timeout=30)
+    got, pages = read_archive(stub, "wide", 1)
+    assert len(got) == 3 and pages == 2  # 8 MB + 4 MB: bytes, not characters, counted
+    channel.close()
+
+
+def test_archive_page_small_and_bad_tokens(server: Running) -> None:
+    server.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="small"))
+    ids = [add(server.sessions, "small", f"m{i}").id for i in range(5)]
+    server.sessions.Commit(session_pb2.CommitRequest(session_id="small"))
+    whole = server.sessions.GetArchive(session_pb2.GetArchiveRequest(session_id="small",
+                                                                     index=1))
+    assert [m.id for m in whole.messages] == ids and not whole.next_page_token
+    got, pages = read_archive(server.sessions, "small", 1, page_size=2)
+    assert [m.id for m in got] == ids and pages == 3
+    for token in BAD_TOKENS:
+        req = session_pb2.GetArchiveRequest(session_id="small", index=1, page_token=token)
+        got_code, _ = code(functools.partial(server.sessions.GetArchive, req))
+        assert got_code == grpc.StatusCode.INVALID_ARGUMENT
+    got_code, _ = code(lambda: server.sessions.GetArchive(
+        session_pb2.GetArchiveRequest(session_id="small", index=1, page_size=-1)))
+    assert got_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_session_context_reply_stays_under_the_reply_size(server: Running) -> None:
+    channel = connect(server.target)
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    stub.CreateSession(session_pb2.CreateSessionRequest(session_id="ctx"))
+    ids = [stub.AddMessage(session_pb2.AddMessageRequest(
+        session_id="ctx", role=session_pb2.ROLE_USER, parts=[text_part("c" * 3_900_000)]),
+        timeout=30).message.id for _ in range(5)]
+    ctx = stub.GetSessionContext(session_pb2.GetSessionContextRequest(session_id="ctx"),
+                                 timeout=30)
+    assert [m.id for m in ctx.current_messages] == ids[-2:]  # the newest that fit 8 MiB
+    channel.close()

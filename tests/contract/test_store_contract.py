@@ -55,6 +55,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
 )
+from sessiond.server.store import codec
 from sessiond.server.store.base import Store
 
 from tests.contract.conftest import Runner, StoreFactory
@@ -1181,5 +1182,26 @@ def test_page_tokens(store: Store, run: Runner) -> None:
         token = f"{at(1).timestamp()!r}|t1"
         assert [t.task_id for t in (await store.list_tasks(ID, "", None, "", 10, token)).items] \
             == ["t0"]
+
+    run(body())
+
+
+def test_archive_message_pages(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "pg", "tp", 1, n=5)
+        whole = await store.archive_messages(ID, "pg", 1)
+        assert await store.archive_message_page(ID, "pg", 1, 0, 0, 10**9) == (whole, False)
+        first, more = await store.archive_message_page(ID, "pg", 1, 0, 2, 10**9)
+        assert first == whole[:2] and more
+        rest, more = await store.archive_message_page(ID, "pg", 1, first[-1].seq, 0, 10**9)
+        assert rest == whole[2:] and not more
+        # a character budget smaller than one message still returns one
+        one, more = await store.archive_message_page(ID, "pg", 1, 0, 0, 1)
+        assert one == whole[:1] and more
+        size = len(codec.encode_parts(whole[0].parts))
+        two, more = await store.archive_message_page(ID, "pg", 1, 0, 0, 2 * size)
+        assert two == whole[:2] and more
+        assert await store.archive_message_page(ID, "pg", 1, whole[-1].seq, 0, 10) == ([], False)
+        assert await store.archive_message_page(OTHER_USER, "pg", 1, 0, 0, 10) == ([], False)
 
     run(body())

@@ -152,9 +152,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def GetArchive(self, request: session_pb2.GetArchiveRequest, context: Ctx
                          ) -> session_pb2.Archive:
-        arch, messages = await self.sessions.get_archive(identity_of(context),
-                                                         request.session_id, request.index)
-        return cv.archive_out(arch, messages)
+        arch, messages, token = await self.sessions.get_archive(
+            identity_of(context), request.session_id, request.index, request.page_size,
+            decode_token(request.page_token))
+        reply = cv.archive_out(arch, messages)
+        reply.next_page_token = encode_token(token)
+        return reply
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):

@@ -66,6 +66,17 @@ def message_bytes(parts: Sequence[Part]) -> int:
     return sum(part_bytes(p) for p in parts)
 
 
+# What a message adds on the wire beyond its string fields (id, role, seq, time,
+# part framing and the tool part's numbers), counted generously.
+MESSAGE_WIRE_OVERHEAD = 128
+PART_WIRE_OVERHEAD = 64
+
+
+def wire_bytes(parts: Sequence[Part]) -> int:
+    """An upper bound of a stored message's size in a reply."""
+    return MESSAGE_WIRE_OVERHEAD + message_bytes(parts) + PART_WIRE_OVERHEAD * len(parts)
+
+
 def size_violation(size: int, limits: Limits, field: str = "parts") -> FieldViolation:
     return FieldViolation(field, f"at most {limits.message_bytes} bytes in all string fields "
                                  f"(got {size})")

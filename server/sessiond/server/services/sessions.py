@@ -11,7 +11,7 @@ from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
-from sessiond.server.domain.pages import Page
+from sessiond.server.domain.pages import Page, index_cursor
 from sessiond.server.domain.recall import clip
 from sessiond.server.domain.values import (
     Archive,
@@ -149,11 +149,23 @@ class SessionManager:
                 left -= size
                 kept.append(m)
             messages = kept[::-1]
+        messages = self._newest_that_fit(messages)
         return SessionContextView(
             session_id=session_id,
             latest_archive_overview=overview,
             latest_archive_uri=latest.uri if latest else "",
             current_messages=messages)
+
+    def _newest_that_fit(self, messages: list[Message]) -> list[Message]:
+        """The newest messages whose reply size stays within archive_page_bytes (at
+        least one): a context reply never exceeds the gRPC message size."""
+        used, start = 0, len(messages)
+        for m in reversed(messages):
+            size = rules.wire_bytes(m.parts)
+            if start < len(messages) and used + size > self.limits.archive_page_bytes:
+                break
+            used, start = used + size, start - 1
+        return messages[start:]
 
     async def list_archives(self, identity: Identity, session_id: str, page_size: int,
                             page_token: str) -> Page[Archive]:
@@ -162,16 +174,39 @@ class SessionManager:
                                               rules.page_size(page_size, self.limits),
                                               page_token)
 
-    async def get_archive(self, identity: Identity, session_id: str, index: int
-                          ) -> tuple[Archive, list[Message]]:
+    async def get_archive(self, identity: Identity, session_id: str, index: int,
+                          page_size: int = 0, page_token: str = ""
+                          ) -> tuple[Archive, list[Message], str]:
+        """The archive, one page of its messages and the token of the next page ("" on
+        the last): at most `page_size` messages (0: any number) and never more than
+        `Limits.archive_page_bytes` of them, but always at least one."""
         rules.check_session_id(session_id)
         if index <= 0:
             raise InvalidArgument("index must be >= 1", violations=[
                 FieldViolation("index", "archives are numbered from 1")])
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative", violations=[
+                FieldViolation("page_size", "must be >= 0 (0: as many as fit)")])
+        after_seq = index_cursor(page_token)
         arch = await self.store.get_archive(identity, session_id, index)
         if arch is None:
             if await self.store.get_session(identity, session_id) is None:
                 raise _not_found(session_id)
             raise NotFound(f"archive {index} of session {session_id!r} not found",
                            reason="ARCHIVE_NOT_FOUND")
-        return arch, await self.store.archive_messages(identity, session_id, index)
+        budget = self.limits.archive_page_bytes
+        limit = min(page_size, self.limits.max_page_size) if page_size else 0
+        messages, more = await self.store.archive_message_page(
+            identity, session_id, index, after_seq, limit, budget)
+        # The store bounds characters; the reply is bounded in bytes (UTF-8 may be 4
+        # per character): keep what fits, the rest comes with the next page.
+        kept, used = 0, 0
+        for m in messages:
+            size = rules.wire_bytes(m.parts)
+            if kept and used + size > budget:
+                break
+            kept, used = kept + 1, used + size
+        more = more or kept < len(messages)
+        messages = messages[:kept]
+        token = str(messages[-1].seq) if more and messages else ""
+        return arch, messages, token

@@ -179,6 +179,14 @@ class Store(abc.ABC):
                                index: int) -> list[Message]: ...
 
     @abc.abstractmethod
+    async def archive_message_page(self, identity: Identity, session_id: str, index: int,
+                                   after_seq: int, limit: int, max_chars: int
+                                   ) -> tuple[list[Message], bool]:
+        """One page of an archive's messages with seq > `after_seq`, oldest first: at
+        most `limit` (0: any number), and beyond the first only while the stored size
+        of their parts stays within `max_chars`; plus whether more follow."""
+
+    @abc.abstractmethod
     async def archive_usage(self, identity: Identity, session_id: str,
                             index: int) -> list[UsageRecord]: ...
 

@@ -102,6 +102,34 @@ async def messages(tx: Tx, identity: Identity, session_id: str, index: int) -> l
     return [tx.d.rows.message(r) for r in rows]
 
 
+async def message_page(tx: Tx, identity: Identity, session_id: str, index: int,
+                       after_seq: int, limit: int, max_chars: int) -> tuple[list[Message], bool]:
+    """The archive's messages after `after_seq`, oldest first: at most `limit` (0: no
+    count limit) and, after the first, only while their stored size stays within
+    `max_chars`; and whether more follow. Sizes are read first, so a page never
+    loads more than it returns."""
+    skey = codec.session_key(identity, session_id)
+    sql = ("SELECT seq, length(parts) AS n FROM messages WHERE skey=? AND archive_index=? "
+           "AND seq>? ORDER BY seq")
+    args: list[object] = [skey, index, after_seq]
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit + 1)
+    sizes = await tx.fetch(sql, *args)
+    take = total = 0
+    for r in sizes:
+        n = int(r["n"])
+        if (limit and take == limit) or (take and total + n > max_chars):
+            break
+        take, total = take + 1, total + n
+    if not take:
+        return [], False
+    rows = await tx.fetch("SELECT * FROM messages WHERE skey=? AND archive_index=? AND seq>? "
+                          "AND seq<=? ORDER BY seq", skey, index, after_seq,
+                          sizes[take - 1]["seq"])
+    return [tx.d.rows.message(r) for r in rows], take < len(sizes)
+
+
 async def usage(tx: Tx, identity: Identity, session_id: str, index: int) -> list[UsageRecord]:
     rows = await tx.fetch("SELECT * FROM usage WHERE skey=? AND archive_index=? ORDER BY id",
                           codec.session_key(identity, session_id), index)

@@ -132,6 +132,12 @@ class SqlStore(Store):
                                index: int) -> list[Message]:
         return await self._read(lambda tx: commit.messages(tx, identity, session_id, index))
 
+    async def archive_message_page(self, identity: Identity, session_id: str, index: int,
+                                   after_seq: int, limit: int, max_chars: int
+                                   ) -> tuple[list[Message], bool]:
+        return await self._read(lambda tx: commit.message_page(
+            tx, identity, session_id, index, after_seq, limit, max_chars))
+
     async def archive_usage(self, identity: Identity, session_id: str,
                             index: int) -> list[UsageRecord]:
         return await self._read(lambda tx: commit.usage(tx, identity, session_id, index))
