@@ -30,8 +30,10 @@ from sessiond.server.domain.errors import (
     InvalidArgument,
     LeaseLost,
     NotFound,
+    QuotaExceeded,
     RequestIdConflict,
 )
+from sessiond.server.domain.limits import Limits
 from sessiond.server.domain.values import (
     ArchiveState,
     CandidateMemory,
@@ -1203,5 +1205,36 @@ def test_archive_message_pages(store: Store, run: Runner) -> None:
         assert two == whole[:2] and more
         assert await store.archive_message_page(ID, "pg", 1, whole[-1].seq, 0, 10) == ([], False)
         assert await store.archive_message_page(OTHER_USER, "pg", 1, 0, 0, 10) == ([], False)
+
+    run(body())
+
+
+def test_live_and_session_quotas(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        store.limits = Limits(live_messages_per_session=2, live_bytes_per_session=20,
+                              message_bytes=10, sessions_per_identity=2)
+        try:
+            await store.ensure_session(ID, "qa", at(1))
+            await store.add_message(ID, "qa", msg("0123456789"))  # 10 bytes
+            with pytest.raises(QuotaExceeded) as err:
+                await store.add_message(ID, "qa", msg("01234567890"))  # 21 > 20
+            assert err.value.reason == "LIVE_BYTES_QUOTA"
+            await store.add_message(ID, "qa", msg("abc"))
+            with pytest.raises(QuotaExceeded) as err:
+                await store.add_message(ID, "qa", msg("d"))
+            assert err.value.reason == "LIVE_MESSAGES_QUOTA"
+            with pytest.raises(NotFound):
+                await store.add_message(ID, "missing", msg("d"))
+            out = await store.commit(plan("qa", "tq", 2, keep=1))
+            assert out.archived
+            await store.add_message(ID, "qa", msg("0123456789"))  # 3 + 10 live now
+            await store.ensure_session(ID, "qb", at(3))
+            with pytest.raises(QuotaExceeded) as err:
+                await store.create_session(ID, "qc", at(3))
+            assert err.value.reason == "SESSIONS_QUOTA"
+            assert (await store.ensure_session(ID, "qb", at(4))).session_id == "qb"
+            await store.create_session(OTHER_USER, "qc", at(3))
+        finally:
+            store.limits = Limits()
 
     run(body())

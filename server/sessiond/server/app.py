@@ -78,6 +78,8 @@ class App:
         self.store.add_event_listener(self.hub.publish)
         self.store.add_remote_event_listener(self.hub.poke)
         limits = settings.limits
+        limits.validate()
+        self.store.limits = limits
         self.sessions = SessionManager(self.store, limits)
         self.commits = CommitService(self.store, limits)
         self.memories = MemoryManager(self.store, limits)

@@ -29,6 +29,7 @@ CODES: list[tuple[type[e.SessiondError], grpc.StatusCode]] = [
     (e.LeaseLost, grpc.StatusCode.ABORTED),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -73,6 +74,11 @@ def to_status(exc: e.SessiondError) -> grpc.Status:
     if isinstance(exc, e.InvalidArgument) and exc.violations:
         details.append(error_details_pb2.BadRequest(
             field_violations=bounded_violations(exc.violations)))
+    if isinstance(exc, e.QuotaExceeded):
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=_clip(exc.subject, MAX_DETAIL_CHARS),
+                description=_clip(exc.limit, MAX_DETAIL_CHARS))]))
     packed = []
     for d in details:
         a = any_pb2.Any()

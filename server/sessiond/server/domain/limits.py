@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from sessiond.server.domain.errors import QuotaExceeded
+
 MiB = 1024 * 1024
 
 
@@ -53,12 +55,45 @@ class Limits:
             raise ValueError("limit default_page_size must not exceed max_page_size")
         if self.archive_page_bytes > 15 * MiB:
             raise ValueError("limit archive_page_bytes must stay under the 16 MiB reply size")
+        if self.message_bytes > self.live_bytes_per_session:
+            raise ValueError("limit message_bytes must not exceed live_bytes_per_session")
         if self.message_bytes > self.archive_page_bytes:
             raise ValueError("limit message_bytes must not exceed archive_page_bytes "
                              "(every archived message must fit in one GetArchive reply)")
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def live_messages_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
+    n = limits.live_messages_per_session
+    return QuotaExceeded(
+        f"session {clip_echo(session_id, limits)!r} holds {n} live messages, its quota; "
+        "commit it first", subject=f"session:{clip_echo(session_id, limits)}",
+        limit=f"live_messages_per_session={n}", reason="LIVE_MESSAGES_QUOTA")
+
+
+def live_bytes_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
+    n = limits.live_bytes_per_session
+    return QuotaExceeded(
+        f"session {clip_echo(session_id, limits)!r} would hold more than {n} bytes of live "
+        "messages, its quota; commit it first",
+        subject=f"session:{clip_echo(session_id, limits)}",
+        limit=f"live_bytes_per_session={n}", reason="LIVE_BYTES_QUOTA")
+
+
+def sessions_exceeded(limits: Limits) -> QuotaExceeded:
+    n = limits.sessions_per_identity
+    return QuotaExceeded(f"this identity holds {n} sessions, its quota; delete some first",
+                         subject="identity", limit=f"sessions_per_identity={n}",
+                         reason="SESSIONS_QUOTA")
+
+
+def watches_exceeded(limits: Limits) -> QuotaExceeded:
+    n = limits.watch_streams_per_identity
+    return QuotaExceeded(f"this identity has {n} WatchTask streams open on this server, its "
+                         "quota; close one first", subject="identity",
+                         limit=f"watch_streams_per_identity={n}", reason="WATCH_STREAMS_QUOTA")
 
 
 def clip_echo(value: str, limits: Limits = DEFAULT_LIMITS) -> str:

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
-from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo, watches_exceeded
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
 from sessiond.server.services.hub import EventHub
@@ -35,6 +35,7 @@ class TaskManager:
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self._closing = asyncio.Event()
+        self._watching: dict[Identity, int] = {}
 
     def close_watches(self) -> None:
         """Ask every open watch to end (graceful shutdown)."""
@@ -72,6 +73,10 @@ class TaskManager:
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
+        open_now = self._watching.get(identity, 0)
+        if open_now >= self.limits.watch_streams_per_identity:
+            raise watches_exceeded(self.limits)
+        self._watching[identity] = open_now + 1
         sub = self.hub.subscribe(task_id)
         try:
             task = await self.get(identity, task_id)
@@ -128,3 +133,8 @@ class TaskManager:
                         return
         finally:
             sub.close()
+            left = self._watching.get(identity, 1) - 1
+            if left:
+                self._watching[identity] = left
+            else:
+                self._watching.pop(identity, None)

@@ -23,7 +23,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
-from sessiond.server.domain.limits import DEFAULT_LIMITS
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
@@ -59,6 +59,9 @@ class Store(abc.ABC):
     events, memories, relations, active counts and idempotency keys."""
 
     def __init__(self) -> None:
+        # The quotas the store enforces inside its transactions (live messages and
+        # bytes per session, sessions per identity); the App sets the configured ones.
+        self.limits: Limits = DEFAULT_LIMITS
         self._event_listeners: list[EventListener] = []
         self._work_listeners: list[WorkListener] = []
         self._remote_listeners: list[RemoteEventListener] = []
@@ -108,7 +111,8 @@ class Store(abc.ABC):
     async def create_session(self, identity: Identity, session_id: str, now: datetime,
                              request: RequestKey | None = None) -> SessionMeta:
         """Insert a session. Ids are unique per identity: `AlreadyExists` when this
-        identity already has a session with that id."""
+        identity already has a session with that id; `QuotaExceeded` when it holds
+        `limits.sessions_per_identity` sessions."""
 
     @abc.abstractmethod
     async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None: ...
@@ -134,7 +138,9 @@ class Store(abc.ABC):
     async def add_message(self, identity: Identity, session_id: str, message: Message,
                           request: RequestKey | None = None) -> Message:
         """Append to the live buffer; the returned message carries its `seq`.
-        A replayed request returns the originally stored message."""
+        A replayed request returns the originally stored message. `QuotaExceeded`
+        when the live buffer holds `limits.live_messages_per_session` messages or
+        would exceed `limits.live_bytes_per_session` bytes."""
 
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,

@@ -12,19 +12,39 @@ from sessiond.server.domain.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    SessiondError,
 )
-from sessiond.server.domain.limits import DEFAULT_LIMITS, clip_echo
+from sessiond.server.domain.limits import (
+    DEFAULT_LIMITS,
+    Limits,
+    clip_echo,
+    live_bytes_exceeded,
+    live_messages_exceeded,
+)
 from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
 from sessiond.server.store import codec
 from sessiond.server.store.sql import requests, sessions
 from sessiond.server.store.sql.tx import Tx
 
+# Appends within the live quotas: (size, updated_at, skey, max count, size, max bytes).
 BUMP_SEQ = ("UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-            "live_count=live_count+1, updated_at=? WHERE skey=? RETURNING next_seq-1")
+            "live_count=live_count+1, live_bytes=live_bytes+?, updated_at=? "
+            "WHERE skey=? AND live_count<? AND live_bytes+?<=? RETURNING next_seq-1")
+
+
+async def quota_refusal(tx: Tx, identity: Identity, session_id: str,
+                        limits: Limits) -> SessiondError:
+    """Why an append within the quotas changed no session row."""
+    found = await sessions.row(tx, identity, session_id)
+    if found is None:
+        return sessions.not_found(session_id)
+    if int(found["live_count"]) >= limits.live_messages_per_session:
+        return live_messages_exceeded(session_id, limits)
+    return live_bytes_exceeded(session_id, limits)
 
 
 async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
-              request: RequestKey | None) -> Message:
+              request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> Message:
     skey = codec.session_key(identity, session_id)
     previous = await requests.replay(tx, request)
     if previous is not None:
@@ -34,23 +54,27 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
             raise NotFound("the message of this request_id no longer exists",
                            reason="MESSAGE_NOT_FOUND")
         return tx.d.rows.message(row)
-    seq = await tx.fetchval(BUMP_SEQ, tx.d.ts(message.created_at), skey)
+    size = rules.message_bytes(message.parts)
+    seq = await tx.fetchval(BUMP_SEQ, size, tx.d.ts(message.created_at), skey,
+                            limits.live_messages_per_session, size,
+                            limits.live_bytes_per_session)
     if seq is None:
-        raise sessions.not_found(session_id)
+        raise await quota_refusal(tx, identity, session_id, limits)
     await tx.execute(
-        "INSERT INTO messages (skey, seq, message_id, role, parts, created_at) "
-        "VALUES (?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
-        codec.encode_parts(message.parts), tx.d.ts(message.created_at))
+        "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
+        "VALUES (?,?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
+        codec.encode_parts(message.parts), tx.d.ts(message.created_at), size)
     await requests.remember(tx, request, {"message_id": message.id}, message.created_at)
     return dataclasses.replace(message, seq=int(seq))
 
 
 async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_id: str,
                            tool_id: str, output: str, status: ToolStatus,
-                           now: datetime, max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
+                           now: datetime, max_bytes: int = DEFAULT_LIMITS.message_bytes,
+                           limits: Limits = DEFAULT_LIMITS) -> Message:
     skey = codec.session_key(identity, session_id)
     # The session row lock serializes this with commits and other tool updates.
-    await sessions.require(tx, identity, session_id, lock=True)
+    srow = await sessions.require(tx, identity, session_id, lock=True)
     row = await tx.fetchrow("SELECT * FROM messages WHERE skey=? AND message_id=?",
                             skey, message_id)
     if row is None:
@@ -75,9 +99,13 @@ async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_
         raise InvalidArgument("output makes the message too large", violations=[
             FieldViolation("output", f"the message may hold at most {max_bytes} bytes in all "
                                      f"string fields (would be {size})")])
-    await tx.execute("UPDATE messages SET parts=? WHERE skey=? AND message_id=?",
-                     codec.encode_parts(parts), skey, message_id)
-    await tx.execute("UPDATE sessions SET updated_at=? WHERE skey=?", tx.d.ts(now), skey)
+    grown = size - int(row["size"])
+    if grown > 0 and int(srow["live_bytes"]) + grown > limits.live_bytes_per_session:
+        raise live_bytes_exceeded(session_id, limits)
+    await tx.execute("UPDATE messages SET parts=?, size=? WHERE skey=? AND message_id=?",
+                     codec.encode_parts(parts), size, skey, message_id)
+    await tx.execute("UPDATE sessions SET updated_at=?, live_bytes=live_bytes+? WHERE skey=?",
+                     tx.d.ts(now), grown, skey)
     return dataclasses.replace(msg, parts=tuple(parts))
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from sessiond.server.domain import transitions
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import AlreadyExists, NotFound
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, sessions_exceeded
 from sessiond.server.domain.pages import Page, page_of
 from sessiond.server.domain.values import Identity, SessionMeta, TaskState
 from sessiond.server.store import codec
@@ -33,8 +34,17 @@ async def require(tx: Tx, identity: Identity, session_id: str, *, lock: bool = F
     return found
 
 
-async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime) -> Row | None:
-    """The new row, or None when the identity has that session already."""
+async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime,
+                  limits: Limits) -> Row | None:
+    """The new row, or None when the identity has that session already;
+    `QuotaExceeded` when it may hold no more. (Concurrent creates on PostgreSQL may
+    pass the quota by their number: it bounds growth, it is not a ledger.)"""
+    held = await tx.fetchval("SELECT COUNT(*) FROM sessions WHERE account=? AND user_id=? "
+                             "AND agent=?", identity.account, identity.user, identity.agent)
+    if int(held) >= limits.sessions_per_identity:
+        if await row(tx, identity, session_id) is None:
+            raise sessions_exceeded(limits)
+        return None
     return await tx.fetchrow(
         "INSERT INTO sessions (skey, account, user_id, agent, session_id, created_at, "
         "updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING *",
@@ -43,7 +53,7 @@ async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime) ->
 
 
 async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
-                 request: RequestKey | None) -> SessionMeta:
+                 request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> SessionMeta:
     async def replayed(response: dict[str, str]) -> SessionMeta:
         found = await row(tx, identity, response["session_id"])
         if found is None:
@@ -54,7 +64,7 @@ async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
     previous = await requests.replay(tx, request)
     if previous is not None:
         return await replayed(previous)
-    new = await _insert(tx, identity, session_id, now)
+    new = await _insert(tx, identity, session_id, now, limits)
     if new is None:
         # Taken; possibly by a concurrent call with this very request_id.
         previous = await requests.replay(tx, request)
@@ -71,8 +81,12 @@ async def get(tx: Tx, identity: Identity, session_id: str) -> SessionMeta | None
     return None if found is None else tx.d.rows.meta(found)
 
 
-async def ensure(tx: Tx, identity: Identity, session_id: str, now: datetime) -> SessionMeta:
-    new = await _insert(tx, identity, session_id, now)
+async def ensure(tx: Tx, identity: Identity, session_id: str, now: datetime,
+                 limits: Limits = DEFAULT_LIMITS) -> SessionMeta:
+    found = await row(tx, identity, session_id)
+    if found is not None:
+        return tx.d.rows.meta(found)
+    new = await _insert(tx, identity, session_id, now, limits)
     return tx.d.rows.meta(new if new is not None else await require(tx, identity, session_id))
 
 

@@ -76,14 +76,15 @@ class SqlStore(Store):
     async def create_session(self, identity: Identity, session_id: str, now: datetime,
                              request: RequestKey | None = None) -> SessionMeta:
         return await self._write(lambda tx: sessions.create(tx, identity, session_id, now,
-                                                            request))
+                                                            request, self.limits))
 
     async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None:
         return await self._read(lambda tx: sessions.get(tx, identity, session_id))
 
     async def ensure_session(self, identity: Identity, session_id: str,
                              now: datetime) -> SessionMeta:
-        return await self._write(lambda tx: sessions.ensure(tx, identity, session_id, now))
+        return await self._write(lambda tx: sessions.ensure(tx, identity, session_id, now,
+                                                            self.limits))
 
     async def list_sessions(self, identity: Identity, page_size: int,
                             page_token: str) -> Page[SessionMeta]:
@@ -97,14 +98,15 @@ class SqlStore(Store):
     async def add_message(self, identity: Identity, session_id: str, message: Message,
                           request: RequestKey | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
-                                                         request))
+                                                         request, self.limits))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
                                now: datetime,
                                max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
         return await self._write(lambda tx: messages.update_tool_part(
-            tx, identity, session_id, message_id, tool_id, output, status, now, max_bytes))
+            tx, identity, session_id, message_id, tool_id, output, status, now, max_bytes,
+            self.limits))
 
     async def list_live_messages(self, identity: Identity, session_id: str,
                                  newest: int = 0) -> list[Message]:
