@@ -17,7 +17,7 @@ from sessiond.server.domain.limits import Limits
 from sessiond.v1 import memory_pb2, session_pb2, task_pb2
 
 from tests.api.helpers import GatedEngine, add, text_part
-from tests.conftest import Running, ServerFactory
+from tests.conftest import ServerFactory
 
 ALICE = (("x-sessiond-user", "alice"),)
 BOB = (("x-sessiond-user", "bob"),)
