@@ -33,8 +33,6 @@ class Limits:
     # List RPCs: page_size 0 means the default; larger sizes are clipped to the max.
     default_page_size: int = 100
     max_page_size: int = 1000
-    # A page token longer than this is not one the server made.
-    page_token_chars: int = 1024
     # WatchTask streams one identity may hold open on one server process.
     watch_streams_per_identity: int = 64
     # Recall and SearchMemories queries.
@@ -42,9 +40,6 @@ class Limits:
     # GetArchive: the messages of one reply stay under this many bytes (the rest
     # follow with next_page_token); the gRPC maximum message size is 16 MiB.
     archive_page_bytes: int = 8 * MiB
-    # Ids or values echoed in error messages are clipped to this many characters
-    # (the error mapper also bounds every detail, see api/errors.py).
-    error_echo_chars: int = 64
 
     def validate(self) -> None:
         for f in fields(self):
@@ -68,17 +63,17 @@ DEFAULT_LIMITS = Limits()
 def live_messages_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
     n = limits.live_messages_per_session
     return QuotaExceeded(
-        f"session {clip_echo(session_id, limits)!r} holds {n} live messages, its quota; "
-        "commit it first", subject=f"session:{clip_echo(session_id, limits)}",
+        f"session {clip_echo(session_id)!r} holds {n} live messages, its quota; "
+        "commit it first", subject=f"session:{clip_echo(session_id)}",
         limit=f"live_messages_per_session={n}", reason="LIVE_MESSAGES_QUOTA")
 
 
 def live_bytes_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
     n = limits.live_bytes_per_session
     return QuotaExceeded(
-        f"session {clip_echo(session_id, limits)!r} would hold more than {n} bytes of live "
+        f"session {clip_echo(session_id)!r} would hold more than {n} bytes of live "
         "messages, its quota; commit it first",
-        subject=f"session:{clip_echo(session_id, limits)}",
+        subject=f"session:{clip_echo(session_id)}",
         limit=f"live_bytes_per_session={n}", reason="LIVE_BYTES_QUOTA")
 
 
@@ -96,10 +91,17 @@ def watches_exceeded(limits: Limits) -> QuotaExceeded:
                          limit=f"watch_streams_per_identity={n}", reason="WATCH_STREAMS_QUOTA")
 
 
-def clip_echo(value: str, limits: Limits = DEFAULT_LIMITS) -> str:
-    """`value` as echoed in an error message: at most `error_echo_chars` characters,
-    with an ellipsis and the full length when clipped."""
-    n = limits.error_echo_chars
+# Not limits of what a client may send but of how errors quote it: a page token the
+# server made is never longer; an id echoed in an error message is clipped (the error
+# mapper bounds every detail too, see api/errors.py).
+PAGE_TOKEN_CHARS = 1024
+ECHO_CHARS = 64
+
+
+def clip_echo(value: str) -> str:
+    """`value` as echoed in an error message: at most ECHO_CHARS characters, with an
+    ellipsis and the full length when clipped."""
+    n = ECHO_CHARS
     if len(value) <= n:
         return value
     return f"{value[:n]}…({len(value)} chars)"

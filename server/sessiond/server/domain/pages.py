@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
-from sessiond.server.domain.limits import DEFAULT_LIMITS, clip_echo
+from sessiond.server.domain.limits import PAGE_TOKEN_CHARS, clip_echo
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,7 +27,7 @@ class Page(Generic[T]):
 
 # Index cursors are positive 64-bit integers; anything longer is not one we made.
 MAX_INDEX_DIGITS = 18
-MAX_TOKEN_CHARS = DEFAULT_LIMITS.page_token_chars
+MAX_TOKEN_CHARS = PAGE_TOKEN_CHARS
 
 
 def bad_token(token: str) -> InvalidArgument:

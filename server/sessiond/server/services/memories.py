@@ -16,7 +16,7 @@ class MemoryManager:
         self.limits = limits
 
     def _not_found(self, memory_id: str) -> NotFound:
-        return NotFound(f"memory {clip_echo(memory_id, self.limits)!r} not found",
+        return NotFound(f"memory {clip_echo(memory_id)!r} not found",
                         reason="MEMORY_NOT_FOUND")
 
     async def list_memories(self, identity: Identity, category: MemoryCategory | None,

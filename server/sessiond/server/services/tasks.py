@@ -49,7 +49,7 @@ class TaskManager:
     async def get(self, identity: Identity, task_id: str) -> Task:
         task = await self.store.get_task(task_id) if task_id else None
         if task is None or task.identity != identity:
-            shown = clip_echo(task_id, self.limits)
+            shown = clip_echo(task_id)
             raise NotFound(f"task {shown!r} not found", reason="TASK_NOT_FOUND",
                            metadata={"task_id": shown})
         return task
