@@ -202,13 +202,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     ${extra}
     """),
     # Version 4 belongs to another branch; versions are matched by number, not position.
-    Migration(5, "live bytes quota", """
+    Migration(5, "quotas: live bytes, sessions per identity", """
     ALTER TABLE messages ADD COLUMN size ${int64} NOT NULL DEFAULT 0;
     ALTER TABLE sessions ADD COLUMN live_bytes ${int64} NOT NULL DEFAULT 0;
     UPDATE messages SET size = length(parts);
     UPDATE sessions SET live_bytes = (SELECT COALESCE(SUM(m.size), 0) FROM messages m
                                       WHERE m.skey = sessions.skey
                                       AND m.archive_index IS NULL);
+    CREATE TABLE identity_usage (
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        sessions ${int64} NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, user_id, agent)
+    );
+    INSERT INTO identity_usage (account, user_id, agent, sessions)
+        SELECT account, user_id, agent, COUNT(*) FROM sessions
+        GROUP BY account, user_id, agent;
     ${extra}
     """),
 )
@@ -223,7 +231,7 @@ def pending(found: int) -> list[Migration]:
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
-                           "api_keys", "recall_entries", "recall_terms")
+                           "api_keys", "recall_entries", "recall_terms", "identity_usage")
 
 
 def statements(script: str) -> list[str]:

@@ -37,19 +37,25 @@ async def require(tx: Tx, identity: Identity, session_id: str, *, lock: bool = F
 async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime,
                   limits: Limits) -> Row | None:
     """The new row, or None when the identity has that session already;
-    `QuotaExceeded` when it may hold no more. (Concurrent creates on PostgreSQL may
-    pass the quota by their number: it bounds growth, it is not a ledger.)"""
-    held = await tx.fetchval("SELECT COUNT(*) FROM sessions WHERE account=? AND user_id=? "
-                             "AND agent=?", identity.account, identity.user, identity.agent)
-    if int(held) >= limits.sessions_per_identity:
-        if await row(tx, identity, session_id) is None:
-            raise sessions_exceeded(limits)
-        return None
-    return await tx.fetchrow(
+    `QuotaExceeded` (the transaction rolls back) when it may hold no more. The count
+    is one row per identity, so the check costs the same at any number of sessions
+    and concurrent creates of one identity are serialized on it."""
+    new = await tx.fetchrow(
         "INSERT INTO sessions (skey, account, user_id, agent, session_id, created_at, "
         "updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING *",
         codec.session_key(identity, session_id), identity.account, identity.user,
         identity.agent, session_id, tx.d.ts(now), tx.d.ts(now))
+    if new is None:
+        return None
+    held = await tx.fetchval(
+        "INSERT INTO identity_usage (account, user_id, agent, sessions) VALUES (?,?,?,1) "
+        "ON CONFLICT (account, user_id, agent) DO UPDATE SET "
+        "sessions=identity_usage.sessions+1 WHERE identity_usage.sessions<? "
+        "RETURNING sessions", identity.account, identity.user, identity.agent,
+        limits.sessions_per_identity)
+    if held is None or int(held) > limits.sessions_per_identity:
+        raise sessions_exceeded(limits)
+    return new
 
 
 async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
@@ -111,5 +117,8 @@ async def delete(tx: Tx, identity: Identity, session_id: str, now: datetime) -> 
         task = tx.d.rows.task(task_row)
         await tasks.apply(tx, task, transitions.session_deleted(task, now), now)
     await tx.execute("DELETE FROM sessions WHERE skey=?", skey)
+    await tx.execute("UPDATE identity_usage SET sessions=sessions-1 WHERE account=? "
+                     "AND user_id=? AND agent=? AND sessions>0", identity.account,
+                     identity.user, identity.agent)
     tx.announce.work = True
     return True
