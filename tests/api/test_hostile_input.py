@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.message import Message as ProtoMessage
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiond.client import connect
 from sessiond.v1 import memory_pb2, session_pb2, session_pb2_grpc, task_pb2
 
@@ -100,6 +101,18 @@ def test_undecodable_bytes_are_invalid_argument_on_every_rpc(
     assert 1 <= len(lines) <= len(methods)
     assert all(r.exc_info is None and len(r.getMessage()) < 400 for r in lines)
     assert "Traceback" not in caplog.text and "Unexpected" not in caplog.text
+    # grpc's own health service too, its Watch (a coroutine writing with
+    # context.write) included, and valid requests still get their answers.
+    for method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"):
+        stream_or_unary: Any = (server.channel.unary_stream if method.endswith("Watch")
+                                else server.channel.unary_unary)(
+            method, request_serializer=None, response_deserializer=None)
+        got, _ = code(functools.partial(lambda c: list(c(garbage, timeout=5)), stream_or_unary))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT, method
+    health: Any = health_pb2_grpc.HealthStub(server.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     # Valid bytes still work through the same path.
     raw: Any = server.channel.unary_unary("/sessiond.v1.SessionService/CreateSession",
                                      request_serializer=None, response_deserializer=None)

@@ -10,6 +10,7 @@ of those not logged)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -92,6 +93,17 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         decode = safe_deserializer(h.request_deserializer)
         if h.response_streaming:
             inner_stream = h.unary_stream
+            if not inspect.isasyncgenfunction(inner_stream):
+                # A streaming handler may also be a coroutine that writes with
+                # context.write (grpc's health Watch does).
+                async def writer(request: Any, context: Ctx) -> None:
+                    if isinstance(request, Undecodable):
+                        await refuse(method, request, context)
+                        return
+                    await inner_stream(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(writer, decode,
+                                                            h.response_serializer)
 
             async def gen(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 if isinstance(request, Undecodable):
