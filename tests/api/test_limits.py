@@ -84,6 +84,19 @@ def test_live_bytes_per_session(server_factory: ServerFactory) -> None:
     assert refused(add, r.sessions, "b", "w" * 401).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_usage_records_per_session(server_factory: ServerFactory) -> None:
+    r = server_factory(limits=Limits(usage_records_per_session=2))
+    r.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="u"))
+    use = session_pb2.RecordUsageRequest(session_id="u", context_uris=["sessiond://r/1"])
+    assert r.sessions.RecordUsage(use).pending_usage_count == 1
+    assert r.sessions.RecordUsage(use).pending_usage_count == 2
+    assert quota_of(refused(r.sessions.RecordUsage, use)) == (
+        "USAGE_QUOTA", "usage_records_per_session=2")
+    add(r.sessions, "u", "something to commit")
+    r.sessions.Commit(session_pb2.CommitRequest(session_id="u"))
+    assert r.sessions.RecordUsage(use).pending_usage_count == 1
+
+
 def test_sessions_per_identity(server_factory: ServerFactory) -> None:
     r = server_factory(limits=Limits(sessions_per_identity=2))
     for sid in ("s1", "s2"):

@@ -42,7 +42,7 @@ DOCUMENTED: dict[str, set[C]] = {
     "DeleteSession": {C.OK, C.NOT_FOUND},
     "AddMessage": {C.OK, C.NOT_FOUND, C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED},
     "UpdateToolPart": {C.OK, C.NOT_FOUND, C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED},
-    "RecordUsage": {C.OK, C.NOT_FOUND, C.ALREADY_EXISTS},
+    "RecordUsage": {C.OK, C.NOT_FOUND, C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED},
     "Commit": {C.OK, C.NOT_FOUND, C.ALREADY_EXISTS, C.ABORTED},
     "GetSessionContext": {C.OK, C.NOT_FOUND},
     "ListArchives": {C.OK, C.NOT_FOUND},

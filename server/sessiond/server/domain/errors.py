@@ -49,7 +49,7 @@ class InvalidArgument(SessiondError):
 class QuotaExceeded(SessiondError):
     """A quota of `Limits` is used up (RESOURCE_EXHAUSTED with a QuotaFailure naming
     `subject` and the limit). Reasons: LIVE_MESSAGES_QUOTA, LIVE_BYTES_QUOTA,
-    SESSIONS_QUOTA, WATCH_STREAMS_QUOTA."""
+    USAGE_QUOTA, SESSIONS_QUOTA, WATCH_STREAMS_QUOTA."""
 
     reason = "QUOTA_EXCEEDED"
 

@@ -26,6 +26,8 @@ class Limits:
     # Quotas of one session's live buffer (what the next commit archives).
     live_messages_per_session: int = 10_000
     live_bytes_per_session: int = 256 * MiB
+    # RecordUsage records waiting for a session's next commit.
+    usage_records_per_session: int = 10_000
     # Sessions one identity (account, user, agent) may hold.
     sessions_per_identity: int = 100_000
     # AIP-155 request ids.
@@ -75,6 +77,14 @@ def live_bytes_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
         "messages, its quota; commit it first",
         subject=f"session:{clip_echo(session_id)}",
         limit=f"live_bytes_per_session={n}", reason="LIVE_BYTES_QUOTA")
+
+
+def usage_exceeded(session_id: str, limits: Limits) -> QuotaExceeded:
+    n = limits.usage_records_per_session
+    return QuotaExceeded(
+        f"session {clip_echo(session_id)!r} holds {n} usage records waiting for a commit, "
+        "its quota; commit it first", subject=f"session:{clip_echo(session_id)}",
+        limit=f"usage_records_per_session={n}", reason="USAGE_QUOTA")
 
 
 def sessions_exceeded(limits: Limits) -> QuotaExceeded:

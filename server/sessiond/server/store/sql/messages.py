@@ -20,6 +20,7 @@ from sessiond.server.domain.limits import (
     clip_echo,
     live_bytes_exceeded,
     live_messages_exceeded,
+    usage_exceeded,
 )
 from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
 from sessiond.server.store import codec
@@ -124,13 +125,17 @@ async def list_live(tx: Tx, identity: Identity, session_id: str, newest: int) ->
 
 
 async def record_usage(tx: Tx, identity: Identity, session_id: str, usage: UsageRecord,
-                       request: RequestKey | None) -> int:
+                       request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> int:
     skey = codec.session_key(identity, session_id)
     if await requests.replay(tx, request) is None:
         found = await tx.fetchval("UPDATE sessions SET updated_at=? WHERE skey=? RETURNING 1",
                                   tx.d.ts(usage.created_at), skey)
         if found is None:
             raise sessions.not_found(session_id)
+        pending = await tx.fetchval("SELECT COUNT(*) FROM usage WHERE skey=? AND "
+                                    "archive_index IS NULL", skey)
+        if int(pending) >= limits.usage_records_per_session:
+            raise usage_exceeded(session_id, limits)
         contexts, skill = codec.encode_usage(usage)
         await tx.execute("INSERT INTO usage (skey, context_uris, skill, created_at) "
                          "VALUES (?,?,?,?)", skey, contexts, skill, tx.d.ts(usage.created_at))

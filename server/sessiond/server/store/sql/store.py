@@ -115,7 +115,7 @@ class SqlStore(Store):
     async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
                            request: RequestKey | None = None) -> int:
         return await self._write(lambda tx: messages.record_usage(tx, identity, session_id,
-                                                                  usage, request))
+                                                                  usage, request, self.limits))
 
     # -- Phase 1 and archives
     async def commit(self, plan: CommitPlan, request: RequestKey | None = None) -> CommitOutcome:
