@@ -189,7 +189,7 @@ def test_ten_thousand_empty_parts_is_a_readable_invalid_argument(server: Running
     _, bad = details(err)
     assert bad is not None and len(bad.field_violations) <= 21
     assert "more" in bad.field_violations[-1].description
-    assert trailer_size(err) < 8 * 1024
+    assert trailer_size(err) < 4 * 1024  # 6.6 KB when clipped in characters
 
 
 def huge_id_calls(server: Running, huge: str) -> list[Callable[[], ProtoMessage]]:
@@ -297,3 +297,16 @@ def test_session_context_reply_stays_under_the_reply_size(server: Running) -> No
                                  timeout=30)
     assert [m.id for m in ctx.current_messages] == ids[-2:]  # the newest that fit 8 MiB
     channel.close()
+
+
+def test_wide_character_violations_stay_small(server: Running) -> None:
+    """255 duplicate tool ids of 4-byte characters: bounded in bytes, not characters."""
+    server.sessions.CreateSession(session_pb2.CreateSessionRequest(session_id="dup"))
+    wide = "😀" * 200
+    req = session_pb2.AddMessageRequest(session_id="dup", role=session_pb2.ROLE_TOOL,
+                                        parts=[tool(tool_id=wide)] * 256)
+    got, err = code(functools.partial(server.sessions.AddMessage, req))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and err is not None
+    _, bad = details(err)
+    assert bad is not None and "more violations" in bad.field_violations[-1].description
+    assert trailer_size(err) < 4 * 1024  # 6.6 KB when clipped in characters

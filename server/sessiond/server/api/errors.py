@@ -40,35 +40,48 @@ def code_of(exc: e.SessiondError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-# Error details stay far below the 16 KiB trailer limit whatever the request held:
-# the first MAX_VIOLATIONS violations then one "and N more", every text clipped.
+# Error details stay far below the 16 KiB trailer limit whatever the request held
+# (about 8 KiB at most once base64-encoded): every text clipped in UTF-8 bytes, at
+# most MAX_VIOLATIONS violations within VIOLATION_BYTES, then one "and N more".
 MAX_VIOLATIONS = 20
-MAX_MESSAGE_CHARS = 512
-MAX_DETAIL_CHARS = 160
+VIOLATION_BYTES = 3072
+MESSAGE_BYTES = 512
+DETAIL_BYTES = 160
+KEY_BYTES = 64
 MAX_METADATA = 8
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
+def clip_bytes(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes (plus a short "…(N chars)" when clipped)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return f"{data[:limit].decode('utf-8', 'ignore')}…({len(text)} chars)"
 
 
 def bounded_violations(violations: list[e.FieldViolation]
                        ) -> list[error_details_pb2.BadRequest.FieldViolation]:
-    shown = [error_details_pb2.BadRequest.FieldViolation(
-        field=_clip(v.field, MAX_DETAIL_CHARS),
-        description=_clip(redact_text(v.description), MAX_DETAIL_CHARS))
-        for v in violations[:MAX_VIOLATIONS]]
-    if len(violations) > MAX_VIOLATIONS:
+    shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+    used = 0
+    for v in violations[:MAX_VIOLATIONS]:
+        fv = error_details_pb2.BadRequest.FieldViolation(
+            field=clip_bytes(v.field, KEY_BYTES),
+            description=clip_bytes(redact_text(v.description), DETAIL_BYTES))
+        used += fv.ByteSize()
+        if used > VIOLATION_BYTES:
+            break
+        shown.append(fv)
+    if len(violations) > len(shown):
         shown.append(error_details_pb2.BadRequest.FieldViolation(
-            field="*", description=f"and {len(violations) - MAX_VIOLATIONS} more violations"))
+            field="*", description=f"and {len(violations) - len(shown)} more violations"))
     return shown
 
 
 def to_status(exc: e.SessiondError) -> grpc.Status:
     code = code_of(exc)
-    metadata = {_clip(k, MAX_DETAIL_CHARS): _clip(redact_text(v), MAX_DETAIL_CHARS)
+    metadata = {clip_bytes(k, KEY_BYTES): clip_bytes(redact_text(v), DETAIL_BYTES)
                 for k, v in list(exc.metadata.items())[:MAX_METADATA]}
-    info = error_details_pb2.ErrorInfo(reason=_clip(exc.reason, MAX_DETAIL_CHARS),
+    info = error_details_pb2.ErrorInfo(reason=clip_bytes(exc.reason, KEY_BYTES),
                                        domain=DOMAIN, metadata=metadata)
     details: list[Any] = [info]
     if isinstance(exc, e.InvalidArgument) and exc.violations:
@@ -77,14 +90,14 @@ def to_status(exc: e.SessiondError) -> grpc.Status:
     if isinstance(exc, e.QuotaExceeded):
         details.append(error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(
-                subject=_clip(exc.subject, MAX_DETAIL_CHARS),
-                description=_clip(exc.limit, MAX_DETAIL_CHARS))]))
+                subject=clip_bytes(exc.subject, DETAIL_BYTES),
+                description=clip_bytes(exc.limit, DETAIL_BYTES))]))
     packed = []
     for d in details:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    message = _clip(redact_text(exc.message), MAX_MESSAGE_CHARS)
+    message = clip_bytes(redact_text(exc.message), MESSAGE_BYTES)
     st = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
     return rpc_status.to_status(st)
 
