@@ -109,6 +109,11 @@ def test_undecodable_bytes_are_invalid_argument_on_every_rpc(
             method, request_serializer=None, response_deserializer=None)
         got, _ = code(functools.partial(lambda c: list(c(garbage, timeout=5)), stream_or_unary))
         assert got == grpc.StatusCode.INVALID_ARGUMENT, method
+    reflect: Any = server.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=None, response_deserializer=None)
+    got, _ = code(lambda: list(reflect(iter([garbage]), timeout=5)))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
     health: Any = health_pb2_grpc.HealthStub(server.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=5)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING

@@ -2,9 +2,10 @@
 
 grpc.aio turns an exception raised by a request deserializer into UNKNOWN
 ("Unexpected <class 'DecodeError'>") and logs a full traceback per call. This
-interceptor gives each unary-request handler a deserializer that never raises: bytes
-that are not a valid request become an `Undecodable` marker, and the handler answers
-it with INVALID_ARGUMENT (reason MALFORMED_REQUEST) before any servicer code runs. Each
+interceptor gives each handler a deserializer that never raises: bytes that are not a
+valid request become an `Undecodable` marker, and the handler answers it with
+INVALID_ARGUMENT (reason MALFORMED_REQUEST) before any servicer code sees it (for a
+request stream, such as server reflection, when the bad request is read). Each
 failure is logged as one short line, and at most one line per second (with the count
 of those not logged)."""
 
@@ -77,7 +78,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(details)
         h: Any = handler
-        if h is None or h.request_streaming:
+        if h is None:
             return handler
         method = details.method
         cached = self._wrapped.get(method)
@@ -91,6 +92,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     def _wrap(self, h: Any, method: str) -> Any:
         refuse = self._refuse
         decode = safe_deserializer(h.request_deserializer)
+        if h.request_streaming:
+            return self._wrap_streaming_request(h, method, decode)
         if h.response_streaming:
             inner_stream = h.unary_stream
             if not inspect.isasyncgenfunction(inner_stream):
@@ -122,3 +125,37 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(call, decode, h.response_serializer)
+
+    def _wrap_streaming_request(self, h: Any, method: str, decode: Callable[[bytes], Any]
+                                ) -> Any:
+        """Request streams (server reflection): each request is checked as it is read;
+        the first undecodable one ends the call with INVALID_ARGUMENT."""
+        refuse = self._refuse
+
+        async def checked(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await refuse(method, request, context)
+                    return
+                yield request
+
+        if h.response_streaming:
+            inner = h.stream_stream
+            if not inspect.isasyncgenfunction(inner):
+                async def writer(requests: AsyncIterator[Any], context: Ctx) -> None:
+                    await inner(checked(requests, context), context)
+
+                return grpc.stream_stream_rpc_method_handler(writer, decode,
+                                                             h.response_serializer)
+
+            async def gen(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+                async for item in inner(checked(requests, context), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(gen, decode, h.response_serializer)
+        inner_unary = h.stream_unary
+
+        async def call(requests: AsyncIterator[Any], context: Ctx) -> Any:
+            return await inner_unary(checked(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(call, decode, h.response_serializer)
