@@ -30,8 +30,10 @@ from sessiond.server.domain.errors import (
     InvalidArgument,
     LeaseLost,
     NotFound,
+    QuotaExceeded,
     RequestIdConflict,
 )
+from sessiond.server.domain.limits import Limits
 from sessiond.server.domain.values import (
     ArchiveState,
     CandidateMemory,
@@ -55,6 +57,7 @@ from sessiond.server.domain.values import (
     ToolStatus,
     UsageRecord,
 )
+from sessiond.server.store import codec
 from sessiond.server.store.base import Store
 
 from tests.contract.conftest import Runner, StoreFactory
@@ -1181,5 +1184,57 @@ def test_page_tokens(store: Store, run: Runner) -> None:
         token = f"{at(1).timestamp()!r}|t1"
         assert [t.task_id for t in (await store.list_tasks(ID, "", None, "", 10, token)).items] \
             == ["t0"]
+
+    run(body())
+
+
+def test_archive_message_pages(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "pg", "tp", 1, n=5)
+        whole = await store.archive_messages(ID, "pg", 1)
+        assert await store.archive_message_page(ID, "pg", 1, 0, 0, 10**9) == (whole, False)
+        first, more = await store.archive_message_page(ID, "pg", 1, 0, 2, 10**9)
+        assert first == whole[:2] and more
+        rest, more = await store.archive_message_page(ID, "pg", 1, first[-1].seq, 0, 10**9)
+        assert rest == whole[2:] and not more
+        # a character budget smaller than one message still returns one
+        one, more = await store.archive_message_page(ID, "pg", 1, 0, 0, 1)
+        assert one == whole[:1] and more
+        size = len(codec.encode_parts(whole[0].parts))
+        two, more = await store.archive_message_page(ID, "pg", 1, 0, 0, 2 * size)
+        assert two == whole[:2] and more
+        assert await store.archive_message_page(ID, "pg", 1, whole[-1].seq, 0, 10) == ([], False)
+        assert await store.archive_message_page(OTHER_USER, "pg", 1, 0, 0, 10) == ([], False)
+
+    run(body())
+
+
+def test_live_and_session_quotas(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        store.limits = Limits(live_messages_per_session=2, live_bytes_per_session=20,
+                              message_bytes=10, sessions_per_identity=2)
+        try:
+            await store.ensure_session(ID, "qa", at(1))
+            await store.add_message(ID, "qa", msg("0123456789"))  # 10 bytes
+            with pytest.raises(QuotaExceeded) as err:
+                await store.add_message(ID, "qa", msg("01234567890"))  # 21 > 20
+            assert err.value.reason == "LIVE_BYTES_QUOTA"
+            await store.add_message(ID, "qa", msg("abc"))
+            with pytest.raises(QuotaExceeded) as err:
+                await store.add_message(ID, "qa", msg("d"))
+            assert err.value.reason == "LIVE_MESSAGES_QUOTA"
+            with pytest.raises(NotFound):
+                await store.add_message(ID, "missing", msg("d"))
+            out = await store.commit(plan("qa", "tq", 2, keep=1))
+            assert out.archived
+            await store.add_message(ID, "qa", msg("0123456789"))  # 3 + 10 live now
+            await store.ensure_session(ID, "qb", at(3))
+            with pytest.raises(QuotaExceeded) as err:
+                await store.create_session(ID, "qc", at(3))
+            assert err.value.reason == "SESSIONS_QUOTA"
+            assert (await store.ensure_session(ID, "qb", at(4))).session_id == "qb"
+            await store.create_session(OTHER_USER, "qc", at(3))
+        finally:
+            store.limits = Limits()
 
     run(body())

@@ -225,3 +225,12 @@ def test_client_token_provider_refreshes(hs_server: Running) -> None:
             get_session(stubs(ch), "p", auto_create=False)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "identity provider down" in (err.value.details() or "")
+
+
+def test_identity_claims_must_match_whole(hs_server: Running) -> None:
+    """A name ending in a newline is not a valid account (full match, issue 11)."""
+    s = stubs(hs_server.channel)
+    for bad in ("acme\n", "acme\nother"):
+        fails(partial(get_session, s, md=bearer(token(sessiond_account=bad))),
+              UNAUTH, "CREDENTIALS_INVALID")
+    get_session(s, md=bearer(token()))

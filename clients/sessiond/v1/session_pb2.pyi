@@ -765,6 +765,7 @@ class Archive(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     archive_uri: _builtins.str
     session_id: _builtins.str
     index: _builtins.int
@@ -776,13 +777,17 @@ class Archive(_message.Message):
     message_count: _builtins.int
     first_message_id: _builtins.str
     last_message_id: _builtins.str
+    next_page_token: _builtins.str
+    """GetArchive only: set when more messages follow; pass it as
+    GetArchiveRequest.page_token to read them. Empty on the last page.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def completed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
-        """Filled by GetArchive only."""
+        """Filled by GetArchive only: one page of the archive's messages, oldest first."""
 
     def __init__(
         self,
@@ -800,10 +805,11 @@ class Archive(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         messages: _abc.Iterable[Global___Message] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstract", b"abstract", "archive_uri", b"archive_uri", "completed_at", b"completed_at", "created_at", b"created_at", "first_message_id", b"first_message_id", "index", b"index", "last_message_id", b"last_message_id", "message_count", b"message_count", "messages", b"messages", "overview", b"overview", "session_id", b"session_id", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstract", b"abstract", "archive_uri", b"archive_uri", "completed_at", b"completed_at", "created_at", b"created_at", "first_message_id", b"first_message_id", "index", b"index", "last_message_id", b"last_message_id", "message_count", b"message_count", "messages", b"messages", "next_page_token", b"next_page_token", "overview", b"overview", "session_id", b"session_id", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -863,17 +869,28 @@ class GetArchiveRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     index: _builtins.int
+    page_size: _builtins.int
+    """At most this many messages in the reply (0: no count limit). Whatever the
+    count, a reply's messages stay under the archive page byte limit (8 MiB by
+    default, see docs/api.md), so every stored message can be read.
+    """
+    page_token: _builtins.str
+    """Archive.next_page_token of the previous reply; empty for the first page."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         index: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

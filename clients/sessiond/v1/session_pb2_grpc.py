@@ -176,7 +176,7 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetArchive(self, request, context):
-        """One archive with its messages.
+        """One archive with a page of its messages (byte-bounded; next_page_token for more).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,7 @@ class SessionServiceStub:
     ListArchives: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListArchivesRequest, _session_pb2.ListArchivesResponse]
     """Lists the session's archives, oldest first, paged."""
     GetArchive: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetArchiveRequest, _session_pb2.Archive]
-    """One archive with its messages."""
+    """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -96,7 +96,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
     ListArchives: _aio.UnaryUnaryMultiCallable[_session_pb2.ListArchivesRequest, _session_pb2.ListArchivesResponse]  # type: ignore[assignment]
     """Lists the session's archives, oldest first, paged."""
     GetArchive: _aio.UnaryUnaryMultiCallable[_session_pb2.GetArchiveRequest, _session_pb2.Archive]  # type: ignore[assignment]
-    """One archive with its messages."""
+    """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService keeps the conversation sessions of AI agents.
@@ -194,6 +194,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.GetArchiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Archive, _abc.Awaitable[_session_pb2.Archive]]:
-        """One archive with its messages."""
+        """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -21,6 +21,7 @@ from sessiond.server.observability import metrics, tracing
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
+from sessiond.server.redact import redact_text, redact_url
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.memories import MemoryManager
@@ -28,8 +29,8 @@ from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.server.store.base import Store
-from sessiond.server.store.sql.store import SqlStore
 from sessiond.server.store.sql.schema import SCHEMA_VERSION
+from sessiond.server.store.sql.store import SqlStore
 from sessiond.server.version import version
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ def build_store(settings: Settings) -> Store:
 
         return PostgresStore(settings.store, min_size=settings.pg_pool_min,
                              max_size=settings.pg_pool_max, channel=settings.pg_channel)
-    raise ValueError(f"unknown store {settings.store!r}: use 'sqlite' or a postgresql:// URL")
+    raise ValueError(f"unknown store {redact_url(settings.store)!r}: use 'sqlite' or a "
+                     "postgresql:// URL")
 
 
 def build_engine(settings: Settings) -> tuple[Phase2Engine, tuple[str, ...]]:
@@ -93,17 +95,20 @@ class App:
         self.hub = EventHub()
         self.store.add_event_listener(self.hub.publish)
         self.store.add_remote_event_listener(self.hub.poke)
-        self.sessions = SessionManager(self.store)
-        self.commits = CommitService(self.store)
-        self.memories = MemoryManager(self.store)
-        self.recall = RecallService(self.store, self.embedder)
+        limits = settings.limits
+        limits.validate()
+        self.store.limits = limits
+        self.sessions = SessionManager(self.store, limits)
+        self.commits = CommitService(self.store, limits)
+        self.memories = MemoryManager(self.store, limits)
+        self.recall = RecallService(self.store, self.embedder, limits)
         # A single-process store publishes every event in-process, so idle watches only
         # need the polling fallback (a store read) at heartbeat pace.
         watch_poll = (max(settings.poll_seconds, settings.heartbeat_seconds)
                       if self.store.single_process else settings.poll_seconds)
         self.tasks = TaskManager(self.store, self.hub,
                                  heartbeat_seconds=settings.heartbeat_seconds,
-                                 poll_seconds=watch_poll)
+                                 poll_seconds=watch_poll, limits=limits)
         self.worker = Phase2Worker(self.store, self.engine,
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,
@@ -210,7 +215,7 @@ class App:
             try:
                 await self.sweep_once()
             except Exception as exc:
-                log.warning("retention sweep failed: %s", exc)
+                log.warning("retention sweep failed: %s", redact_text(str(exc)))
             await asyncio.sleep(self.settings.sweep_interval_seconds)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sessiond.server.cli_auth import (
@@ -15,20 +16,22 @@ from sessiond.server.cli_auth import (
     apply_security_flags,
     keys_main,
 )
+from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.cli_recall import (
     add_embedder_flags,
     add_reindex_command,
     apply_embedder_flags,
     reindex_main,
 )
-from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
 from sessiond.server.config import Settings
 from sessiond.server.domain.errors import SessiondError
+from sessiond.server.domain.limits import Limits
 from sessiond.server.observability import logs
 from sessiond.server.observability.settings import (
     add_observability_flags,
     apply_observability_flags,
 )
+from sessiond.server.redact import install_log_redaction, redact_text, redact_url
 from sessiond.server.version import version
 
 
@@ -80,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    for f in fields(Limits):
+        serve.add_argument(f"--limit-{f.name.replace('_', '-')}", type=int,
+                           default=getattr(env.limits, f.name), metavar="N",
+                           help=f"limit {f.name} (docs/api.md)")
     add_security_flags(serve, env)
     add_embedder_flags(serve, env)
     add_observability_flags(serve, env.observe)
@@ -107,6 +114,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.request_id_retention_hours = ns.request_id_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
+    s.limits = replace(s.limits, **{f.name: getattr(ns, f"limit_{f.name}")
+                                    for f in fields(Limits)})
+    s.limits.validate()
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
     apply_observability_flags(ns, s.observe)
@@ -120,7 +130,7 @@ async def _serve(settings: Settings) -> None:
     app = App(settings)
     port = await app.start()
     host = settings.address.rsplit(":", 1)[0]
-    print(f"sessiond serving on {host}:{port} (store={settings.store}, "
+    print(f"sessiond serving on {host}:{port} (store={redact_url(settings.store)}, "
           f"engine={settings.engine}; {app.security.describe()})", flush=True)
     if app.metrics_port:
         mhost = settings.observe.metrics_address.rsplit(":", 1)[0]
@@ -148,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_client(ns)
     if ns.command == "serve":
         logs.configure(ns.log_level, ns.log_format)
+        install_log_redaction()
         try:
             asyncio.run(_serve(settings_from_args(ns)))
         except (OSError, ValueError) as exc:
-            print(f"sessiond: {exc}", file=sys.stderr)
+            print(f"sessiond: {redact_text(str(exc))}", file=sys.stderr)
             return 2
         except SessiondError as exc:
-            print(f"sessiond: {exc.message} ({exc.reason})", file=sys.stderr)
+            print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
             return 1
         return 0
     if ns.command == "keys":
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(_migrate(ns.store))
         except SessiondError as exc:
-            print(f"sessiond migrate: {exc.message} ({exc.reason})", file=sys.stderr)
+            print(f"sessiond migrate: {redact_text(exc.message)} ({exc.reason})",
+                  file=sys.stderr)
             return 1
         return 0
     return 2

@@ -84,12 +84,12 @@ def add_keys_command(sub: Any, env: Settings) -> None:
     revoke.add_argument("key_id")
 
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> timedelta:
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m or int(m.group(1)) == 0:
         raise ValueError(f"--expires-in {text!r}: use a positive number with s, m, h or d")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from sessiond.server.auth.policy import AuthSettings
+from sessiond.server.domain.limits import Limits
 from sessiond.server.observability.settings import ObservabilitySettings
 
 
@@ -93,7 +94,8 @@ class Settings:
     request_id_retention_hours: float = 24.0
     max_stored_tasks: int = 100_000
     sweep_interval_seconds: float = 300.0
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024  # gRPC frame size, both directions
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -128,4 +130,12 @@ class Settings:
         jwt.jwks_file = _env("JWT_JWKS_FILE", jwt.jwks_file)
         jwt.issuer, jwt.audience = _env("JWT_ISSUER", jwt.issuer), _env("JWT_AUDIENCE",
                                                                          jwt.audience)
+        s.limits = limits_from_env(s.limits)
         return s
+
+
+def limits_from_env(limits: Limits) -> Limits:
+    """`limits` with each field overridden by `SESSIOND_LIMIT_<NAME>` when set."""
+    changes = {f.name: int(_env(f"LIMIT_{f.name.upper()}", str(getattr(limits, f.name))))
+               for f in fields(limits)}
+    return replace(limits, **changes)

@@ -12,6 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sessiond.server.domain import errors as e
+from sessiond.server.redact import redact_text
 
 log = logging.getLogger(__name__)
 DOMAIN = "sessiond.v1"
@@ -28,6 +29,7 @@ CODES: list[tuple[type[e.SessiondError], grpc.StatusCode]] = [
     (e.LeaseLost, grpc.StatusCode.ABORTED),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -38,21 +40,65 @@ def code_of(exc: e.SessiondError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Error details stay far below the 16 KiB trailer limit whatever the request held
+# (about 8 KiB at most once base64-encoded): every text clipped in UTF-8 bytes, at
+# most MAX_VIOLATIONS violations within VIOLATION_BYTES, then one "and N more".
+MAX_VIOLATIONS = 20
+VIOLATION_BYTES = 3072
+MESSAGE_BYTES = 512
+DETAIL_BYTES = 160
+KEY_BYTES = 64
+MAX_METADATA = 8
+
+
+def clip_bytes(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes (plus a short "…(N chars)" when clipped)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return f"{data[:limit].decode('utf-8', 'ignore')}…({len(text)} chars)"
+
+
+def bounded_violations(violations: list[e.FieldViolation]
+                       ) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+    used = 0
+    for v in violations[:MAX_VIOLATIONS]:
+        fv = error_details_pb2.BadRequest.FieldViolation(
+            field=clip_bytes(v.field, KEY_BYTES),
+            description=clip_bytes(redact_text(v.description), DETAIL_BYTES))
+        used += fv.ByteSize()
+        if used > VIOLATION_BYTES:
+            break
+        shown.append(fv)
+    if len(violations) > len(shown):
+        shown.append(error_details_pb2.BadRequest.FieldViolation(
+            field="*", description=f"and {len(violations) - len(shown)} more violations"))
+    return shown
+
+
 def to_status(exc: e.SessiondError) -> grpc.Status:
     code = code_of(exc)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
-    details = [info]
+    metadata = {clip_bytes(k, KEY_BYTES): clip_bytes(redact_text(v), DETAIL_BYTES)
+                for k, v in list(exc.metadata.items())[:MAX_METADATA]}
+    info = error_details_pb2.ErrorInfo(reason=clip_bytes(exc.reason, KEY_BYTES),
+                                       domain=DOMAIN, metadata=metadata)
+    details: list[Any] = [info]
     if isinstance(exc, e.InvalidArgument) and exc.violations:
-        details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations]))
+        details.append(error_details_pb2.BadRequest(
+            field_violations=bounded_violations(exc.violations)))
+    if isinstance(exc, e.QuotaExceeded):
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=clip_bytes(exc.subject, DETAIL_BYTES),
+                description=clip_bytes(exc.limit, DETAIL_BYTES))]))
     packed = []
     for d in details:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    st = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message,
-                           details=packed)
+    message = clip_bytes(redact_text(exc.message), MESSAGE_BYTES)
+    st = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
     return rpc_status.to_status(st)
 
 

@@ -57,7 +57,7 @@ def single_values(metadata: Iterable[tuple[str, Any]]) -> dict[str, str]:
 
 def requested_identity(headers: dict[str, str]) -> RequestedIdentity:
     bad = [FieldViolation(k, NAME_RULE) for k in IDENTITY_KEYS
-           if k in headers and headers[k] and not NAME_RE.match(headers[k])]
+           if k in headers and headers[k] and not NAME_RE.fullmatch(headers[k])]
     if bad:
         raise InvalidArgument("identity metadata is not valid", violations=bad)
     return RequestedIdentity(headers.get(ACCOUNT_KEY) or None, headers.get(USER_KEY) or None,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sessiond.server.api.decoding import DecodeGuard
 from sessiond.server.api.security import Security
 from sessiond.server.api.server_info import ServerInfo, ServerServicer
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
@@ -72,8 +73,9 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
     actually bound. `interceptors` (metrics, tracing) run before the auth one, so
-    they see refused calls too."""
-    server = grpc.aio.server(interceptors=[*interceptors, security.interceptor],
+    they see refused calls too; DecodeGuard answers undecodable requests with
+    INVALID_ARGUMENT before any servicer sees them."""
+    server = grpc.aio.server(interceptors=[*interceptors, security.interceptor, DecodeGuard()],
                              options=server_options(settings))
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, commits), server)

@@ -13,7 +13,7 @@ from google.protobuf.message import Message as ProtoMessage
 from sessiond.server.api import converters as cv
 from sessiond.server.api.errors import stream, unary
 from sessiond.server.api.identity import identity_of
-from sessiond.server.domain.errors import InvalidArgument
+from sessiond.server.domain.pages import MAX_TOKEN_CHARS, bad_token, check_token
 from sessiond.server.domain.values import Task, TaskEvent
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.memories import MemoryManager
@@ -50,11 +50,13 @@ def encode_token(value: str) -> str:
 def decode_token(token: str) -> str:
     if not token:
         return ""
+    if len(token) > 2 * MAX_TOKEN_CHARS:
+        raise bad_token(token)
     try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        value = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
-        raise InvalidArgument(f"page_token {token[:40]!r} is not valid",
-                              reason="BAD_PAGE_TOKEN") from exc
+        raise bad_token(token) from exc
+    return check_token(value)
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -150,9 +152,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def GetArchive(self, request: session_pb2.GetArchiveRequest, context: Ctx
                          ) -> session_pb2.Archive:
-        arch, messages = await self.sessions.get_archive(identity_of(context),
-                                                         request.session_id, request.index)
-        return cv.archive_out(arch, messages)
+        arch, messages, token = await self.sessions.get_archive(
+            identity_of(context), request.session_id, request.index, request.page_size,
+            decode_token(request.page_token))
+        reply = cv.archive_out(arch, messages)
+        reply.next_page_token = encode_token(token)
+        return reply
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):

@@ -26,7 +26,7 @@ from sessiond.server.domain.errors import InvalidArgument, PermissionDenied
 from sessiond.server.domain.values import Identity
 
 DEFAULT = "default"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 NAME_RULE = "1-128 characters of letters, digits and ._@:- (starting with a letter or digit)"
 
 
@@ -59,7 +59,7 @@ def parse_scopes(values: Iterable[str], *, ignore_unknown: bool = False) -> froz
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise InvalidArgument(f"{kind} {value[:40]!r} is not valid: {NAME_RULE}",
                               reason="BAD_IDENTITY")
     return value

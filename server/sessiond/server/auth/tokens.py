@@ -206,7 +206,7 @@ class JwtAuthenticator:
             value = claims.get(claim)
             if value is None and not required:
                 return None
-            if not isinstance(value, str) or not NAME_RE.match(value):
+            if not isinstance(value, str) or not NAME_RE.fullmatch(value):
                 raise Unauthenticated(f"the token's {claim!r} claim is missing or not a "
                                       "valid name", reason="CREDENTIALS_INVALID")
             return value

@@ -46,6 +46,20 @@ class InvalidArgument(SessiondError):
         self.violations: list[FieldViolation] = list(violations or [])
 
 
+class QuotaExceeded(SessiondError):
+    """A quota of `Limits` is used up (RESOURCE_EXHAUSTED with a QuotaFailure naming
+    `subject` and the limit). Reasons: LIVE_MESSAGES_QUOTA, LIVE_BYTES_QUOTA,
+    USAGE_QUOTA, SESSIONS_QUOTA, WATCH_STREAMS_QUOTA."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, subject: str, limit: str, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.subject = subject
+        self.limit = limit
+
+
 class FailedPrecondition(SessiondError):
     reason = "FAILED_PRECONDITION"
 

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from sessiond.server.domain.errors import InvalidArgument
+from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.limits import PAGE_TOKEN_CHARS, clip_echo
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,8 +25,23 @@ class Page(Generic[T]):
     next_token: str = ""
 
 
+# Index cursors are positive 64-bit integers; anything longer is not one we made.
+MAX_INDEX_DIGITS = 18
+MAX_TOKEN_CHARS = PAGE_TOKEN_CHARS
+
+
 def bad_token(token: str) -> InvalidArgument:
-    return InvalidArgument(f"page_token {token[:40]!r} is not valid", reason="BAD_PAGE_TOKEN")
+    return InvalidArgument(f"page_token {clip_echo(token)!r} is not valid",
+                           reason="BAD_PAGE_TOKEN", violations=[FieldViolation(
+                               "page_token", "pass back a next_page_token unchanged")])
+
+
+def check_token(token: str, max_chars: int = MAX_TOKEN_CHARS) -> str:
+    """A decoded page token the stores may bind: bounded, printable (no NUL or other
+    control characters, which no key the server hands out contains)."""
+    if len(token) > max_chars or not token.isprintable():
+        raise bad_token(token)
+    return token
 
 
 def page_of(rows: Sequence[R], size: int, cursor: Callable[[R], str],
@@ -41,7 +57,8 @@ def index_cursor(token: str) -> int:
     """Cursor of archive pages: the last index (0 = from the start)."""
     if not token:
         return 0
-    if not token.isdigit():
+    # str.isdigit() accepts "²" and other digits int() rejects: ASCII digits only.
+    if not (token.isascii() and token.isdigit()) or len(token) > MAX_INDEX_DIGITS:
         raise bad_token(token)
     return int(token)
 

@@ -8,6 +8,7 @@ from sessiond.server import failpoints
 from sessiond.server.domain import rules
 from sessiond.server.domain.commands import CommitOutcome, CommitPlan
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.values import Identity
 from sessiond.server.observability import tracing
 from sessiond.server.services.sessions import request_key
@@ -15,8 +16,9 @@ from sessiond.server.store.base import Store
 
 
 class CommitService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
 
     async def commit(self, identity: Identity, session_id: str, keep_recent_count: int,
                      reject_if_running: bool, request_id: str = "",
@@ -25,7 +27,7 @@ class CommitService:
         if keep_recent_count < 0:
             raise InvalidArgument("keep_recent_count must not be negative", violations=[
                 FieldViolation("keep_recent_count", "must be >= 0")])
-        req = request_key(identity, "Commit", request_id, fingerprint)
+        req = request_key(identity, "Commit", request_id, fingerprint, self.limits)
         plan = CommitPlan(identity=identity, session_id=session_id,
                           keep_recent_count=keep_recent_count,
                           reject_if_running=reject_if_running, task_id=rules.new_task_id(),

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from sessiond.server.domain import rules, terms
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.recall import (
     ALL_KINDS,
     CANDIDATES,
@@ -47,9 +48,11 @@ OWN_SESSION_BOOST = 1.25
 
 
 class RecallService:
-    def __init__(self, store: Store, embedder: Embedder | None = None) -> None:
+    def __init__(self, store: Store, embedder: Embedder | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.embedder = embedder
+        self.limits = limits
         self._warned_at = -WARN_EVERY_SECONDS
 
     async def _embed_query(self, query: str) -> tuple[tuple[float, ...], str]:
@@ -75,8 +78,8 @@ class RecallService:
         bad: list[FieldViolation] = []
         if not query.strip():
             bad.append(FieldViolation("query", "give at least one word"))
-        elif len(query) > MAX_QUERY_CHARS:
-            bad.append(FieldViolation("query", f"at most {MAX_QUERY_CHARS} characters"))
+        elif len(query) > self.limits.query_chars:
+            bad.append(FieldViolation("query", f"at most {self.limits.query_chars} characters"))
         if max_chars < 0 or max_chars > MAX_MAX_CHARS:
             bad.append(FieldViolation("max_chars", f"must be 0 (default {DEFAULT_MAX_CHARS}) "
                                                    f"to {MAX_MAX_CHARS}"))

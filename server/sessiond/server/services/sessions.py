@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
-from sessiond.server.domain.pages import Page
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
+from sessiond.server.domain.pages import Page, index_cursor
 from sessiond.server.domain.recall import clip
 from sessiond.server.domain.values import (
     Archive,
@@ -35,10 +36,10 @@ class SessionContextView:
 
 
 def request_key(identity: Identity, method: str, request_id: str,
-                 fingerprint: bytes) -> RequestKey | None:
+                 fingerprint: bytes, limits: Limits = DEFAULT_LIMITS) -> RequestKey | None:
     if not request_id:
         return None
-    rules.check_request_id(request_id)
+    rules.check_request_id(request_id, limits)
     return RequestKey(identity, method, request_id, RequestKey.fingerprint_of(fingerprint))
 
 
@@ -48,14 +49,15 @@ def _not_found(session_id: str) -> NotFound:
 
 
 class SessionManager:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
 
     async def create(self, identity: Identity, session_id: str, request_id: str = "",
                      fingerprint: bytes = b"") -> SessionMeta:
         if session_id:
             rules.check_session_id(session_id)
-        req = request_key(identity, "CreateSession", request_id, fingerprint)
+        req = request_key(identity, "CreateSession", request_id, fingerprint, self.limits)
         if not session_id:
             session_id = rules.new_session_id()
             if req is not None:
@@ -77,7 +79,8 @@ class SessionManager:
 
     async def list_sessions(self, identity: Identity, page_size: int,
                             page_token: str) -> Page[SessionMeta]:
-        return await self.store.list_sessions(identity, rules.page_size(page_size), page_token)
+        return await self.store.list_sessions(identity, rules.page_size(page_size, self.limits),
+                                              page_token)
 
     async def delete(self, identity: Identity, session_id: str) -> None:
         rules.check_session_id(session_id)
@@ -88,8 +91,8 @@ class SessionManager:
                           parts: Sequence[Part], request_id: str = "",
                           fingerprint: bytes = b"") -> Message:
         rules.check_session_id(session_id)
-        rules.check_parts(parts)
-        req = request_key(identity, "AddMessage", request_id, fingerprint)
+        rules.check_parts(parts, self.limits)
+        req = request_key(identity, "AddMessage", request_id, fingerprint, self.limits)
         msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
                       created_at=rules.utcnow())
         return await self.store.add_message(identity, session_id, msg, req)
@@ -104,22 +107,23 @@ class SessionManager:
             violations.append(FieldViolation("tool_id", "must not be empty"))
         if violations:
             raise InvalidArgument("message_id and tool_id are required", violations=violations)
+        if len(output) > self.limits.message_bytes:  # cheap bound before the exact one
+            raise InvalidArgument("output is too large", violations=[
+                rules.size_violation(len(output), self.limits, "output")])
         return await self.store.update_tool_part(identity, session_id, message_id, tool_id,
-                                                 output, status, rules.utcnow())
+                                                 output, status, rules.utcnow(),
+                                                 self.limits.message_bytes)
 
     async def record_usage(self, identity: Identity, session_id: str,
                            context_uris: Sequence[str], skill: SkillUse | None,
                            request_id: str = "", fingerprint: bytes = b"") -> int:
         rules.check_session_id(session_id)
         uris = list(context_uris)
-        bad = [FieldViolation(f"context_uris[{i}]", "must not be empty")
-               for i, u in enumerate(uris) if not u.strip()]
-        if bad:
-            raise InvalidArgument("context uris must not be empty", violations=bad)
+        rules.check_usage(uris, skill, self.limits)
         if not uris and skill is None:
             raise InvalidArgument("nothing to record", violations=[
                 FieldViolation("context_uris", "give at least one context uri or a skill")])
-        req = request_key(identity, "RecordUsage", request_id, fingerprint)
+        req = request_key(identity, "RecordUsage", request_id, fingerprint, self.limits)
         rec = UsageRecord(context_uris=tuple(uris), skill=skill, created_at=rules.utcnow())
         return await self.store.record_usage(identity, session_id, rec, req)
 
@@ -145,28 +149,64 @@ class SessionManager:
                 left -= size
                 kept.append(m)
             messages = kept[::-1]
+        messages = self._newest_that_fit(messages)
         return SessionContextView(
             session_id=session_id,
             latest_archive_overview=overview,
             latest_archive_uri=latest.uri if latest else "",
             current_messages=messages)
 
+    def _newest_that_fit(self, messages: list[Message]) -> list[Message]:
+        """The newest messages whose reply size stays within archive_page_bytes (at
+        least one): a context reply never exceeds the gRPC message size."""
+        used, start = 0, len(messages)
+        for m in reversed(messages):
+            size = rules.wire_bytes(m.parts)
+            if start < len(messages) and used + size > self.limits.archive_page_bytes:
+                break
+            used, start = used + size, start - 1
+        return messages[start:]
+
     async def list_archives(self, identity: Identity, session_id: str, page_size: int,
                             page_token: str) -> Page[Archive]:
         rules.check_session_id(session_id)
-        return await self.store.list_archives(identity, session_id, rules.page_size(page_size),
+        return await self.store.list_archives(identity, session_id,
+                                              rules.page_size(page_size, self.limits),
                                               page_token)
 
-    async def get_archive(self, identity: Identity, session_id: str, index: int
-                          ) -> tuple[Archive, list[Message]]:
+    async def get_archive(self, identity: Identity, session_id: str, index: int,
+                          page_size: int = 0, page_token: str = ""
+                          ) -> tuple[Archive, list[Message], str]:
+        """The archive, one page of its messages and the token of the next page ("" on
+        the last): at most `page_size` messages (0: any number) and never more than
+        `Limits.archive_page_bytes` of them, but always at least one."""
         rules.check_session_id(session_id)
         if index <= 0:
             raise InvalidArgument("index must be >= 1", violations=[
                 FieldViolation("index", "archives are numbered from 1")])
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative", violations=[
+                FieldViolation("page_size", "must be >= 0 (0: as many as fit)")])
+        after_seq = index_cursor(page_token)
         arch = await self.store.get_archive(identity, session_id, index)
         if arch is None:
             if await self.store.get_session(identity, session_id) is None:
                 raise _not_found(session_id)
             raise NotFound(f"archive {index} of session {session_id!r} not found",
                            reason="ARCHIVE_NOT_FOUND")
-        return arch, await self.store.archive_messages(identity, session_id, index)
+        budget = self.limits.archive_page_bytes
+        limit = min(page_size, self.limits.max_page_size) if page_size else 0
+        messages, more = await self.store.archive_message_page(
+            identity, session_id, index, after_seq, limit, budget)
+        # The store bounds characters; the reply is bounded in bytes (UTF-8 may be 4
+        # per character): keep what fits, the rest comes with the next page.
+        kept, used = 0, 0
+        for m in messages:
+            size = rules.wire_bytes(m.parts)
+            if kept and used + size > budget:
+                break
+            kept, used = kept + 1, used + size
+        more = more or kept < len(messages)
+        messages = messages[:kept]
+        token = str(messages[-1].seq) if more and messages else ""
+        return arch, messages, token

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo, watches_exceeded
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
 from sessiond.server.observability import metrics
@@ -28,12 +29,14 @@ WatchItem = Task | TaskEvent | Heartbeat
 
 class TaskManager:
     def __init__(self, store: Store, hub: EventHub, *, heartbeat_seconds: float = 5.0,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
         self.hub = hub
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self._closing = asyncio.Event()
+        self._watching: dict[Identity, int] = {}
 
     def close_watches(self) -> None:
         """Ask every open watch to end (graceful shutdown)."""
@@ -47,8 +50,9 @@ class TaskManager:
     async def get(self, identity: Identity, task_id: str) -> Task:
         task = await self.store.get_task(task_id) if task_id else None
         if task is None or task.identity != identity:
-            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND",
-                           metadata={"task_id": task_id})
+            shown = clip_echo(task_id)
+            raise NotFound(f"task {shown!r} not found", reason="TASK_NOT_FOUND",
+                           metadata={"task_id": shown})
         return task
 
     async def list_tasks(self, identity: Identity, session_id: str, state: TaskState | None,
@@ -56,7 +60,7 @@ class TaskManager:
         if session_id:
             rules.check_session_id(session_id)
         return await self.store.list_tasks(identity, session_id, state, task_type,
-                                           rules.page_size(page_size), page_token)
+                                           rules.page_size(page_size, self.limits), page_token)
 
     async def cancel(self, identity: Identity, task_id: str) -> Task:
         await self.get(identity, task_id)
@@ -70,6 +74,10 @@ class TaskManager:
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
+        open_now = self._watching.get(identity, 0)
+        if open_now >= self.limits.watch_streams_per_identity:
+            raise watches_exceeded(self.limits)
+        self._watching[identity] = open_now + 1
         sub = self.hub.subscribe(task_id)
         metrics.WATCHERS.inc()
         try:
@@ -128,3 +136,8 @@ class TaskManager:
         finally:
             metrics.WATCHERS.dec()
             sub.close()
+            left = self._watching.get(identity, 1) - 1
+            if left:
+                self._watching[identity] = left
+            else:
+                self._watching.pop(identity, None)

@@ -23,6 +23,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
     EntryVector,
@@ -64,6 +65,9 @@ class Store(abc.ABC):
     events, memories, relations, active counts and idempotency keys."""
 
     def __init__(self) -> None:
+        # The quotas the store enforces inside its transactions (live messages and
+        # bytes per session, sessions per identity); the App sets the configured ones.
+        self.limits: Limits = DEFAULT_LIMITS
         self._event_listeners: list[EventListener] = []
         self._work_listeners: list[WorkListener] = []
         self._remote_listeners: list[RemoteEventListener] = []
@@ -113,7 +117,8 @@ class Store(abc.ABC):
     async def create_session(self, identity: Identity, session_id: str, now: datetime,
                              request: RequestKey | None = None) -> SessionMeta:
         """Insert a session. Ids are unique per identity: `AlreadyExists` when this
-        identity already has a session with that id."""
+        identity already has a session with that id; `QuotaExceeded` when it holds
+        `limits.sessions_per_identity` sessions."""
 
     @abc.abstractmethod
     async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None: ...
@@ -139,13 +144,18 @@ class Store(abc.ABC):
     async def add_message(self, identity: Identity, session_id: str, message: Message,
                           request: RequestKey | None = None) -> Message:
         """Append to the live buffer; the returned message carries its `seq`.
-        A replayed request returns the originally stored message."""
+        A replayed request returns the originally stored message. `QuotaExceeded`
+        when the live buffer holds `limits.live_messages_per_session` messages or
+        would exceed `limits.live_bytes_per_session` bytes."""
 
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
-                               now: datetime) -> Message:
-        """`NotFound` when the session, live message or tool part is missing."""
+                               now: datetime,
+                               max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
+        """`NotFound` when the session, live message or tool part is missing;
+        `InvalidArgument` when the message would exceed `max_bytes` (all string
+        fields, `rules.message_bytes`)."""
 
     @abc.abstractmethod
     async def list_live_messages(self, identity: Identity, session_id: str,
@@ -179,6 +189,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def archive_messages(self, identity: Identity, session_id: str,
                                index: int) -> list[Message]: ...
+
+    @abc.abstractmethod
+    async def archive_message_page(self, identity: Identity, session_id: str, index: int,
+                                   after_seq: int, limit: int, max_chars: int
+                                   ) -> tuple[list[Message], bool]:
+        """One page of an archive's messages with seq > `after_seq`, oldest first: at
+        most `limit` (0: any number), and beyond the first only while the stored size
+        of their parts stays within `max_chars`; plus whether more follow."""
 
     @abc.abstractmethod
     async def archive_usage(self, identity: Identity, session_id: str,

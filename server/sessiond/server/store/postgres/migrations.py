@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 from sessiond.server.domain.errors import FailedPrecondition, Unavailable
+from sessiond.server.redact import redact_text
 from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, pending
 
 TYPES = {"key": 'TEXT COLLATE "C"', "ts": "TIMESTAMPTZ", "int64": "BIGINT",
@@ -91,10 +92,10 @@ async def migrate_url(url: str) -> tuple[int, int]:
         conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
-        raise Unavailable(f"postgresql: cannot connect: {exc}") from exc
+        raise Unavailable(redact_text(f"postgresql: cannot connect: {exc}")) from exc
     except (asyncpg.InvalidCatalogNameError,
             asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        raise FailedPrecondition(f"postgresql refused the connection: {exc}",
+        raise FailedPrecondition(redact_text(f"postgresql refused the connection: {exc}"),
                                  reason="DATABASE_REJECTED") from exc
     try:
         return await migrate(conn)

@@ -40,6 +40,7 @@ import random
 from typing import Any, TypeVar
 
 import asyncpg
+from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import (
     Aborted,
@@ -49,10 +50,11 @@ from sessiond.server.domain.errors import (
     Unavailable,
 )
 from sessiond.server.domain.values import Identity, Message
+from sessiond.server.redact import redact_text
 from sessiond.server.store import codec
 from sessiond.server.store.postgres import migrations
 from sessiond.server.store.postgres.dialect import DIALECT, PgTx
-from sessiond.server.store.sql import sessions
+from sessiond.server.store.sql import messages
 from sessiond.server.store.sql.store import Op, SqlStore
 from sessiond.server.store.sql.tx import Announce, Tx
 
@@ -91,7 +93,8 @@ _RECONNECTABLE: tuple[type[BaseException], ...] = (
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"postgresql unavailable: {type(exc).__name__}: {exc}".rstrip(": "))
+    return Unavailable(redact_text(f"postgresql unavailable: {type(exc).__name__}: {exc}"
+                                   .rstrip(": ")))
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -154,7 +157,7 @@ class PostgresStore(SqlStore):
             raise
         except (asyncpg.InvalidCatalogNameError,
                 asyncpg.InvalidAuthorizationSpecificationError) as exc:
-            raise FailedPrecondition(f"postgresql refused the connection: {exc}",
+            raise FailedPrecondition(redact_text(f"postgresql refused the connection: {exc}"),
                                      reason="DATABASE_REJECTED") from exc
         except BaseException as exc:
             if _is_unavailable(exc):
@@ -368,9 +371,11 @@ class PostgresStore(SqlStore):
             assert isinstance(tx, PgTx)
             seq = await tx.conn.fetchval(_ADD_MESSAGE, skey, message.id, message.role.value,
                                          codec.encode_parts(message.parts),
-                                         message.created_at)
+                                         message.created_at, rules.message_bytes(message.parts),
+                                         self.limits.live_messages_per_session,
+                                         self.limits.live_bytes_per_session)
             if seq is None:
-                raise sessions.not_found(session_id)
+                raise await messages.quota_refusal(tx, identity, session_id, self.limits)
             return dataclasses.replace(message, seq=int(seq))
 
         return await self._write(op, single_statement=True)
@@ -379,9 +384,10 @@ class PostgresStore(SqlStore):
 # messages.BUMP_SEQ and the INSERT of messages.add, as one statement.
 _ADD_MESSAGE = (
     "WITH s AS (UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-    "live_count=live_count+1, updated_at=$5 WHERE skey=$1 RETURNING next_seq-1 AS seq) "
-    "INSERT INTO messages (skey, seq, message_id, role, parts, created_at) "
-    "SELECT $1::text, s.seq, $2::text, $3::text, $4::text, $5::timestamptz FROM s "
+    "live_count=live_count+1, live_bytes=live_bytes+$6, updated_at=$5 WHERE skey=$1 "
+    "AND live_count<$7 AND live_bytes+$6<=$8 RETURNING next_seq-1 AS seq) "
+    "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
+    "SELECT $1::text, s.seq, $2::text, $3::text, $4::text, $5::timestamptz, $6::bigint FROM s "
     "RETURNING seq")
 
 

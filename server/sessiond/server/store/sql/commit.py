@@ -64,8 +64,10 @@ async def commit(tx: Tx, plan: CommitPlan, request: RequestKey | None) -> Commit
         "first_message_id, last_message_id, created_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING *",
         skey, index, sid, plan.task_id, ArchiveState.PENDING.value, len(to_archive),
         to_archive[0]["message_id"], to_archive[-1]["message_id"], d.ts(now))
-    await tx.execute("UPDATE sessions SET archive_count=?, live_count=live_count-?, updated_at=? "
-                     "WHERE skey=?", index, len(to_archive), d.ts(now), skey)
+    await tx.execute("UPDATE sessions SET archive_count=?, live_count=live_count-?, "
+                     "live_bytes=(SELECT COALESCE(SUM(size), 0) FROM messages WHERE skey=? "
+                     "AND archive_index IS NULL), updated_at=? WHERE skey=?",
+                     index, len(to_archive), skey, d.ts(now), skey)
     trow = await tx.fetchrow(
         "INSERT INTO tasks (task_id, skey, account, user_id, agent, session_id, archive_index, "
         "task_type, state, stage, done_stage, created_at, updated_at, trace_context) "
@@ -100,6 +102,34 @@ async def messages(tx: Tx, identity: Identity, session_id: str, index: int) -> l
     rows = await tx.fetch("SELECT * FROM messages WHERE skey=? AND archive_index=? ORDER BY seq",
                           codec.session_key(identity, session_id), index)
     return [tx.d.rows.message(r) for r in rows]
+
+
+async def message_page(tx: Tx, identity: Identity, session_id: str, index: int,
+                       after_seq: int, limit: int, max_chars: int) -> tuple[list[Message], bool]:
+    """The archive's messages after `after_seq`, oldest first: at most `limit` (0: no
+    count limit) and, after the first, only while their stored size stays within
+    `max_chars`; and whether more follow. Sizes are read first, so a page never
+    loads more than it returns."""
+    skey = codec.session_key(identity, session_id)
+    sql = ("SELECT seq, length(parts) AS n FROM messages WHERE skey=? AND archive_index=? "
+           "AND seq>? ORDER BY seq")
+    args: list[object] = [skey, index, after_seq]
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit + 1)
+    sizes = await tx.fetch(sql, *args)
+    take = total = 0
+    for r in sizes:
+        n = int(r["n"])
+        if (limit and take == limit) or (take and total + n > max_chars):
+            break
+        take, total = take + 1, total + n
+    if not take:
+        return [], False
+    rows = await tx.fetch("SELECT * FROM messages WHERE skey=? AND archive_index=? AND seq>? "
+                          "AND seq<=? ORDER BY seq", skey, index, after_seq,
+                          sizes[take - 1]["seq"])
+    return [tx.d.rows.message(r) for r in rows], take < len(sizes)
 
 
 async def usage(tx: Tx, identity: Identity, session_id: str, index: int) -> list[UsageRecord]:

@@ -5,19 +5,47 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
+from sessiond.server.domain import rules
 from sessiond.server.domain.commands import RequestKey
-from sessiond.server.domain.errors import FailedPrecondition, NotFound
+from sessiond.server.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    SessiondError,
+)
+from sessiond.server.domain.limits import (
+    DEFAULT_LIMITS,
+    Limits,
+    clip_echo,
+    live_bytes_exceeded,
+    live_messages_exceeded,
+    usage_exceeded,
+)
 from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
 from sessiond.server.store import codec
 from sessiond.server.store.sql import requests, sessions
 from sessiond.server.store.sql.tx import Tx
 
+# Appends within the live quotas: (size, updated_at, skey, max count, size, max bytes).
 BUMP_SEQ = ("UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-            "live_count=live_count+1, updated_at=? WHERE skey=? RETURNING next_seq-1")
+            "live_count=live_count+1, live_bytes=live_bytes+?, updated_at=? "
+            "WHERE skey=? AND live_count<? AND live_bytes+?<=? RETURNING next_seq-1")
+
+
+async def quota_refusal(tx: Tx, identity: Identity, session_id: str,
+                        limits: Limits) -> SessiondError:
+    """Why an append within the quotas changed no session row."""
+    found = await sessions.row(tx, identity, session_id)
+    if found is None:
+        return sessions.not_found(session_id)
+    if int(found["live_count"]) >= limits.live_messages_per_session:
+        return live_messages_exceeded(session_id, limits)
+    return live_bytes_exceeded(session_id, limits)
 
 
 async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
-              request: RequestKey | None) -> Message:
+              request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> Message:
     skey = codec.session_key(identity, session_id)
     previous = await requests.replay(tx, request)
     if previous is not None:
@@ -27,31 +55,36 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
             raise NotFound("the message of this request_id no longer exists",
                            reason="MESSAGE_NOT_FOUND")
         return tx.d.rows.message(row)
-    seq = await tx.fetchval(BUMP_SEQ, tx.d.ts(message.created_at), skey)
+    size = rules.message_bytes(message.parts)
+    seq = await tx.fetchval(BUMP_SEQ, size, tx.d.ts(message.created_at), skey,
+                            limits.live_messages_per_session, size,
+                            limits.live_bytes_per_session)
     if seq is None:
-        raise sessions.not_found(session_id)
+        raise await quota_refusal(tx, identity, session_id, limits)
     await tx.execute(
-        "INSERT INTO messages (skey, seq, message_id, role, parts, created_at) "
-        "VALUES (?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
-        codec.encode_parts(message.parts), tx.d.ts(message.created_at))
+        "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
+        "VALUES (?,?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
+        codec.encode_parts(message.parts), tx.d.ts(message.created_at), size)
     await requests.remember(tx, request, {"message_id": message.id}, message.created_at)
     return dataclasses.replace(message, seq=int(seq))
 
 
 async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_id: str,
                            tool_id: str, output: str, status: ToolStatus,
-                           now: datetime) -> Message:
+                           now: datetime, max_bytes: int = DEFAULT_LIMITS.message_bytes,
+                           limits: Limits = DEFAULT_LIMITS) -> Message:
     skey = codec.session_key(identity, session_id)
     # The session row lock serializes this with commits and other tool updates.
-    await sessions.require(tx, identity, session_id, lock=True)
+    srow = await sessions.require(tx, identity, session_id, lock=True)
     row = await tx.fetchrow("SELECT * FROM messages WHERE skey=? AND message_id=?",
                             skey, message_id)
     if row is None:
-        raise NotFound(f"message {message_id!r} not found in session {session_id!r}",
+        raise NotFound(f"message {clip_echo(message_id)!r} not found in session "
+                       f"{session_id!r}",
                        reason="MESSAGE_NOT_FOUND")
     if row["archive_index"] is not None:
         raise FailedPrecondition(
-            f"message {message_id!r} was archived by commit {row['archive_index']}; "
+            f"message {clip_echo(message_id)!r} was archived by commit {row['archive_index']}; "
             "archived messages are immutable", reason="MESSAGE_ARCHIVED")
     msg = tx.d.rows.message(row)
     parts = list(msg.parts)
@@ -60,11 +93,20 @@ async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_
             parts[i] = dataclasses.replace(p, output=output, status=status)
             break
     else:
-        raise NotFound(f"tool part {tool_id!r} not found in message {message_id!r}",
-                       reason="TOOL_PART_NOT_FOUND")
-    await tx.execute("UPDATE messages SET parts=? WHERE skey=? AND message_id=?",
-                     codec.encode_parts(parts), skey, message_id)
-    await tx.execute("UPDATE sessions SET updated_at=? WHERE skey=?", tx.d.ts(now), skey)
+        raise NotFound(f"tool part {clip_echo(tool_id)!r} not found in message "
+                       f"{clip_echo(message_id)!r}", reason="TOOL_PART_NOT_FOUND")
+    size = rules.message_bytes(parts)
+    if size > max_bytes:
+        raise InvalidArgument("output makes the message too large", violations=[
+            FieldViolation("output", f"the message may hold at most {max_bytes} bytes in all "
+                                     f"string fields (would be {size})")])
+    grown = size - int(row["size"])
+    if grown > 0 and int(srow["live_bytes"]) + grown > limits.live_bytes_per_session:
+        raise live_bytes_exceeded(session_id, limits)
+    await tx.execute("UPDATE messages SET parts=?, size=? WHERE skey=? AND message_id=?",
+                     codec.encode_parts(parts), size, skey, message_id)
+    await tx.execute("UPDATE sessions SET updated_at=?, live_bytes=live_bytes+? WHERE skey=?",
+                     tx.d.ts(now), grown, skey)
     return dataclasses.replace(msg, parts=tuple(parts))
 
 
@@ -83,13 +125,17 @@ async def list_live(tx: Tx, identity: Identity, session_id: str, newest: int) ->
 
 
 async def record_usage(tx: Tx, identity: Identity, session_id: str, usage: UsageRecord,
-                       request: RequestKey | None) -> int:
+                       request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> int:
     skey = codec.session_key(identity, session_id)
     if await requests.replay(tx, request) is None:
         found = await tx.fetchval("UPDATE sessions SET updated_at=? WHERE skey=? RETURNING 1",
                                   tx.d.ts(usage.created_at), skey)
         if found is None:
             raise sessions.not_found(session_id)
+        pending = await tx.fetchval("SELECT COUNT(*) FROM usage WHERE skey=? AND "
+                                    "archive_index IS NULL", skey)
+        if int(pending) >= limits.usage_records_per_session:
+            raise usage_exceeded(session_id, limits)
         contexts, skill = codec.encode_usage(usage)
         await tx.execute("INSERT INTO usage (skey, context_uris, skill, created_at) "
                          "VALUES (?,?,?,?)", skey, contexts, skill, tx.d.ts(usage.created_at))

@@ -217,6 +217,23 @@ MIGRATIONS: tuple[Migration, ...] = (
                                                          vseq);
     ${extra}
     """),
+    Migration(5, "quotas: live bytes, sessions per identity", """
+    ALTER TABLE messages ADD COLUMN size ${int64} NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN live_bytes ${int64} NOT NULL DEFAULT 0;
+    UPDATE messages SET size = length(parts);
+    UPDATE sessions SET live_bytes = (SELECT COALESCE(SUM(m.size), 0) FROM messages m
+                                      WHERE m.skey = sessions.skey
+                                      AND m.archive_index IS NULL);
+    CREATE TABLE identity_usage (
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        sessions ${int64} NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, user_id, agent)
+    );
+    INSERT INTO identity_usage (account, user_id, agent, sessions)
+        SELECT account, user_id, agent, COUNT(*) FROM sessions
+        GROUP BY account, user_id, agent;
+    ${extra}
+    """),
     Migration(7, "trace context of tasks", """
     -- The W3C trace context of the Commit that made the task (JSON carrier, '' when
     -- tracing was off): Phase 2 spans join that trace on any replica, after restarts.
@@ -239,7 +256,7 @@ def pending(found: int) -> tuple[Migration, ...]:
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
                            "api_keys", "recall_entries", "recall_terms",
-                           "recall_vectors")
+                           "recall_vectors", "identity_usage")
 
 
 def statements(script: str) -> list[str]:

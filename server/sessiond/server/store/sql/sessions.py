@@ -7,6 +7,7 @@ from datetime import datetime
 from sessiond.server.domain import transitions
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import AlreadyExists, NotFound
+from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, sessions_exceeded
 from sessiond.server.domain.pages import Page, page_of
 from sessiond.server.domain.values import Identity, SessionMeta, TaskState
 from sessiond.server.store import codec
@@ -33,17 +34,32 @@ async def require(tx: Tx, identity: Identity, session_id: str, *, lock: bool = F
     return found
 
 
-async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime) -> Row | None:
-    """The new row, or None when the identity has that session already."""
-    return await tx.fetchrow(
+async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime,
+                  limits: Limits) -> Row | None:
+    """The new row, or None when the identity has that session already;
+    `QuotaExceeded` (the transaction rolls back) when it may hold no more. The count
+    is one row per identity, so the check costs the same at any number of sessions
+    and concurrent creates of one identity are serialized on it."""
+    new = await tx.fetchrow(
         "INSERT INTO sessions (skey, account, user_id, agent, session_id, created_at, "
         "updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING *",
         codec.session_key(identity, session_id), identity.account, identity.user,
         identity.agent, session_id, tx.d.ts(now), tx.d.ts(now))
+    if new is None:
+        return None
+    held = await tx.fetchval(
+        "INSERT INTO identity_usage (account, user_id, agent, sessions) VALUES (?,?,?,1) "
+        "ON CONFLICT (account, user_id, agent) DO UPDATE SET "
+        "sessions=identity_usage.sessions+1 WHERE identity_usage.sessions<? "
+        "RETURNING sessions", identity.account, identity.user, identity.agent,
+        limits.sessions_per_identity)
+    if held is None or int(held) > limits.sessions_per_identity:
+        raise sessions_exceeded(limits)
+    return new
 
 
 async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
-                 request: RequestKey | None) -> SessionMeta:
+                 request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> SessionMeta:
     async def replayed(response: dict[str, str]) -> SessionMeta:
         found = await row(tx, identity, response["session_id"])
         if found is None:
@@ -54,7 +70,7 @@ async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
     previous = await requests.replay(tx, request)
     if previous is not None:
         return await replayed(previous)
-    new = await _insert(tx, identity, session_id, now)
+    new = await _insert(tx, identity, session_id, now, limits)
     if new is None:
         # Taken; possibly by a concurrent call with this very request_id.
         previous = await requests.replay(tx, request)
@@ -71,8 +87,12 @@ async def get(tx: Tx, identity: Identity, session_id: str) -> SessionMeta | None
     return None if found is None else tx.d.rows.meta(found)
 
 
-async def ensure(tx: Tx, identity: Identity, session_id: str, now: datetime) -> SessionMeta:
-    new = await _insert(tx, identity, session_id, now)
+async def ensure(tx: Tx, identity: Identity, session_id: str, now: datetime,
+                 limits: Limits = DEFAULT_LIMITS) -> SessionMeta:
+    found = await row(tx, identity, session_id)
+    if found is not None:
+        return tx.d.rows.meta(found)
+    new = await _insert(tx, identity, session_id, now, limits)
     return tx.d.rows.meta(new if new is not None else await require(tx, identity, session_id))
 
 
@@ -97,5 +117,8 @@ async def delete(tx: Tx, identity: Identity, session_id: str, now: datetime) -> 
         task = tx.d.rows.task(task_row)
         await tasks.apply(tx, task, transitions.session_deleted(task, now), now)
     await tx.execute("DELETE FROM sessions WHERE skey=?", skey)
+    await tx.execute("UPDATE identity_usage SET sessions=sessions-1 WHERE account=? "
+                     "AND user_id=? AND agent=? AND sessions>0", identity.account,
+                     identity.user, identity.agent)
     tx.announce.work = True
     return True

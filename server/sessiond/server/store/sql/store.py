@@ -19,6 +19,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
     EntryVector,
@@ -82,14 +83,15 @@ class SqlStore(Store):
     async def create_session(self, identity: Identity, session_id: str, now: datetime,
                              request: RequestKey | None = None) -> SessionMeta:
         return await self._write(lambda tx: sessions.create(tx, identity, session_id, now,
-                                                            request))
+                                                            request, self.limits))
 
     async def get_session(self, identity: Identity, session_id: str) -> SessionMeta | None:
         return await self._read(lambda tx: sessions.get(tx, identity, session_id))
 
     async def ensure_session(self, identity: Identity, session_id: str,
                              now: datetime) -> SessionMeta:
-        return await self._write(lambda tx: sessions.ensure(tx, identity, session_id, now))
+        return await self._write(lambda tx: sessions.ensure(tx, identity, session_id, now,
+                                                            self.limits))
 
     async def list_sessions(self, identity: Identity, page_size: int,
                             page_token: str) -> Page[SessionMeta]:
@@ -103,13 +105,15 @@ class SqlStore(Store):
     async def add_message(self, identity: Identity, session_id: str, message: Message,
                           request: RequestKey | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
-                                                         request))
+                                                         request, self.limits))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
-                               now: datetime) -> Message:
+                               now: datetime,
+                               max_bytes: int = DEFAULT_LIMITS.message_bytes) -> Message:
         return await self._write(lambda tx: messages.update_tool_part(
-            tx, identity, session_id, message_id, tool_id, output, status, now))
+            tx, identity, session_id, message_id, tool_id, output, status, now, max_bytes,
+            self.limits))
 
     async def list_live_messages(self, identity: Identity, session_id: str,
                                  newest: int = 0) -> list[Message]:
@@ -118,7 +122,7 @@ class SqlStore(Store):
     async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
                            request: RequestKey | None = None) -> int:
         return await self._write(lambda tx: messages.record_usage(tx, identity, session_id,
-                                                                  usage, request))
+                                                                  usage, request, self.limits))
 
     # -- Phase 1 and archives
     async def commit(self, plan: CommitPlan, request: RequestKey | None = None) -> CommitOutcome:
@@ -136,6 +140,12 @@ class SqlStore(Store):
     async def archive_messages(self, identity: Identity, session_id: str,
                                index: int) -> list[Message]:
         return await self._read(lambda tx: commit.messages(tx, identity, session_id, index))
+
+    async def archive_message_page(self, identity: Identity, session_id: str, index: int,
+                                   after_seq: int, limit: int, max_chars: int
+                                   ) -> tuple[list[Message], bool]:
+        return await self._read(lambda tx: commit.message_page(
+            tx, identity, session_id, index, after_seq, limit, max_chars))
 
     async def archive_usage(self, identity: Identity, session_id: str,
                             index: int) -> list[UsageRecord]:
