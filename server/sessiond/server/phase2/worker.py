@@ -40,7 +40,8 @@ class Phase2Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self.pipeline = Phase2Pipeline(store, engine, self.worker_id,
-                                       should_stop=lambda: self._stopping, secrets=secrets)
+                                       should_stop=lambda: self._stopping, secrets=secrets,
+                                       cancel_poll_seconds=poll_seconds)
         store.add_work_listener(self.wake)
 
     def wake(self) -> None:
