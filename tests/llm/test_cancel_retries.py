@@ -5,6 +5,7 @@ attempt is sent."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 from sessiond.server.phase2.engines.openai import Backoff, OpenAIEngine
@@ -20,7 +21,8 @@ CANCELLED = task_pb2.TASK_EVENT_KIND_CANCELLED
 SLOW = Backoff(base=4.0, max_delay=4.0, retry_after_max=5.0)
 
 
-def _watch_until_retrying(stream: object) -> list[task_pb2.TaskEvent]:
+def _watch_until_retrying(stream: Iterator[task_pb2.WatchTaskResponse]
+                          ) -> list[task_pb2.TaskEvent]:
     seen: list[task_pb2.TaskEvent] = []
     for item in stream:
         if item.WhichOneof("kind") != "event":

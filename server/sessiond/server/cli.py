@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
+    for name in ("read", "write", "commit"):
+        serve.add_argument(f"--rate-limit-{name}", type=float,
+                           default=getattr(env.rate_limits, name),
+                           help=f"{name} calls per second per caller (0: unlimited)")
+        serve.add_argument(f"--rate-limit-{name}-burst", type=int,
+                           default=getattr(env.rate_limits, f"{name}_burst"),
+                           help=f"burst of {name} calls (0: one second's worth)")
     serve.add_argument("--log-level", default="INFO")
     add_security_flags(serve, env)
     mig = sub.add_parser("migrate", help="apply schema migrations to a PostgreSQL store")
@@ -83,6 +90,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.failed_retention_hours = ns.failed_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
+    for name in ("read", "write", "commit"):
+        setattr(s.rate_limits, name, getattr(ns, f"rate_limit_{name}"))
+        setattr(s.rate_limits, f"{name}_burst", getattr(ns, f"rate_limit_{name}_burst"))
     apply_security_flags(ns, s)
     return s
 

@@ -49,6 +49,19 @@ class TlsSettings:
 
 
 @dataclass
+class RateLimitSettings:
+    """Calls per second and burst per caller and method class (0: not limited); see
+    services/limits.py. Commits count as writes and as commits."""
+
+    read: float = 0.0
+    read_burst: int = 0
+    write: float = 0.0
+    write_burst: int = 0
+    commit: float = 0.0
+    commit_burst: int = 0
+
+
+@dataclass
 class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
@@ -62,6 +75,7 @@ class Settings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     worker_concurrency: int = 16
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
@@ -93,6 +107,10 @@ class Settings:
         s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
         s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
         s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
+        rl = s.rate_limits
+        for name in ("read", "write", "commit"):
+            setattr(rl, name, float(_env(f"RATE_LIMIT_{name.upper()}", "0")))
+            setattr(rl, f"{name}_burst", int(_env(f"RATE_LIMIT_{name.upper()}_BURST", "0")))
         s.auth.mode = _env("AUTH", s.auth.mode)
         s.tls.cert, s.tls.key = _env("TLS_CERT", s.tls.cert), _env("TLS_KEY", s.tls.key)
         s.tls.client_ca = _env("TLS_CLIENT_CA", s.tls.client_ca)

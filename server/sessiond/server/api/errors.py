@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sessiond.server.domain import errors as e
@@ -28,6 +30,7 @@ CODES: list[tuple[type[e.SessiondError], grpc.StatusCode]] = [
     (e.LeaseLost, grpc.StatusCode.ABORTED),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -41,11 +44,18 @@ def code_of(exc: e.SessiondError) -> grpc.StatusCode:
 def to_status(exc: e.SessiondError) -> grpc.Status:
     code = code_of(exc)
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
-    details = [info]
+    details: list[Message] = [info]
     if isinstance(exc, e.InvalidArgument) and exc.violations:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations]))
+    if isinstance(exc, e.ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, math.ceil(exc.retry_after * 1e9)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=exc.subject,
+                                                     description=exc.description)]))
     packed = []
     for d in details:
         a = any_pb2.Any()
