@@ -89,7 +89,8 @@ class App:
         self.worker = Phase2Worker(self.store, self.engine,
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,
-                                   poll_seconds=settings.poll_seconds, secrets=secrets)
+                                   poll_seconds=settings.poll_seconds, secrets=secrets,
+                                   per_identity=settings.worker_per_identity)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None

@@ -77,6 +77,8 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     worker_concurrency: int = 16
+    # Phase 2 tasks one identity may run at once across the store (0: no cap).
+    worker_per_identity: int = 4
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
@@ -107,6 +109,7 @@ class Settings:
         s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
         s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
         s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
+        s.worker_per_identity = int(_env("WORKERS_PER_IDENTITY", str(s.worker_per_identity)))
         rl = s.rate_limits
         for name in ("read", "write", "commit"):
             setattr(rl, name, float(_env(f"RATE_LIMIT_{name.upper()}", "0")))

@@ -28,10 +28,13 @@ def new_worker_id() -> str:
 class Phase2Worker:
     def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
-                 secrets: tuple[str, ...] = (), worker_id: str | None = None) -> None:
+                 secrets: tuple[str, ...] = (), worker_id: str | None = None,
+                 per_identity: int = 0) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
+        # Tasks one identity may run at once (0: no cap); see Store.claim_task.
+        self.per_identity = per_identity
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()
@@ -60,8 +63,9 @@ class Phase2Worker:
             try:
                 while len(self._running) < self.concurrency and not self._stopping:
                     now = utcnow()
-                    task = await self.store.claim_task(self.worker_id, now, now + self.lease,
-                                                       announce=True)
+                    task = await self.store.claim_task(
+                        self.worker_id, now, now + self.lease, announce=True,
+                        max_running_per_identity=self.per_identity)
                     if task is None:
                         break
                     self._running[task.task_id] = asyncio.create_task(

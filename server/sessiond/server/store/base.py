@@ -206,10 +206,13 @@ class Store(abc.ABC):
     # -- tasks: the worker side; every write checks the caller still holds the lease
     @abc.abstractmethod
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
-                         announce: bool = False) -> Task | None:
-        """Lease the oldest runnable task: PENDING or RUNNING with an expired lease,
-        not cancel-requested-and-terminal, and whose session has no earlier
-        (lower archive index) unfinished task. Marks it RUNNING, attempts += 1,
+                         announce: bool = False,
+                         max_running_per_identity: int = 0) -> Task | None:
+        """Lease a runnable task: PENDING or RUNNING with an expired lease, whose
+        session has no earlier (lower archive index) unfinished task. Fair across
+        identities: a task of the identity with the fewest tasks running under a live
+        lease first, then the oldest; none of an identity that already runs
+        `max_running_per_identity` tasks (0: no cap). Marks it RUNNING, attempts += 1,
         appends a STARTED event. With `announce` (and no cancel requested) the same
         transaction appends STAGE_STARTED for the first stage not done. None when
         nothing is runnable."""

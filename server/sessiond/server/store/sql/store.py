@@ -156,9 +156,10 @@ class SqlStore(Store):
         return await self._write(lambda tx: tasks.request_cancel(tx, task_id, now))
 
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
-                         announce: bool = False) -> Task | None:
+                         announce: bool = False,
+                         max_running_per_identity: int = 0) -> Task | None:
         return await self._write(lambda tx: tasks.claim(tx, worker_id, now, lease_until,
-                                                        announce))
+                                                        announce, max_running_per_identity))
 
     async def renew_lease(self, task_id: str, worker_id: str, lease_until: datetime) -> bool:
         return await self._write(lambda tx: tasks.renew_lease(tx, task_id, worker_id,
