@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
-# Retrieval entries written per transaction by the index stage.
-INDEX_BATCH = 200
+# Retrieval entries written per transaction by the index stage (small: a batch holds
+# the single SQLite writer, and other identities' writes wait for at most one batch).
+INDEX_BATCH = 50
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
