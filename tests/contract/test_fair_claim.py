@@ -1,13 +1,17 @@
-"""Fair Phase 2 claims (both backends): one identity's backlog does not starve
-another's, a per-identity cap on running tasks, per-session archive order kept."""
+"""Fair Phase 2 (both backends): claims where one identity's backlog does not starve
+another's, a per-identity cap on running tasks, per-session archive order kept; the
+extract stage's memories in batches (a large archive never holds the writer long)."""
 
 from __future__ import annotations
 
-from sessiond.server.domain.values import Identity
+import pytest
+from sessiond.server.domain.commands import ExtractionResponse, SummaryResponse
+from sessiond.server.domain.errors import LeaseLost
+from sessiond.server.domain.values import Identity, MemoryCategory, MemoryCounts, Stage, TokenUsage
 from sessiond.server.store.base import Store
 
 from tests.contract.conftest import Runner
-from tests.contract.test_store_contract import LEASE, at, committed, run_pipeline
+from tests.contract.test_store_contract import LEASE, at, cand, committed, run_pipeline
 
 A = Identity("tenant-a", "u", "agent")
 B = Identity("tenant-b", "u", "agent")
@@ -56,5 +60,32 @@ def test_cap_on_running_tasks_per_identity(store: Store, run: Runner) -> None:
         assert await _claim(store, "w", late, cap=2) is None
         # without a cap, the rest of A's backlog runs
         assert await _claim(store, "w", late) == "ta3"
+
+    run(body())
+
+
+def test_extract_memories_in_batches(store: Store, run: Runner) -> None:
+    """The extract stage's memories written in batches of their own before the stage
+    completes: counts add up, a batch written again changes nothing, the lease holds."""
+
+    async def body() -> None:
+        await committed(store, "s1", "t1", 1, identity=A)
+        await store.claim_task("w", at(2), at(2 + LEASE))
+        await store.complete_stage("t1", "w", Stage.SUMMARIZE,
+                                   SummaryResponse("ov", "abs", TokenUsage()), at(3))
+        batch = [cand(MemoryCategory.CASES, f"k{i}", f"case {i}") for i in range(3)]
+        assert await store.upsert_memories("t1", "w", batch, at(4)) == MemoryCounts(cases=3)
+        assert await store.upsert_memories("t1", "w", batch, at(4)) == MemoryCounts(cases=3)
+        assert len((await store.list_memories(A, None, 100, "")).items) == 3  # not 6
+        with pytest.raises(LeaseLost):
+            await store.upsert_memories("t1", "other", batch, at(4))
+        last = ExtractionResponse((cand(MemoryCategory.PROFILE, "profile", "Name: A"),),
+                                  TokenUsage(1, 1), earlier=MemoryCounts(cases=3))
+        await store.complete_stage("t1", "w", Stage.EXTRACT, last, at(5))
+        assert await store.task_memory_counts("t1") == MemoryCounts(profile=1, cases=3)
+        # once the stage is done, a late batch writes nothing
+        late = [cand(MemoryCategory.CASES, "late", "late case")]
+        assert await store.upsert_memories("t1", "w", late, at(6)) == MemoryCounts()
+        assert len((await store.list_memories(A, None, 100, "")).items) == 4
 
     run(body())

@@ -20,6 +20,7 @@ from typing import TypeVar
 from sessiond.server import failpoints
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
+    ExtractionResponse,
     IndexOutput,
     RelationsOutput,
     StageOutput,
@@ -29,8 +30,10 @@ from sessiond.server.domain.recall import RecallEntry, message_entry, overview_e
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
+    CandidateMemory,
     ContextPart,
     EventKind,
+    MemoryCounts,
     Message,
     NewEvent,
     Stage,
@@ -57,6 +60,8 @@ STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # Retrieval entries written per transaction by the index stage (small: a batch holds
 # the single SQLite writer, and other identities' writes wait for at most one batch).
 INDEX_BATCH = 50
+# Memories the extract stage merges per transaction, for the same reason.
+MEMORY_BATCH = 50
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -263,10 +268,11 @@ class Phase2Pipeline:
             elif stage is Stage.EXTRACT:
                 if not overview:
                     overview, abstract = await self._saved_summary(task)
-                output = await self._interruptible(task, self.engine.extract(
+                extracted = await self._interruptible(task, self.engine.extract(
                     ExtractionRequest(session_id=task.session_id, archive_uri=task.archive_uri,
                                       messages=messages, previous_overview=prev_overview,
                                       overview=overview, usage=usage), reporter))
+                output = await self._upsert_batches(task, extracted)
             elif stage is Stage.INDEX:
                 if not overview:
                     overview, abstract = await self._saved_summary(task)
@@ -283,6 +289,22 @@ class Phase2Pipeline:
             started = True
             failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
+
+    async def _upsert_batches(self, task: Task, out: ExtractionResponse) -> ExtractionResponse:
+        """All but the last MEMORY_BATCH candidates (one per memory key, in key order)
+        merged in transactions of their own, so that a large extraction never holds
+        the store's writer for long; the rest commits with the stage's done mark."""
+        first: dict[tuple[str, str], CandidateMemory] = {}
+        for cand in out.candidates:
+            first.setdefault((cand.category.value, codec.clean_text(cand.key)), cand)
+        ordered = [first[k] for k in sorted(first)]
+        head = len(ordered) - MEMORY_BATCH if len(ordered) > MEMORY_BATCH else 0
+        counts = MemoryCounts()
+        for start in range(0, head, MEMORY_BATCH):
+            counts += await self.store.upsert_memories(
+                task.task_id, self.worker_id, ordered[start:min(start + MEMORY_BATCH, head)],
+                utcnow())
+        return ExtractionResponse(tuple(ordered[head:]), out.usage, earlier=counts)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
         """The overview and abstract a previous attempt's summarize stage stored."""

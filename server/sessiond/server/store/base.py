@@ -30,6 +30,7 @@ from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, Re
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
+    CandidateMemory,
     Identity,
     Memory,
     MemoryCategory,
@@ -246,6 +247,17 @@ class Store(abc.ABC):
     async def append_event(self, task_id: str, worker_id: str, event: NewEvent, stage: Stage,
                            now: datetime) -> TaskEvent:
         """Append a non-terminal event and set the task's current stage."""
+
+    @abc.abstractmethod
+    async def upsert_memories(self, task_id: str, worker_id: str,
+                              candidates: Sequence[CandidateMemory],
+                              now: datetime) -> MemoryCounts:
+        """Merge a batch of the extract stage's candidates into their owners' memories
+        in a transaction of its own, while `worker_id` holds the lease (`LeaseLost`
+        if not); nothing once the extract stage is done. The counts of the batch; the
+        stage's last batch goes with `complete_stage` (`ExtractionResponse.earlier`
+        carries these counts). Merging is idempotent, so a batch written again after a
+        crash changes nothing more."""
 
     @abc.abstractmethod
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,

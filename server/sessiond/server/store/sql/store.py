@@ -24,6 +24,7 @@ from sessiond.server.domain.recall import RecallEntry, RecallHit, RecallKind, Re
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
+    CandidateMemory,
     Identity,
     Memory,
     MemoryCategory,
@@ -172,6 +173,12 @@ class SqlStore(Store):
                            now: datetime) -> TaskEvent:
         return await self._write(lambda tx: tasks.append_event(tx, task_id, worker_id, event,
                                                                stage, now))
+
+    async def upsert_memories(self, task_id: str, worker_id: str,
+                              candidates: Sequence[CandidateMemory],
+                              now: datetime) -> MemoryCounts:
+        return await self._write(lambda tx: stages.upsert_memories(tx, task_id, worker_id,
+                                                                   candidates, now))
 
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
                              output: StageOutput, now: datetime,
