@@ -59,9 +59,9 @@ T = TypeVar("T")
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # Retrieval entries written per transaction by the index stage (small: a batch holds
 # the single SQLite writer, and other identities' writes wait for at most one batch).
-INDEX_BATCH = 50
+INDEX_BATCH = 200
 # Memories the extract stage merges per transaction, for the same reason.
-MEMORY_BATCH = 50
+MEMORY_BATCH = 200
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:

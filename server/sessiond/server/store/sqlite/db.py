@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 MAX_BATCH = 128
 # Seconds of work after which the writer commits what it ran and looks at the queue.
-BATCH_BUDGET = 0.02
+BATCH_BUDGET = 0.05
 
 @dataclass
 class _Op(Generic[T]):
