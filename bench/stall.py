@@ -119,12 +119,14 @@ def main() -> int:
     p.add_argument("--idle-seconds", type=float, default=5.0)
     p.add_argument("--store", default="sqlite")
     p.add_argument("--server-arg", action="append", default=[])
+    p.add_argument("--env", action="append", default=[], type=lambda v: tuple(v.split("=", 1)),
+                   help="NAME=VALUE for the server's environment")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="sessiond-stall-") as tmp:
         cmd = [*sessiond_cmd(), "serve", "--address", "127.0.0.1:0", "--data-dir",
                f"{tmp}/data", "--store", args.store, *args.server_arg]
         server = start_server("sessiond", cmd, BENCH_DIR / "results" / "stall-server.log",
-                              data_dir=Path(tmp))
+                              data_dir=Path(tmp), env=dict(args.env))
         try:
             result = asyncio.run(measure(server.target, args))
         finally:
