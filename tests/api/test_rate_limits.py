@@ -116,3 +116,18 @@ def test_limits_are_per_principal_when_authenticated(server_factory: ServerFacto
     _, _, quota = _details(err)
     assert quota.violations[0].subject == "jwt indexer"
     read(other, "u1")  # another principal of the same account is not affected
+
+
+def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sessiond.server.cli import _parser, settings_from_args
+
+    monkeypatch.setenv("SESSIOND_RATE_LIMIT_READ", "50")
+    s = settings_from_args(_parser().parse_args([
+        "serve", "--rate-limit-write", "5", "--rate-limit-write-burst", "10",
+        "--rate-limit-commit", "0.5", "--workers-per-identity", "2"]))
+    rl = s.rate_limits
+    assert (rl.read, rl.read_burst, rl.write, rl.write_burst, rl.commit, rl.commit_burst) == \
+        (50.0, 0, 5.0, 10, 0.5, 0)
+    assert s.worker_per_identity == 2
+    defaults = settings_from_args(_parser().parse_args(["serve"]))
+    assert defaults.rate_limits.write == 0 and defaults.worker_per_identity == 4
