@@ -5,15 +5,8 @@ extract stage's memories in batches (a large archive never holds the writer long
 from __future__ import annotations
 
 import pytest
-from sessiond.server.domain.commands import (
-    ActiveCountsOutput,
-    ExtractionResponse,
-    IndexOutput,
-    RelationsOutput,
-    SummaryResponse,
-)
+from sessiond.server.domain.commands import ExtractionResponse, SummaryResponse
 from sessiond.server.domain.errors import LeaseLost
-from sessiond.server.domain.recall import RecallKind
 from sessiond.server.domain.values import Identity, MemoryCategory, MemoryCounts, Stage, TokenUsage
 from sessiond.server.store.base import Store
 
@@ -94,38 +87,5 @@ def test_extract_memories_in_batches(store: Store, run: Runner) -> None:
         late = [cand(MemoryCategory.CASES, "late", "late case")]
         assert await store.upsert_memories("t1", "w", late, at(6)) == MemoryCounts()
         assert len((await store.list_memories(A, None, 100, "")).items) == 4
-
-    run(body())
-
-
-def test_index_memories_in_batches(store: Store, run: Runner) -> None:
-    """The index stage's memory entries written batch by batch before the stage
-    completes: each memory indexed once, batches are idempotent, the lease holds."""
-
-    async def body() -> None:
-        await committed(store, "s1", "t1", 1, identity=A)
-        await store.claim_task("w", at(2), at(2 + LEASE))
-        await store.complete_stage("t1", "w", Stage.SUMMARIZE,
-                                   SummaryResponse("ov", "abs", TokenUsage()), at(3))
-        cands = tuple(cand(MemoryCategory.CASES, f"k{i}", f"case number {i}")
-                      for i in range(5))
-        await store.complete_stage("t1", "w", Stage.EXTRACT, ExtractionResponse(cands),
-                                   at(4))
-        for stage in (Stage.RELATIONS, Stage.ACTIVE_COUNTS):
-            out = RelationsOutput(()) if stage is Stage.RELATIONS else ActiveCountsOutput(())
-            await store.complete_stage("t1", "w", stage, out, at(5))
-        first = await store.index_memories("t1", "w", "", 2)
-        assert first is not None
-        assert await store.recall_entry_count(A, RecallKind.MEMORY) == 2
-        assert await store.index_memories("t1", "w", "", 2) == first  # again: no copies
-        assert await store.recall_entry_count(A, RecallKind.MEMORY) == 2
-        with pytest.raises(LeaseLost):
-            await store.index_memories("t1", "other", first, 2)
-        after = await store.index_memories("t1", "w", first, 2)
-        assert after is not None
-        assert await store.recall_entry_count(A, RecallKind.MEMORY) == 4
-        await store.complete_stage("t1", "w", Stage.INDEX, IndexOutput(()), at(6))
-        assert await store.recall_entry_count(A, RecallKind.MEMORY) == 5
-        assert await store.index_memories("t1", "w", "", 2) is None  # stage done
 
     run(body())

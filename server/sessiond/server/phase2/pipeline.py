@@ -323,12 +323,6 @@ class Phase2Pipeline:
         head = len(entries) - INDEX_BATCH if len(entries) > INDEX_BATCH else 0
         for start in range(0, head, INDEX_BATCH):
             await self.store.index_entries(entries[start:min(start + INDEX_BATCH, head)])
-        # The archive's memories too, batch by batch: the stage's transaction then
-        # finds their entries current (an archive can have thousands of memories).
-        after: str | None = ""
-        while after is not None:
-            after = await self.store.index_memories(task.task_id, self.worker_id, after,
-                                                    INDEX_BATCH)
         return IndexOutput(entries[head:])
 
     def _reporter(self, task: Task, stage: Stage) -> RetryReporterImpl:

@@ -260,14 +260,6 @@ class Store(abc.ABC):
         crash changes nothing more."""
 
     @abc.abstractmethod
-    async def index_memories(self, task_id: str, worker_id: str, after_memory_id: str,
-                             limit: int) -> str | None:
-        """Index up to `limit` of the memories the task's archive wrote or merged into
-        (ids after `after_memory_id`) in a transaction of their own, while `worker_id`
-        holds the lease; the last memory id done, None when none is left or the index
-        stage is done. The index stage's `complete_stage` then finds them current."""
-
-    @abc.abstractmethod
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
                              output: StageOutput, now: datetime,
                              next_stage: Stage | None = None) -> TaskEvent:

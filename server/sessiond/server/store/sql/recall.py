@@ -92,41 +92,9 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry]) -> i
         "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
         "AND (agent='' OR agent=?) AND source_archive_uri=? ORDER BY memory_id",
         *_visible(task.identity), task.archive_uri)
-    return written + await _refresh_memory_entries(tx, rows)
-
-
-async def index_memory_batch(tx: Tx, task: Task, after_memory_id: str, limit: int
-                             ) -> str | None:
-    """The entries of up to `limit` of the memories this archive's extraction wrote
-    or merged into (memory ids after `after_memory_id`), before the index stage
-    completes; the last memory id done, or None when none was left. Memories whose
-    entry is already current are skipped, so the stage's own transaction
-    (`index_archive`) then only checks them."""
-    rows = await tx.fetch(
-        "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
-        "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
-        "AND (agent='' OR agent=?) AND source_archive_uri=? AND memory_id>? "
-        "ORDER BY memory_id LIMIT ?",
-        *_visible(task.identity), task.archive_uri, after_memory_id, limit)
-    if not rows:
-        return None
-    await _refresh_memory_entries(tx, rows)
-    return str(rows[-1]["memory_id"])
-
-
-async def _refresh_memory_entries(tx: Tx, rows: Sequence[Row]) -> int:
-    """Replace the entries of these memories by entries of their current text, unless
-    that entry exists already (entry ids depend on the memory's updated_at)."""
     memory_entries = [_memory_entry(tx, r) for r in rows]
-    have: set[str] = set()
-    for start in range(0, len(memory_entries), BATCH):
-        chunk = memory_entries[start:start + BATCH]
-        have |= {str(r[0]) for r in await tx.fetch(
-            f"SELECT entry_id FROM recall_entries WHERE entry_id IN ({','.join('?' * len(chunk))})",
-            *(e.entry_id for e in chunk))}
-    stale = [e for e in memory_entries if e.entry_id not in have]
-    await delete_memory_entries(tx, [e.memory_id for e in stale])
-    return await insert_entries(tx, stale)
+    await delete_memory_entries(tx, [e.memory_id for e in memory_entries])
+    return written + await insert_entries(tx, memory_entries)
 
 
 def _memory_entry(tx: Tx, row: Row) -> RecallEntry:

@@ -72,15 +72,6 @@ async def upsert_memories(tx: Tx, task_id: str, worker_id: str,
     return await memories.upsert(tx, task, candidates, now)
 
 
-async def index_memories(tx: Tx, task_id: str, worker_id: str, after_memory_id: str,
-                         limit: int) -> str | None:
-    """A batch of the index stage's memory entries (None once the stage is done)."""
-    task = await tasks.leased(tx, task_id, worker_id)
-    if tr.already_done(task, Stage.INDEX):
-        return None
-    return await recall.index_memory_batch(tx, task, after_memory_id, limit)
-
-
 async def finalize(tx: Tx, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
     task = await tasks.leased(tx, task_id, worker_id)
     skey, d = codec.session_key(task.identity, task.session_id), tx.d

@@ -180,11 +180,6 @@ class SqlStore(Store):
         return await self._write(lambda tx: stages.upsert_memories(tx, task_id, worker_id,
                                                                    candidates, now))
 
-    async def index_memories(self, task_id: str, worker_id: str, after_memory_id: str,
-                             limit: int) -> str | None:
-        return await self._write(lambda tx: stages.index_memories(
-            tx, task_id, worker_id, after_memory_id, limit))
-
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
                              output: StageOutput, now: datetime,
                              next_stage: Stage | None = None) -> TaskEvent:
