@@ -113,7 +113,8 @@ class App:
                                    concurrency=settings.worker_concurrency,
                                    lease_seconds=settings.lease_seconds,
                                    poll_seconds=settings.poll_seconds, secrets=secrets,
-                                   embedder=self.embedder)
+                                   embedder=self.embedder,
+                                   per_identity=settings.worker_per_identity)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None

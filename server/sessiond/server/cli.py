@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="structured-output mode of the endpoint for extraction")
     serve.add_argument("--workers", type=int, default=env.worker_concurrency,
                        help="Phase 2 tasks run at once by this process")
+    serve.add_argument("--workers-per-identity", type=int, default=env.worker_per_identity,
+                       help="Phase 2 tasks one identity may run at once (0: no cap)")
     serve.add_argument("--lease-seconds", type=float, default=env.lease_seconds)
     serve.add_argument("--poll-seconds", type=float, default=env.poll_seconds)
     serve.add_argument("--heartbeat-seconds", type=float, default=env.heartbeat_seconds)
@@ -81,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
+    for name in ("read", "write", "commit"):
+        serve.add_argument(f"--rate-limit-{name}", type=float,
+                           default=getattr(env.rate_limits, name),
+                           help=f"{name} calls per second per caller (0: unlimited)")
+        serve.add_argument(f"--rate-limit-{name}-burst", type=int,
+                           default=getattr(env.rate_limits, f"{name}_burst"),
+                           help=f"burst of {name} calls (0: one second's worth)")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     for f in fields(Limits):
@@ -107,6 +116,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.llm.max_concurrency, s.llm.max_retries = ns.llm_max_concurrency, ns.llm_max_retries
     s.llm.json_mode = ns.llm_json_mode
     s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
+    s.worker_per_identity = ns.workers_per_identity
     s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
     s.shutdown_grace_seconds = ns.shutdown_grace
     s.completed_retention_hours = ns.completed_retention_hours
@@ -117,6 +127,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.limits = replace(s.limits, **{f.name: getattr(ns, f"limit_{f.name}")
                                     for f in fields(Limits)})
     s.limits.validate()
+    for name in ("read", "write", "commit"):
+        setattr(s.rate_limits, name, getattr(ns, f"rate_limit_{name}"))
+        setattr(s.rate_limits, f"{name}_burst", getattr(ns, f"rate_limit_{name}_burst"))
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
     apply_observability_flags(ns, s.observe)

@@ -69,6 +69,19 @@ class TlsSettings:
 
 
 @dataclass
+class RateLimitSettings:
+    """Calls per second and burst per caller and method class (0: not limited); see
+    services/limits.py. Commits count as writes and as commits."""
+
+    read: float = 0.0
+    read_burst: int = 0
+    write: float = 0.0
+    write_burst: int = 0
+    commit: float = 0.0
+    commit_burst: int = 0
+
+
+@dataclass
 class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
@@ -84,7 +97,10 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     observe: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     worker_concurrency: int = 16
+    # Phase 2 tasks one identity may run at once across the store (0: no cap).
+    worker_per_identity: int = 4
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
@@ -122,6 +138,11 @@ class Settings:
         emb.base_url = _env("EMBEDDER_BASE_URL", emb.base_url)
         emb.api_key_env = _env("EMBEDDER_API_KEY_ENV", emb.api_key_env)
         emb.api_key_file = _env("EMBEDDER_API_KEY_FILE", emb.api_key_file)
+        s.worker_per_identity = int(_env("WORKERS_PER_IDENTITY", str(s.worker_per_identity)))
+        rl = s.rate_limits
+        for name in ("read", "write", "commit"):
+            setattr(rl, name, float(_env(f"RATE_LIMIT_{name.upper()}", "0")))
+            setattr(rl, f"{name}_burst", int(_env(f"RATE_LIMIT_{name.upper()}_BURST", "0")))
         s.auth.mode = _env("AUTH", s.auth.mode)
         s.tls.cert, s.tls.key = _env("TLS_CERT", s.tls.cert), _env("TLS_KEY", s.tls.key)
         s.tls.client_ca = _env("TLS_CLIENT_CA", s.tls.client_ca)

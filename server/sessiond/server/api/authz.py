@@ -9,7 +9,10 @@ Per call, in this order:
 3. the scope the method needs (`SCOPES`): PERMISSION_DENIED (SCOPE_MISSING);
 4. the identity the call acts for (`auth/principal.select_identity`):
    PERMISSION_DENIED (IDENTITY_NOT_ALLOWED) when the headers ask for more than the
-   principal allows.
+   principal allows;
+5. the caller's rate limits (`services/limits.py`, per principal, or per identity
+   with `--auth none`): RESOURCE_EXHAUSTED (RATE_LIMITED) with RetryInfo and
+   QuotaFailure.
 
 Health is open. Reflection is open (`on`), absent (`off`) or needs any valid
 credential (`authenticated`). A method missing from `SCOPES` needs `admin`, so a new
@@ -34,6 +37,7 @@ from sessiond.server.api.identity import (
 from sessiond.server.auth.policy import AuthPolicy, Presented
 from sessiond.server.auth.principal import Scope, select_identity
 from sessiond.server.domain.errors import PermissionDenied, SessiondError, Unauthenticated
+from sessiond.server.services.limits import RateClass, RateLimiter, caller_key
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -86,6 +90,17 @@ def required_scope(method: str, request: Any) -> Scope:
     return SCOPES.get(method, Scope.ADMIN)
 
 
+COMMIT_METHOD = "/sessiond.v1.SessionService/Commit"
+
+
+def rate_classes(method: str, scope: Scope) -> tuple[RateClass, ...]:
+    """The rate-limit classes a call counts in: reads or writes by its scope, and a
+    Commit (a Phase 2 submission) also as a commit."""
+    if method == COMMIT_METHOD:
+        return (RateClass.WRITE, RateClass.COMMIT)
+    return (RateClass.READ,) if scope is Scope.READ else (RateClass.WRITE,)
+
+
 def _peer_uris(context: Ctx) -> list[str]:
     """The SAN URIs of the client certificate the TLS handshake verified."""
     props = context.auth_context() or {}
@@ -93,9 +108,11 @@ def _peer_uris(context: Ctx) -> list[str]:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, policy: AuthPolicy, reflection: str = "authenticated") -> None:
+    def __init__(self, policy: AuthPolicy, reflection: str = "authenticated",
+                 limiter: RateLimiter | None = None) -> None:
         self.policy = policy
         self.reflection = reflection
+        self.limiter = limiter
         # method -> (the server's handler, its guarded copy): wrapped once, not per call
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
@@ -112,6 +129,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                        reason="SCOPE_MISSING",
                                        metadata={"required_scope": scope.value})
             identity = select_identity(principal, requested_identity(headers))
+            if self.limiter is not None:  # 5. the caller's rate limits: RESOURCE_EXHAUSTED
+                self.limiter.acquire(caller_key(principal, identity),
+                                     rate_classes(method, scope))
         CURRENT.set(CallAuth(principal, identity))
 
     async def _guard(self, method: str, request: Any, context: Ctx, acts: bool) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sessiond.server.domain import errors as e
@@ -30,6 +31,7 @@ CODES: list[tuple[type[e.SessiondError], grpc.StatusCode]] = [
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -92,6 +94,14 @@ def to_status(exc: e.SessiondError) -> grpc.Status:
             error_details_pb2.QuotaFailure.Violation(
                 subject=clip_bytes(exc.subject, DETAIL_BYTES),
                 description=clip_bytes(exc.limit, DETAIL_BYTES))]))
+    if isinstance(exc, e.ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, math.ceil(exc.retry_after * 1e9)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=clip_bytes(exc.subject, DETAIL_BYTES),
+                description=clip_bytes(exc.description, DETAIL_BYTES))]))
     packed = []
     for d in details:
         a = any_pb2.Any()

@@ -13,6 +13,7 @@ from sessiond.server.api.authz import AuthInterceptor
 from sessiond.server.api.tls import CertReloader
 from sessiond.server.auth.policy import Authenticator, AuthPolicy, is_loopback
 from sessiond.server.config import Settings
+from sessiond.server.services.limits import Rate, limiter_from
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ class Security:
                 "--auth api-key|jwt, mTLS with --tls-client-identity, or say "
                 "--allow-unauthenticated-remote (trusted network or an authenticating "
                 "proxy in front)")
-        self.interceptor = AuthInterceptor(self.policy, settings.auth.reflection)
+        rl = settings.rate_limits
+        self.limiter = limiter_from(Rate(rl.read, rl.read_burst), Rate(rl.write, rl.write_burst),
+                                    Rate(rl.commit, rl.commit_burst))
+        self.interceptor = AuthInterceptor(self.policy, settings.auth.reflection, self.limiter)
 
     @property
     def reflection(self) -> bool:

@@ -12,6 +12,7 @@ from sessiond.server.domain.values import (
     Archive,
     CandidateMemory,
     Identity,
+    MemoryCounts,
     Task,
     TokenUsage,
 )
@@ -69,6 +70,9 @@ class SummaryResponse:
 class ExtractionResponse:
     candidates: tuple[CandidateMemory, ...]
     usage: TokenUsage = field(default_factory=TokenUsage)
+    # Counts of the candidates the pipeline already wrote in batches of their own
+    # (`Store.upsert_memories`): added to this last batch's counts.
+    earlier: MemoryCounts = field(default_factory=MemoryCounts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,21 @@ class PermissionDenied(SessiondError):
     reason = "PERMISSION_DENIED"
 
 
+class ResourceExhausted(SessiondError):
+    """A quota or rate limit refused the call; `retry_after` seconds until a retry can
+    succeed, `subject` the caller the quota is counted for (never a secret)."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after: float, subject: str,
+                 description: str, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after = retry_after
+        self.subject = subject
+        self.description = description
+
+
 class ErrorCode(enum.StrEnum):
     """The kind of failure a task ended with (the names of google.rpc.Code; the API
     layer turns them into numbers). The one list of codes a task error may carry."""

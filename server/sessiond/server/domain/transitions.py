@@ -138,9 +138,12 @@ def cross_boundary(task: Task, done: Stage, following: Stage, now: datetime) -> 
 def cancelled(task: Task, now: datetime, after: Stage | None = None) -> Transition:
     """A running task stops at a stage boundary (`after`: the stage just finished)."""
     stage = after if after is not None else task.stage
-    err = TaskError(ErrorCode.CANCELLED,
-                    f"cancelled by request after {(after or task.done_stage).value}",
-                    reason="CANCELLED")
+    if after is None and task.stage not in (task.done_stage, Stage.QUEUED):
+        # Interrupted inside a stage (e.g. an engine call waiting to retry).
+        text = f"cancelled by request during {task.stage.value}"
+    else:
+        text = f"cancelled by request after {(after or task.done_stage).value}"
+    err = TaskError(ErrorCode.CANCELLED, text, reason="CANCELLED")
     return Transition(EventKind.CANCELLED, TaskState.CANCELLED, stage, err.message, error=err,
                       changes=_ended(now, err))
 

@@ -3,19 +3,24 @@ active counts, each made durable with its own stage-completed event.
 
 A stage's writes and the mark that it is done commit together, so a task resumed
 after a crash starts at the first stage not done and counts nothing twice.
-Cancellation and shutdown are honoured at stage boundaries only.
+Shutdown is honoured at stage boundaries. A cancel is honoured at stage boundaries
+and also interrupts an engine call in flight (an HTTP attempt, a retry's backoff
+sleep): nothing of that stage is written and the task ends CANCELLED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sessiond.server import failpoints
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
+    ExtractionResponse,
     IndexOutput,
     RelationsOutput,
     StageOutput,
@@ -30,14 +35,17 @@ from sessiond.server.domain.recall import (
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     PIPELINE,
+    CandidateMemory,
     ContextPart,
     EventKind,
     Identity,
+    MemoryCounts,
     Message,
     NewEvent,
     Stage,
     Task,
     TaskError,
+    TaskEvent,
     ToolPart,
     UsageRecord,
 )
@@ -54,12 +62,16 @@ from sessiond.server.store import codec
 from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
-# Retrieval entries written per transaction by the index stage.
+# Retrieval entries written per transaction by the index stage (small: a batch holds
+# the single SQLite writer, and other identities' writes wait for at most one batch).
 INDEX_BATCH = 200
 # Entry texts per embedder call.
 EMBED_BATCH = 64
+# Memories the extract stage merges per transaction, for the same reason.
+MEMORY_BATCH = 200
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -105,16 +117,68 @@ class RunOutcome:
     finished: bool  # reached a terminal state (or lost the lease)
 
 
+class _Interrupted(Exception):
+    """An engine call was stopped because its task was cancelled (or ended) meanwhile."""
+
+
 class Phase2Pipeline:
     def __init__(self, store: Store, engine: Phase2Engine, worker_id: str,
                  should_stop: Callable[[], bool] = lambda: False,
-                 secrets: tuple[str, ...] = (), embedder: Embedder | None = None) -> None:
+                 secrets: tuple[str, ...] = (), embedder: Embedder | None = None,
+                 cancel_poll_seconds: float = 1.0) -> None:
         self.store = store
         self.embedder = embedder
         self.engine = engine
         self.worker_id = worker_id
         self.should_stop = should_stop
         self.secrets = secrets
+        # Seconds between store reads that look for a cancel while an engine call runs
+        # (a cancel made through this process is seen at once, through its event).
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self._cancel_signals: dict[str, asyncio.Event] = {}
+        store.add_event_listener(self._on_events)
+        store.add_remote_event_listener(self._on_remote_event)
+
+    def _on_events(self, events: Sequence[TaskEvent]) -> None:
+        for ev in events:
+            signal = self._cancel_signals.get(ev.task_id)
+            if signal is not None and (ev.kind is EventKind.CANCEL_REQUESTED
+                                       or ev.kind.terminal):
+                signal.set()
+
+    def _on_remote_event(self, task_id: str) -> None:
+        signal = self._cancel_signals.get(task_id)
+        if signal is not None:
+            signal.set()  # another process wrote to its journal: look at the task
+
+    async def _interruptible(self, task: Task, call: Awaitable[T]) -> T:
+        """Run an engine call; when the task is cancelled (or ends) meanwhile, stop
+        the call and raise `_Interrupted`."""
+        signal = self._cancel_signals.setdefault(task.task_id, asyncio.Event())
+        work = asyncio.ensure_future(call)
+        try:
+            while True:
+                waiter = asyncio.ensure_future(signal.wait())
+                try:
+                    await asyncio.wait({work, waiter}, timeout=self.cancel_poll_seconds,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if work.done():
+                    return work.result()
+                signal.clear()
+                now = await self.store.get_task(task.task_id)
+                if now is None or now.cancel_requested or now.state.terminal:
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await work
+                    raise _Interrupted
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+            self._cancel_signals.pop(task.task_id, None)
 
     async def run(self, task: Task, announced: bool = False) -> RunOutcome:
         """Run the stages after `task.done_stage`; `announced` when the claim already
@@ -127,8 +191,14 @@ class Phase2Pipeline:
         try:
             with tracing.task_span(task):
                 return await self._run(task, announced)
+        except _Interrupted:
+            try:
+                await self.store.cancel_task(task.task_id, self.worker_id, utcnow())
+            except (LeaseLost, NotFound):
+                await self._lease_lost(task.task_id)
+            return RunOutcome(True)
         except LeaseLost:
-            log.warning("lost the lease of %s; another worker owns it now", task.task_id)
+            await self._lease_lost(task.task_id)
             return RunOutcome(True)
         except Unavailable as exc:
             # The store is unreachable: not the task's fault. Hand it back unfinished;
@@ -149,6 +219,29 @@ class Phase2Pipeline:
             await self._fail(task, TaskError(code=ErrorCode.INTERNAL, reason="INTERNAL",
                                              message=msg))
             return RunOutcome(True)
+
+    async def _lease_lost(self, task_id: str) -> None:
+        """Say why this worker may no longer write for the task: it was cancelled or
+        ended meanwhile (DeleteSession cancels a session's tasks), it was removed, its
+        lease expired, or another worker took it over."""
+        try:
+            now = await self.store.get_task(task_id)
+        except Exception as exc:
+            log.warning("stopped Phase 2 of %s: lease lost (its state cannot be read: %s)",
+                        task_id, exc)
+            return
+        if now is None:
+            log.info("stopped Phase 2 of %s: the task was removed meanwhile", task_id)
+        elif now.state.terminal:
+            why = f" ({now.error.message})" if now.error is not None else ""
+            log.info("stopped Phase 2 of %s: the task ended %s meanwhile%s", task_id,
+                     now.state.value, why)
+        elif now.lease_owner and now.lease_owner != self.worker_id:
+            log.warning("lost the lease of %s; worker %s owns it now", task_id,
+                        now.lease_owner)
+        else:
+            log.warning("lost the lease of %s: it expired before this worker renewed it",
+                        task_id)
 
     async def _fail(self, task: Task, error: TaskError) -> None:
         try:
@@ -199,10 +292,11 @@ class Phase2Pipeline:
                 if stage is Stage.SUMMARIZE:
                     with metrics.engine_call(self.engine.name, "summarize") as tokens, \
                             tracing.span("engine summarize", engine_attrs):
-                        output = await self.engine.summarize(SummaryRequest(
-                            session_id=task.session_id, archive_index=task.archive_index,
-                            messages=messages, previous_overview=prev_overview, usage=usage),
-                            reporter)
+                        output = await self._interruptible(task, self.engine.summarize(
+                            SummaryRequest(session_id=task.session_id,
+                                           archive_index=task.archive_index,
+                                           messages=messages, previous_overview=prev_overview,
+                                           usage=usage), reporter))
                         tokens(output.usage.prompt_tokens, output.usage.completion_tokens)
                     overview, abstract = output.overview, output.abstract
                 elif stage is Stage.EXTRACT:
@@ -210,11 +304,14 @@ class Phase2Pipeline:
                         overview, abstract = await self._saved_summary(task)
                     with metrics.engine_call(self.engine.name, "extract") as tokens, \
                             tracing.span("engine extract", engine_attrs):
-                        output = await self.engine.extract(ExtractionRequest(
-                            session_id=task.session_id, archive_uri=task.archive_uri,
-                            messages=messages, previous_overview=prev_overview, overview=overview,
-                            usage=usage), reporter)
-                        tokens(output.usage.prompt_tokens, output.usage.completion_tokens)
+                        extracted = await self._interruptible(task, self.engine.extract(
+                            ExtractionRequest(session_id=task.session_id,
+                                              archive_uri=task.archive_uri, messages=messages,
+                                              previous_overview=prev_overview,
+                                              overview=overview, usage=usage), reporter))
+                        tokens(extracted.usage.prompt_tokens,
+                               extracted.usage.completion_tokens)
+                    output = await self._upsert_batches(task, extracted)
                 elif stage is Stage.INDEX:
                     if not overview:
                         overview, abstract = await self._saved_summary(task)
@@ -232,6 +329,22 @@ class Phase2Pipeline:
                 started = True
                 failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
+
+    async def _upsert_batches(self, task: Task, out: ExtractionResponse) -> ExtractionResponse:
+        """All but the last MEMORY_BATCH candidates (one per memory key, in key order)
+        merged in transactions of their own, so that a large extraction never holds
+        the store's writer for long; the rest commits with the stage's done mark."""
+        first: dict[tuple[str, str], CandidateMemory] = {}
+        for cand in out.candidates:
+            first.setdefault((cand.category.value, codec.clean_text(cand.key)), cand)
+        ordered = [first[k] for k in sorted(first)]
+        head = len(ordered) - MEMORY_BATCH if len(ordered) > MEMORY_BATCH else 0
+        counts = MemoryCounts()
+        for start in range(0, head, MEMORY_BATCH):
+            counts += await self.store.upsert_memories(
+                task.task_id, self.worker_id, ordered[start:min(start + MEMORY_BATCH, head)],
+                utcnow())
+        return ExtractionResponse(tuple(ordered[head:]), out.usage, earlier=counts)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
         """The overview and abstract a previous attempt's summarize stage stored."""

@@ -17,7 +17,7 @@ from sessiond.server.domain.values import Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
-from sessiond.server.store.base import Store
+from sessiond.server.store.base import Store, background_writes
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,12 @@ class Phase2Worker:
     def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
                  secrets: tuple[str, ...] = (), worker_id: str | None = None,
-                 embedder: Embedder | None = None) -> None:
+                 embedder: Embedder | None = None, per_identity: int = 0) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
+        # Tasks one identity may run at once (0: no cap); see Store.claim_task.
+        self.per_identity = per_identity
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()
@@ -43,7 +45,8 @@ class Phase2Worker:
         self._running: dict[str, asyncio.Task[None]] = {}
         self.pipeline = Phase2Pipeline(store, engine, self.worker_id,
                                        should_stop=lambda: self._stopping, secrets=secrets,
-                                       embedder=embedder)
+                                       embedder=embedder,
+                                       cancel_poll_seconds=poll_seconds)
         store.add_work_listener(self.wake)
 
     def wake(self) -> None:
@@ -62,8 +65,9 @@ class Phase2Worker:
             try:
                 while len(self._running) < self.concurrency and not self._stopping:
                     now = utcnow()
-                    task = await self.store.claim_task(self.worker_id, now, now + self.lease,
-                                                       announce=True)
+                    task = await self.store.claim_task(
+                        self.worker_id, now, now + self.lease, announce=True,
+                        max_running_per_identity=self.per_identity)
                     if task is None:
                         break
                     self._running[task.task_id] = asyncio.create_task(
@@ -76,6 +80,11 @@ class Phase2Worker:
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
     async def _run(self, task: Task) -> None:
+        ident = task.identity
+        with background_writes(f"{ident.account}/{ident.user}/{ident.agent}"):
+            await self._run_task(task)
+
+    async def _run_task(self, task: Task) -> None:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
             try:

@@ -13,7 +13,9 @@ an unreachable database raises `Unavailable`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 
 from sessiond.server.domain.commands import (
@@ -35,6 +37,7 @@ from sessiond.server.domain.recall import (
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
+    CandidateMemory,
     Identity,
     Memory,
     MemoryCategory,
@@ -58,6 +61,22 @@ WorkListener = Callable[[], None]
 # Called with a task id when ANOTHER process appended journal events for it
 # (PostgreSQL LISTEN/NOTIFY); watchers of that task re-read the journal.
 RemoteEventListener = Callable[[str], None]
+
+
+# "" (the default): a write made for a call. Else the key of a background writer
+# (Phase 2 sets its task's identity); a store with a single writer orders writes
+# fairly by it (SQLite: calls first, then background keys round-robin).
+WRITE_KEY: ContextVar[str] = ContextVar("sessiond_write_key", default="")
+
+
+@contextlib.contextmanager
+def background_writes(key: str) -> Iterator[None]:
+    """Store writes made in this context are background writes of `key`."""
+    token = WRITE_KEY.set(key or "background")
+    try:
+        yield
+    finally:
+        WRITE_KEY.reset(token)
 
 
 class Store(abc.ABC):
@@ -230,10 +249,13 @@ class Store(abc.ABC):
     # -- tasks: the worker side; every write checks the caller still holds the lease
     @abc.abstractmethod
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
-                         announce: bool = False) -> Task | None:
-        """Lease the oldest runnable task: PENDING or RUNNING with an expired lease,
-        not cancel-requested-and-terminal, and whose session has no earlier
-        (lower archive index) unfinished task. Marks it RUNNING, attempts += 1,
+                         announce: bool = False,
+                         max_running_per_identity: int = 0) -> Task | None:
+        """Lease a runnable task: PENDING or RUNNING with an expired lease, whose
+        session has no earlier (lower archive index) unfinished task. Fair across
+        identities: a task of the identity with the fewest tasks running under a live
+        lease first, then the oldest; none of an identity that already runs
+        `max_running_per_identity` tasks (0: no cap). Marks it RUNNING, attempts += 1,
         appends a STARTED event. With `announce` (and no cancel requested) the same
         transaction appends STAGE_STARTED for the first stage not done. None when
         nothing is runnable."""
@@ -253,6 +275,17 @@ class Store(abc.ABC):
     async def append_event(self, task_id: str, worker_id: str, event: NewEvent, stage: Stage,
                            now: datetime) -> TaskEvent:
         """Append a non-terminal event and set the task's current stage."""
+
+    @abc.abstractmethod
+    async def upsert_memories(self, task_id: str, worker_id: str,
+                              candidates: Sequence[CandidateMemory],
+                              now: datetime) -> MemoryCounts:
+        """Merge a batch of the extract stage's candidates into their owners' memories
+        in a transaction of its own, while `worker_id` holds the lease (`LeaseLost`
+        if not); nothing once the extract stage is done. The counts of the batch; the
+        stage's last batch goes with `complete_stage` (`ExtractionResponse.earlier`
+        carries these counts). Merging is idempotent, so a batch written again after a
+        crash changes nothing more."""
 
     @abc.abstractmethod
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,

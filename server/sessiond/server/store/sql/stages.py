@@ -3,6 +3,7 @@ events in one transaction; finalize exactly once; the reads stages need."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sessiond.server.domain import transitions as tr
@@ -17,6 +18,7 @@ from sessiond.server.domain.commands import (
 from sessiond.server.domain.errors import FailedPrecondition
 from sessiond.server.domain.values import (
     ArchiveState,
+    CandidateMemory,
     Identity,
     MemoryCounts,
     Stage,
@@ -39,7 +41,7 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
                          codec.clean_text(output.overview), codec.clean_text(output.abstract),
                          skey, task.archive_index)
     elif isinstance(output, ExtractionResponse):
-        counts = await memories.upsert(tx, task, output.candidates, now)
+        counts = await memories.upsert(tx, task, output.candidates, now) + output.earlier
     elif isinstance(output, RelationsOutput):
         await tx.executemany(
             "INSERT INTO relations (skey, uri, created_at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
@@ -58,6 +60,16 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
         ev, task = await tasks.apply(tx, task, tr.cross_boundary(task, stage, next_stage, now),
                                      now)
     return ev
+
+
+async def upsert_memories(tx: Tx, task_id: str, worker_id: str,
+                          candidates: Sequence[CandidateMemory], now: datetime) -> MemoryCounts:
+    """A batch of the extract stage's memories, before the stage completes (nothing
+    when the stage is already done)."""
+    task = await tasks.leased(tx, task_id, worker_id)
+    if tr.already_done(task, Stage.EXTRACT):
+        return MemoryCounts()
+    return await memories.upsert(tx, task, candidates, now)
 
 
 async def finalize(tx: Tx, task_id: str, worker_id: str, now: datetime) -> TaskEvent:

@@ -31,6 +31,7 @@ from sessiond.server.domain.recall import (
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
+    CandidateMemory,
     Identity,
     Memory,
     MemoryCategory,
@@ -173,9 +174,10 @@ class SqlStore(Store):
         return await self._write(lambda tx: tasks.request_cancel(tx, task_id, now))
 
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
-                         announce: bool = False) -> Task | None:
+                         announce: bool = False,
+                         max_running_per_identity: int = 0) -> Task | None:
         return await self._write(lambda tx: tasks.claim(tx, worker_id, now, lease_until,
-                                                        announce))
+                                                        announce, max_running_per_identity))
 
     async def queue_stats(self) -> tuple[int, datetime | None]:
         return await self._read(tasks.queue_stats)
@@ -191,6 +193,12 @@ class SqlStore(Store):
                            now: datetime) -> TaskEvent:
         return await self._write(lambda tx: tasks.append_event(tx, task_id, worker_id, event,
                                                                stage, now))
+
+    async def upsert_memories(self, task_id: str, worker_id: str,
+                              candidates: Sequence[CandidateMemory],
+                              now: datetime) -> MemoryCounts:
+        return await self._write(lambda tx: stages.upsert_memories(tx, task_id, worker_id,
+                                                                   candidates, now))
 
     async def complete_stage(self, task_id: str, worker_id: str, stage: Stage,
                              output: StageOutput, now: datetime,

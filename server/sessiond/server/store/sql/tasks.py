@@ -146,14 +146,26 @@ async def request_cancel(tx: Tx, task_id: str, now: datetime) -> Task:
 
 
 async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
-                announce: bool) -> Task | None:
+                announce: bool, max_running_per_identity: int = 0) -> Task | None:
+    """Fair claim: among runnable tasks (per-session archive order kept), those of the
+    identity with the fewest tasks running under a live lease come first, then the
+    oldest; an identity already running `max_running_per_identity` (0: no cap) gets
+    none. So one identity's backlog cannot starve another's."""
+    cap = " AND COALESCE(b.n, 0)<?" if max_running_per_identity > 0 else ""
+    args: list[Any] = [TaskState.RUNNING.value, tx.d.ts(now), *OPEN, tx.d.ts(now), *OPEN]
+    if cap:
+        args.append(max_running_per_identity)
     row = await tx.fetchrow(
-        "SELECT t.* FROM tasks t WHERE t.state IN (?,?) "
+        "WITH busy AS (SELECT account, user_id, agent, COUNT(*) AS n FROM tasks "
+        "  WHERE state=? AND lease_expires_at>=? GROUP BY account, user_id, agent) "
+        "SELECT t.* FROM tasks t LEFT JOIN busy b ON b.account=t.account "
+        "  AND b.user_id=t.user_id AND b.agent=t.agent "
+        "WHERE t.state IN (?,?) "
         "AND (t.lease_expires_at IS NULL OR t.lease_expires_at<?) "
         "AND NOT EXISTS (SELECT 1 FROM tasks p WHERE p.skey=t.skey "
-        "  AND p.archive_index<t.archive_index AND p.state IN (?,?)) "
-        "ORDER BY t.created_at, t.task_id LIMIT 1" + tx.d.claim_lock("t"),
-        *OPEN, tx.d.ts(now), *OPEN)
+        "  AND p.archive_index<t.archive_index AND p.state IN (?,?))" + cap +
+        " ORDER BY COALESCE(b.n, 0), t.created_at, t.task_id LIMIT 1" + tx.d.claim_lock("t"),
+        *args)
     if row is None:
         return None
     task = tx.d.rows.task(row)
