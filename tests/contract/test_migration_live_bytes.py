@@ -59,7 +59,7 @@ def test_migration_backfills_live_bytes(tmp_path: Path) -> None:
         finally:
             await store.close()
         conn = sqlite3.connect(tmp_path / "sessiond.sqlite3")
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (5,)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT live_bytes FROM sessions").fetchone()[0] > 800
         conn.close()
 
