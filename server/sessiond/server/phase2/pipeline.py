@@ -65,8 +65,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
-# Retrieval entries written per transaction by the index stage (small: a batch holds
-# the single SQLite writer, and other identities' writes wait for at most one batch).
+# Retrieval entries written per transaction by the index stage (bounded: a batch holds
+# the single SQLite writer, and other identities' writes wait behind it).
 INDEX_BATCH = 200
 # Entry texts per embedder call.
 EMBED_BATCH = 64

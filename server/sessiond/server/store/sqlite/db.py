@@ -1,16 +1,9 @@
 """SQLite access for asyncio: one writer thread with group commit, pooled readers.
 
-Concurrent writes are coalesced: the writer takes the queued operations, runs each
+Concurrent writes are coalesced: the writer takes every queued operation, runs each
 inside its own SAVEPOINT of one `BEGIN IMMEDIATE` transaction and commits once, so
 N concurrent calls cost one fsync. An operation that raises rolls back only its own
 savepoint. Futures resolve after the COMMIT returned: acknowledged means durable.
-
-Fair order: writes made for a call (foreground) run before background writes (those
-made under `store.base.background_writes(key)`: Phase 2, per identity), and background writes
-take turns round-robin by key, so one identity's Phase 2 backlog neither delays RPCs
-nor another identity's Phase 2 by more than one operation per identity. A
-transaction is committed once it has run for `BATCH_BUDGET` seconds, so what waits
-behind a long batch waits for at most that (plus one operation).
 """
 
 from __future__ import annotations
@@ -19,8 +12,6 @@ import asyncio
 import queue
 import sqlite3
 import threading
-import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,14 +19,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sessiond.server.domain.errors import Unavailable
-from sessiond.server.store.base import WRITE_KEY
 from sessiond.server.store.sql.tx import Announce
 
 T = TypeVar("T")
 
 MAX_BATCH = 128
-# Seconds of work after which the writer commits what it ran and looks at the queue.
-BATCH_BUDGET = 0.05
+
 
 @dataclass
 class _Op(Generic[T]):
@@ -43,36 +32,6 @@ class _Op(Generic[T]):
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
     ctx: Announce = field(default_factory=Announce)
-    key: str = ""
-
-
-class _FairQueue:
-    """Foreground operations first (FIFO), then background ones round-robin by key."""
-
-    def __init__(self) -> None:
-        self.fg: deque[_Op[Any]] = deque()
-        self.bg: OrderedDict[str, deque[_Op[Any]]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self.fg) + sum(len(q) for q in self.bg.values())
-
-    def put(self, op: _Op[Any]) -> None:
-        if not op.key:
-            self.fg.append(op)
-        else:
-            self.bg.setdefault(op.key, deque()).append(op)
-
-    def pop(self) -> _Op[Any] | None:
-        if self.fg:
-            return self.fg.popleft()
-        if not self.bg:
-            return None
-        key, ops = next(iter(self.bg.items()))
-        op = ops.popleft()
-        del self.bg[key]
-        if ops:
-            self.bg[key] = ops  # to the back: the other keys go first
-        return op
 
 
 AfterCommit = Callable[[Announce], None]
@@ -123,7 +82,7 @@ class SqliteDatabase:
             raise Unavailable("store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn=fn, future=fut, loop=loop, key=WRITE_KEY.get()))
+        self._queue.put(_Op(fn=fn, future=fut, loop=loop))
         return await fut
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -149,47 +108,35 @@ class SqliteDatabase:
     def _run_writer(self) -> None:
         conn = self._write_conn
         assert conn is not None
-        pending = _FairQueue()
-        stop = False
-        while not stop or len(pending):
-            if not len(pending) and not stop:
-                first = self._queue.get()
-                if first is None:
-                    stop = True
-                    continue
-                pending.put(first)
-            stop = self._drain(pending) or stop
-            self._apply(conn, pending)
-
-    def _drain(self, pending: _FairQueue) -> bool:
-        """Move what was queued meanwhile into `pending`; True when close() asked to stop."""
         while True:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if nxt is None:
-                return True
-            pending.put(nxt)
+            first = self._queue.get()
+            if first is None:
+                return
+            batch: list[_Op[Any]] = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._apply(conn, batch)
+            if stop:
+                return
 
-    def _apply(self, conn: sqlite3.Connection, pending: _FairQueue) -> None:
-        """One transaction: operations from `pending` in fair order until the batch is
-        full, its time budget is spent, or nothing is left; then COMMIT."""
+    def _apply(self, conn: sqlite3.Connection, batch: list[_Op[Any]]) -> None:
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             err = Unavailable(f"sqlite: cannot begin transaction: {exc}")
-            while (op := pending.pop()) is not None:
+            for op in batch:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
-        started = time.monotonic()
-        while len(outcomes) < MAX_BATCH and time.monotonic() - started < BATCH_BUDGET:
-            if outcomes:
-                self._drain_keep_stop(pending)
-            op = pending.pop()
-            if op is None:
-                break
+        for op in batch:
             conn.execute("SAVEPOINT op")
             try:
                 result = op.fn(conn, op.ctx)
@@ -219,11 +166,6 @@ class SqliteDatabase:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_settle_batch, items, self._after_commit)
-
-    def _drain_keep_stop(self, pending: _FairQueue) -> None:
-        """Like `_drain` inside a transaction: a stop request goes back on the queue."""
-        if self._drain(pending):
-            self._queue.put(None)
 
     def close(self) -> None:
         if self._closed:
