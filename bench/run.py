@@ -186,7 +186,10 @@ class Target:
     def serve(self, name: str, extra: list[str] | None = None) -> h.ServerProc:
         data = self.workdir / f"{name}-data"
         cmd = [*h.sessiond_cmd(), "serve", "--address", "127.0.0.1:0", "--data-dir", str(data),
-               "--store", self.store_arg, "--shutdown-grace", "2", *(extra or [])]
+               "--store", self.store_arg, "--shutdown-grace", "2",
+               # The fan-out figure opens 1,000 streams of one identity on one task:
+               # above the default per-identity quota (64), which it does not measure.
+               "--limit-watch-streams-per-identity", "5000", *(extra or [])]
         return h.start_server(name, cmd, self.workdir / f"{name}.log", data_dir=data)
 
 
