@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import openai
 from sessiond.server.config import EmbedderSettings
 from sessiond.server.embedders.base import EmbedderError, clip_texts, normalized
-from sessiond.server.phase2.engines.openai.engine import NO_KEY, read_api_key
+from sessiond.server.phase2.engines.openai.engine import openai_client, read_api_key
 from sessiond.server.phase2.engines.openai.retry import (
     BAD_OUTPUT,
     TIMEOUT,
@@ -53,18 +53,13 @@ class OpenAIEmbedder:
         check_settings(settings)
         self.settings = settings
         key = read_api_key(settings, "embedder") if api_key is None else api_key.strip()
-        base_url = settings.base_url.strip().rstrip("/")
-        secrets = [key] if key else []
-        if password := urlsplit(base_url).password:
-            secrets.append(password)
-        self.secrets: tuple[str, ...] = tuple(secrets)
+        self._client, self.secrets = openai_client(key, settings.base_url,
+                                                   settings.timeout_seconds)
         self._model = settings.model.strip()
         self.backoff = backoff or Backoff()
         self.max_attempts = settings.max_retries + 1
-        self._client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=base_url,
-                                          timeout=settings.timeout_seconds, max_retries=0)
-        log.info("embedder openai: model %s at %s", self._model, sanitize(base_url,
-                                                                          self.secrets))
+        log.info("embedder openai: model %s at %s", self._model,
+                 sanitize(settings.base_url.strip(), self.secrets))
 
     @property
     def model(self) -> str:

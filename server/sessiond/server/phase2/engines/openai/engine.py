@@ -88,6 +88,19 @@ def read_api_key(settings: KeySource, what: str = "LLM") -> str:
     return ""
 
 
+def openai_client(key: str, base_url: str, timeout: float
+                  ) -> tuple[openai.AsyncOpenAI, tuple[str, ...]]:
+    """An AsyncOpenAI client with its own retries off (tenacity owns the policy), and
+    the secrets it carries (the key, a password in the URL) that must never be shown."""
+    url = base_url.strip().rstrip("/")
+    secrets = [key] if key else []
+    if password := urlsplit(url).password:
+        secrets.append(password)
+    client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=url, timeout=timeout,
+                                max_retries=0)
+    return client, tuple(secrets)
+
+
 def check_settings(settings: LLMSettings) -> None:
     """ValueError with a clear message for settings the engine cannot run with."""
     if not settings.base_url.strip():
@@ -156,17 +169,12 @@ class OpenAIEngine:
         check_settings(settings)
         self.settings = settings
         key = read_api_key(settings) if api_key is None else api_key.strip()
+        self._client, self.secrets = openai_client(key, settings.base_url,
+                                                   settings.timeout_seconds)
         base_url = settings.base_url.strip().rstrip("/")
-        secrets = [key] if key else []
-        password = urlsplit(base_url).password
-        if password:
-            secrets.append(password)
-        self.secrets: tuple[str, ...] = tuple(secrets)
         self.model = settings.model.strip()
         self.backoff = backoff or Backoff()
         self.max_attempts = settings.max_retries + 1
-        self._client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=base_url,
-                                          timeout=settings.timeout_seconds, max_retries=0)
         self._gate = asyncio.Semaphore(settings.max_concurrency)
         # In "auto", the response_format the server accepted last (json_schema first).
         self._json_mode = "json_schema" if settings.json_mode == "auto" else settings.json_mode
