@@ -16,6 +16,7 @@ from sessiond.server.config import Settings
 from sessiond.server.domain.rules import utcnow
 from sessiond.server.embedders import build_embedder
 from sessiond.server.embedders.base import Embedder
+from sessiond.server.phase2.autoretry import AutoRetry
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -101,6 +102,11 @@ class App:
                                    lease_seconds=settings.lease_seconds,
                                    poll_seconds=settings.poll_seconds, secrets=secrets,
                                    embedder=self.embedder)
+        self.auto_retry = (AutoRetry(self.store, max_retries=settings.auto_retry_max,
+                                     backoff_seconds=settings.auto_retry_backoff_seconds,
+                                     backoff_max_seconds=settings.auto_retry_backoff_max_seconds,
+                                     interval_seconds=settings.auto_retry_interval_seconds)
+                           if settings.auto_retry_failed else None)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None
@@ -120,6 +126,9 @@ class App:
         self._background.append(asyncio.create_task(self._sweep_loop(), name="retention"))
         self._background.append(asyncio.create_task(self._health_loop(), name="store-health"))
         self._background.extend(self.security.background())
+        if self.auto_retry is not None:
+            self._background.append(asyncio.create_task(self.auto_retry.run(),
+                                                        name="auto-retry"))
         host = self.settings.address.rsplit(":", 1)[0]
         log.info("sessiond listening on %s:%d (store %s, engine %s, embedder %s; %s)", host,
                  self.port, type(self.store).__name__, self.engine.name,

@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pg-pool-max", type=int, default=env.pg_pool_max)
     serve.add_argument("--pg-channel", default=env.pg_channel,
                        help="LISTEN/NOTIFY channel shared by the replicas of one deployment")
+    serve.add_argument("--auto-retry-failed", action=argparse.BooleanOptionalAction,
+                       default=env.auto_retry_failed,
+                       help="retry FAILED Phase 2 tasks whose error is UNAVAILABLE or "
+                            "DEADLINE_EXCEEDED automatically, with exponential backoff")
+    serve.add_argument("--auto-retry-max", type=int, default=env.auto_retry_max,
+                       help="automatic retries per task at most")
+    serve.add_argument("--auto-retry-backoff", type=float,
+                       default=env.auto_retry_backoff_seconds,
+                       help="seconds before the first automatic retry; doubles each time")
+    serve.add_argument("--auto-retry-backoff-max", type=float,
+                       default=env.auto_retry_backoff_max_seconds,
+                       help="longest wait between automatic retries, seconds")
     serve.add_argument("--log-level", default="INFO")
     add_security_flags(serve, env)
     add_embedder_flags(serve, env)
@@ -91,6 +103,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.failed_retention_hours = ns.failed_retention_hours
     s.max_stored_tasks, s.sqlite_synchronous = ns.max_stored_tasks, ns.sqlite_synchronous
     s.pg_pool_max, s.pg_channel = ns.pg_pool_max, ns.pg_channel
+    s.auto_retry_failed, s.auto_retry_max = ns.auto_retry_failed, ns.auto_retry_max
+    s.auto_retry_backoff_seconds = ns.auto_retry_backoff
+    s.auto_retry_backoff_max_seconds = ns.auto_retry_backoff_max
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
     return s

@@ -91,6 +91,13 @@ class Settings:
     request_id_retention_hours: float = 24.0
     max_stored_tasks: int = 100_000
     sweep_interval_seconds: float = 300.0
+    # Automatic retry of FAILED tasks with a passing error (UNAVAILABLE,
+    # DEADLINE_EXCEEDED): off by default; backoff base, 2 x base, ... capped.
+    auto_retry_failed: bool = False
+    auto_retry_max: int = 3
+    auto_retry_backoff_seconds: float = 30.0
+    auto_retry_backoff_max_seconds: float = 900.0
+    auto_retry_interval_seconds: float = 5.0
     max_message_bytes: int = 16 * 1024 * 1024
 
     @classmethod

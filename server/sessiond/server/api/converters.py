@@ -63,7 +63,8 @@ _KIND_OUT: dict[EventKind, Any] = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_C
              EventKind.CANCEL_REQUESTED: task_pb2.TASK_EVENT_KIND_CANCEL_REQUESTED,
              EventKind.COMPLETED: task_pb2.TASK_EVENT_KIND_COMPLETED,
              EventKind.FAILED: task_pb2.TASK_EVENT_KIND_FAILED,
-             EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED}
+             EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED,
+             EventKind.RETRIED: task_pb2.TASK_EVENT_KIND_RETRIED}
 _CAT_IN: dict[int, MemoryCategory] = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
            memory_pb2.MEMORY_CATEGORY_PREFERENCES: MemoryCategory.PREFERENCES,
            memory_pb2.MEMORY_CATEGORY_ENTITIES: MemoryCategory.ENTITIES,
@@ -258,7 +259,8 @@ def task_out(t: Task) -> task_pb2.Task:
         archive_uri=t.archive_uri, state=_STATE_OUT[t.state], stage=t.stage.value,
         created_at=ts(t.created_at), started_at=ts(t.started_at), updated_at=ts(t.updated_at),
         finished_at=ts(t.finished_at), result=result_out(t.result), error=error_out(t.error),
-        attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested)
+        attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested,
+        retries=t.retries)
 
 
 def event_out(e: TaskEvent) -> task_pb2.TaskEvent:

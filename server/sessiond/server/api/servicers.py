@@ -207,6 +207,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                          ) -> task_pb2.Task:
         return cv.task_out(await self.tasks.cancel(identity_of(context), request.task_id))
 
+    @unary
+    async def RetryTask(self, request: task_pb2.RetryTaskRequest, context: Ctx
+                        ) -> task_pb2.Task:
+        return cv.task_out(await self.tasks.retry(identity_of(context), request.task_id,
+                                                  request.request_id, fingerprint(request)))
+
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, memories: MemoryManager, recall: RecallService) -> None:

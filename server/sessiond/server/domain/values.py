@@ -294,6 +294,8 @@ class EventKind(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A FAILED or CANCELLED task put back to PENDING; the journal goes on.
+    RETRIED = "retried"
 
     @property
     def terminal(self) -> bool:
@@ -358,6 +360,8 @@ class Task:
     # What the extraction and active-counts stages wrote (for the final result).
     memory_counts: MemoryCounts = field(default_factory=MemoryCounts)
     active_count_updated: int = 0
+    # Times RetryTask (or the automatic retry) put the task back to PENDING.
+    retries: int = 0
 
     @property
     def archive_uri(self) -> str:

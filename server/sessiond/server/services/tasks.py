@@ -13,6 +13,7 @@ from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFo
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
 from sessiond.server.services.hub import EventHub
+from sessiond.server.services.sessions import request_key
 from sessiond.server.store.base import Store
 
 
@@ -61,11 +62,22 @@ class TaskManager:
         await self.get(identity, task_id)
         return await self.store.request_cancel(task_id, rules.utcnow())
 
+    async def retry(self, identity: Identity, task_id: str, request_id: str = "",
+                    fingerprint: bytes = b"") -> Task:
+        """A FAILED or CANCELLED task runs again from its first unfinished stage."""
+        if not task_id:
+            raise InvalidArgument("task_id is required", violations=[
+                FieldViolation("task_id", "must not be empty")])
+        req = request_key(identity, "RetryTask", request_id, fingerprint)
+        return await self.store.retry_task(identity, task_id, rules.utcnow(), req)
+
     async def watch(self, identity: Identity, task_id: str, after_seq: int
                     ) -> AsyncIterator[WatchItem]:
         """Snapshot, then every event with seq > after_seq in order, heartbeats while
-        idle; returns after the terminal event. Raises before yielding anything when
-        the task is unknown or after_seq is not a position of its journal."""
+        idle; returns after a terminal event that is the newest of the journal (one
+        followed by RETRIED, from a retry, does not end the stream). Raises before
+        yielding anything when the task is unknown or after_seq is not a position of
+        its journal."""
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
@@ -88,14 +100,15 @@ class TaskManager:
             last_sent = time.monotonic()
             while True:
                 if need_read:
-                    for ev in await self.store.list_events(task_id, last):
+                    batch = await self.store.list_events(task_id, last)
+                    for i, ev in enumerate(batch):
                         if ev.seq != last + 1:
                             raise OutOfRange(f"event {last + 1} of task {task_id} is no longer "
                                              "kept", reason="SEQ_COMPACTED")
                         yield ev
                         last = ev.seq
                         last_sent = time.monotonic()
-                        if ev.kind.terminal:
+                        if ev.kind.terminal and i == len(batch) - 1:
                             return
                     need_read = False
                 if self._closing.is_set():
@@ -114,14 +127,14 @@ class TaskManager:
                 if lagged or not fresh or fresh[0].seq != last + 1:
                     need_read = True
                     continue
-                for ev in fresh:
+                for i, ev in enumerate(fresh):
                     if ev.seq != last + 1:
                         need_read = True
                         break
                     yield ev
                     last = ev.seq
                     last_sent = time.monotonic()
-                    if ev.kind.terminal:
+                    if ev.kind.terminal and i == len(fresh) - 1:
                         return
         finally:
             sub.close()

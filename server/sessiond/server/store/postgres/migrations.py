@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 from sessiond.server.domain.errors import FailedPrecondition, Unavailable
-from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, pending
 
 TYPES = {"key": 'TEXT COLLATE "C"', "ts": "TIMESTAMPTZ", "int64": "BIGINT",
          "bool": "BOOLEAN", "false": "FALSE", "blob": "BYTEA",
@@ -78,7 +78,7 @@ async def migrate(conn: Any) -> tuple[int, int]:
             raise FailedPrecondition(
                 "the database holds sessiond tables but no schema_version; refusing to "
                 "migrate an unknown schema", reason="SCHEMA_NOT_MIGRATED")
-        for m in MIGRATIONS[found:]:
+        for m in pending(found):
             await conn.execute(m.render(TYPES, EXTRA))
             await conn.execute("INSERT INTO schema_version (version, description) VALUES ($1, $2)",
                                m.version, m.description)

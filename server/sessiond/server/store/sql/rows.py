@@ -92,7 +92,7 @@ class RowMapper:
             lease_owner=row["lease_owner"],
             lease_expires_at=self._ts(row["lease_expires_at"]),
             memory_counts=codec.decode_counts(row["memory_counts"]),
-            active_count_updated=row["active_count_updated"])
+            active_count_updated=row["active_count_updated"], retries=row["retries"])
 
     def event(self, row: Row) -> TaskEvent:
         return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),

@@ -216,9 +216,22 @@ MIGRATIONS: tuple[Migration, ...] = (
                                                          vseq);
     ${extra}
     """),
+    Migration(8, "task retries, client message ids", """
+    ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN client_message_id ${key};
+    CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
+    ${extra}
+    """),
 )
 
-SCHEMA_VERSION = len(MIGRATIONS)
+# Migration numbers are handed out per feature branch, so they may have gaps: the
+# version is the highest number, and a database at version v gets every later one.
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
+
+
+def pending(found: int) -> tuple[Migration, ...]:
+    """The migrations a database at version `found` still needs, in order."""
+    return tuple(m for m in sorted(MIGRATIONS, key=lambda m: m.version) if m.version > found)
 
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",

@@ -19,6 +19,7 @@ from sessiond.server.domain.commands import (
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
     EntryVector,
@@ -161,6 +162,16 @@ class SqlStore(Store):
 
     async def request_cancel(self, task_id: str, now: datetime) -> Task:
         return await self._write(lambda tx: tasks.request_cancel(tx, task_id, now))
+
+    async def retry_task(self, identity: Identity, task_id: str, now: datetime,
+                         request: RequestKey | None = None, *,
+                         automatic: bool = False) -> Task:
+        return await self._write(lambda tx: tasks.retry(tx, identity, task_id, now, request,
+                                                        automatic=automatic))
+
+    async def auto_retry_candidates(self, codes: tuple[ErrorCode, ...], max_retries: int,
+                                    limit: int = 100) -> list[Task]:
+        return await self._read(lambda tx: tasks.failed_below(tx, codes, max_retries, limit))
 
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
                          announce: bool = False) -> Task | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from sessiond.server.domain.errors import FailedPrecondition
-from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from sessiond.server.store.sql.schema import SCHEMA_VERSION, pending, statements
 
 TYPES = {"key": "TEXT", "ts": "REAL", "int64": "INTEGER", "bool": "INTEGER", "false": "0",
          "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "memory_columns": ""}
@@ -26,7 +26,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         raise FailedPrecondition(
             f"database schema version {found} is newer than this sessiond knows "
             f"({SCHEMA_VERSION}); upgrade sessiond", reason="SCHEMA_TOO_NEW")
-    for m in MIGRATIONS[found:]:
+    for m in pending(found):
         conn.execute("BEGIN IMMEDIATE")
         try:
             for stmt in statements(m.render(TYPES, EXTRA)):
