@@ -8,6 +8,8 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from sessiond.server.domain import rules
+from sessiond.server.domain.commands import AddedMessage, NewMessage
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.recall import RecallKind, RecallResult
 from sessiond.server.domain.values import (
@@ -220,7 +222,24 @@ def part_out(p: Part) -> session_pb2.Part:
 def message_out(m: Message) -> session_pb2.Message:
     return session_pb2.Message(id=m.id, role=_ROLE_OUT[m.role],
                                parts=[part_out(p) for p in m.parts],
-                               created_at=ts(m.created_at), seq=m.seq)
+                               created_at=ts(m.created_at), seq=m.seq,
+                               client_message_id=m.client_message_id)
+
+
+def new_messages_in(items: list[session_pb2.NewMessage]) -> list[NewMessage]:
+    """The batch of AddMessages; an invalid item is INVALID_ARGUMENT naming its index."""
+    out: list[NewMessage] = []
+    for i, m in enumerate(items):
+        try:
+            out.append(NewMessage(role_in(m.role), tuple(parts_in(list(m.parts))),
+                                  m.client_message_id))
+        except InvalidArgument as exc:
+            raise rules.at_index(f"messages[{i}]", exc) from None
+    return out
+
+
+def added_out(a: AddedMessage) -> session_pb2.AddedMessage:
+    return session_pb2.AddedMessage(message=message_out(a.message), duplicate=a.duplicate)
 
 
 def archive_out(a: Archive, messages: list[Message] | None = None) -> session_pb2.Archive:

@@ -106,6 +106,8 @@ class Message:
     parts: tuple[Part, ...]
     created_at: datetime
     seq: int = 0
+    # The client's own id, unique per session ("" when none was given).
+    client_message_id: str = ""
 
     def text(self) -> str:
         """The message's text parts joined; what summaries and extraction read."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sessiond.server.domain.commands import (
+    AddedMessage,
     CommitOutcome,
     CommitPlan,
     RequestKey,
@@ -141,6 +142,16 @@ class Store(abc.ABC):
                           request: RequestKey | None = None) -> Message:
         """Append to the live buffer; the returned message carries its `seq`.
         A replayed request returns the originally stored message."""
+
+    @abc.abstractmethod
+    async def add_messages(self, identity: Identity, session_id: str,
+                           messages: Sequence[Message],
+                           request: RequestKey | None = None) -> list[AddedMessage]:
+        """Append `messages` in order in one transaction (all or none), one result per
+        message. A `client_message_id` is unique per session: a message whose client id
+        is already stored (or appears earlier in the batch) is not stored again; its
+        result is the stored message with `duplicate`. A replayed request returns the
+        original results. `NotFound` when the session is absent."""
 
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,

@@ -62,7 +62,8 @@ class RowMapper:
     def message(self, row: Row) -> Message:
         return Message(id=row["message_id"], role=Role(row["role"]),
                        parts=codec.decode_parts(row["parts"]),
-                       created_at=self._req(row["created_at"]), seq=row["seq"])
+                       created_at=self._req(row["created_at"]), seq=row["seq"],
+                       client_message_id=row["client_message_id"] or "")
 
     def archive(self, row: Row) -> Archive:
         return Archive(session_id=row["session_id"], index=row["idx"],

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sessiond.server.domain.commands import (
+    AddedMessage,
     CommitOutcome,
     CommitPlan,
     RequestKey,
@@ -59,6 +60,7 @@ from sessiond.server.store.sql import (
     tasks,
     vectors,
 )
+from sessiond.server.store.sql import messages as msgs
 from sessiond.server.store.sql.tx import Announce, Tx
 
 T = TypeVar("T")
@@ -105,6 +107,12 @@ class SqlStore(Store):
                           request: RequestKey | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
                                                          request))
+
+    async def add_messages(self, identity: Identity, session_id: str,
+                           messages: Sequence[Message],
+                           request: RequestKey | None = None) -> list[AddedMessage]:
+        return await self._write(lambda tx: msgs.add_batch(tx, identity, session_id, messages,
+                                                           request))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
