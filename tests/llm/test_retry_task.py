@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sessiond.client import watch_task
 from sessiond.server.store.base import Store
 from sessiond.server.store.postgres.store import PostgresStore
 from sessiond.v1 import session_pb2, task_pb2
@@ -102,6 +103,9 @@ def test_retry_after_an_llm_outage_completes_with_the_summary_kept(
     kinds = [e.kind for e in whole.events]
     assert kinds.count(K.TASK_EVENT_KIND_FAILED) == 1 and kinds[-1] == K.TASK_EVENT_KIND_COMPLETED
     assert [e.seq for e in whole.events] == list(range(1, whole.last.seq + 1))
+    # so does the client library's resuming watch
+    seen = list(watch_task(running.channel, task_id, timeout=20))
+    assert [e.seq for e in seen] == [e.seq for e in whole.events]
 
     # summarize ran once; extract twice failed, then once more for the retry
     assert len(fake_llm.of("summary")) == 1

@@ -94,6 +94,8 @@ class TaskManager:
                                  metadata={"first_seq": str(task.first_seq)})
             yield task
             last = after_seq
+            # A terminal event older than the snapshot's newest was followed by a retry.
+            newest = task.last_seq
             if task.state.terminal and last >= task.last_seq:
                 return
             need_read = True
@@ -108,7 +110,7 @@ class TaskManager:
                         yield ev
                         last = ev.seq
                         last_sent = time.monotonic()
-                        if ev.kind.terminal and i == len(batch) - 1:
+                        if ev.kind.terminal and i == len(batch) - 1 and ev.seq >= newest:
                             return
                     need_read = False
                 if self._closing.is_set():
@@ -134,7 +136,7 @@ class TaskManager:
                     yield ev
                     last = ev.seq
                     last_sent = time.monotonic()
-                    if ev.kind.terminal and i == len(fresh) - 1:
+                    if ev.kind.terminal and i == len(fresh) - 1 and ev.seq >= newest:
                         return
         finally:
             sub.close()
