@@ -4,6 +4,8 @@ finished stages and their tokens kept, its journal goes on, and archive order ho
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
@@ -201,5 +203,20 @@ def test_auto_retry_candidates(store: Store, run: Runner) -> None:
         await store.fail_task("t2", "w", OUTAGE, at(12))
         assert await ids(2) == ["t1", "t2"]
         assert await ids(1) == ["t1"]
+
+    run(body())
+
+
+def test_concurrent_retries_retry_once(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "s1", "t1", 1)
+        await store.fail_task("t1", None, OUTAGE, at(2))
+        outcomes = await asyncio.gather(*(store.retry_task(ID, "t1", at(3), automatic=True)
+                                          for _ in range(6)), return_exceptions=True)
+        ok = [o for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, FailedPrecondition)]
+        assert len(ok) == 1 and len(refused) == 5, outcomes
+        events = await store.list_events("t1", 0)
+        assert [e.kind for e in events].count(EventKind.RETRIED) == 1
 
     run(body())
