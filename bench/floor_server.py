@@ -105,6 +105,11 @@ class FloorSessions(session_pb2_grpc.SessionServiceServicer):
                          ) -> session_pb2.AddMessageResponse:
         return self.add_reply
 
+    async def AddMessages(self, request: session_pb2.AddMessagesRequest, context: Ctx
+                          ) -> session_pb2.AddMessagesResponse:
+        return session_pb2.AddMessagesResponse(results=[
+            session_pb2.AddedMessage(message=self.add_reply.message) for _ in request.messages])
+
     async def UpdateToolPart(self, request: session_pb2.UpdateToolPartRequest, context: Ctx
                              ) -> session_pb2.Message:
         return self.add_reply.message
@@ -164,6 +169,10 @@ class FloorTasks(task_pb2_grpc.TaskServiceServicer):
             return
         for ev in self.events:
             yield ev
+
+    async def RetryTask(self, request: task_pb2.RetryTaskRequest, context: Ctx
+                        ) -> task_pb2.Task:
+        return self.task
 
     async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: Ctx
                          ) -> task_pb2.Task:

@@ -192,3 +192,31 @@ def test_limits_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> N
     bad = _parser().parse_args(["serve", "--limit-max-page-size", "0"])
     with pytest.raises(ValueError, match="max_page_size"):
         settings_from_args(bad)
+
+
+def test_add_messages_counts_the_whole_batch_against_the_live_quotas(
+        server_factory: ServerFactory) -> None:
+    r = server_factory(limits=Limits(live_messages_per_session=3, live_bytes_per_session=1000,
+                                     message_bytes=400))
+    S = session_pb2
+    r.sessions.CreateSession(S.CreateSessionRequest(session_id="a"))
+
+    def batch(*texts: str, cid: str = "") -> S.AddMessagesRequest:
+        return S.AddMessagesRequest(session_id="a", messages=[
+            S.NewMessage(role=S.ROLE_USER, parts=[S.Part(text=S.TextPart(text=t))],
+                         client_message_id=f"{cid}{i}" if cid else "")
+            for i, t in enumerate(texts)])
+
+    r.sessions.AddMessages(batch("a" * 300, "b", cid="c"))
+    # 2 stored + 2 more would exceed 3 messages: nothing of the batch is stored
+    err = refused(r.sessions.AddMessages, batch("c", "d"))
+    assert quota_of(err) == ("LIVE_MESSAGES_QUOTA", "live_messages_per_session=3")
+    assert r.sessions.GetSession(S.GetSessionRequest(session_id="a")).message_count == 2
+    # duplicates of stored client ids take no room
+    again = r.sessions.AddMessages(batch("a" * 300, "b", cid="c"))
+    assert [x.duplicate for x in again.results] == [True, True]
+    # a commit empties the live buffer; then the byte quota counts the batch's bytes
+    r.sessions.Commit(S.CommitRequest(session_id="a"))
+    r.sessions.AddMessages(batch("p" * 390, "q" * 390))
+    assert quota_of(refused(r.sessions.AddMessages, batch("r" * 300)))[0] == \
+        "LIVE_BYTES_QUOTA"

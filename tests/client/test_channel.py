@@ -59,7 +59,10 @@ def test_service_config_names_real_idempotent_methods() -> None:
     every = {m for d in DESCRIPTORS.values() for m in d.methods_by_name}
     reads = {m for m in every if m.startswith(("Get", "List"))}
     assert reads <= methods
-    assert {"CancelTask", "CreateSession", "AddMessage", "Commit", "RecordUsage"} <= methods
+    assert {"CancelTask", "CreateSession", "AddMessage", "AddMessages", "Commit", "RecordUsage",
+            "RetryTask"} <= methods
+    assert {"/sessiond.v1.SessionService/AddMessages",
+            "/sessiond.v1.TaskService/RetryTask"} <= REQUEST_ID_METHODS
     assert not methods & {"WatchTask", "DeleteSession", "DeleteMemory", "UpdateToolPart"}
     assert {f"/{s}/{m}" for s, ms in RETRYABLE_METHODS.items() for m in ms} >= REQUEST_ID_METHODS
 

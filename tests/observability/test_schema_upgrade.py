@@ -50,8 +50,8 @@ def test_a_version_3_store_is_upgraded_and_keeps_working(server_factory: ServerF
     assert stored is not None and stored.trace_context.startswith('{"traceparent":"00-')
     conn = sqlite3.connect(str(data / "sessiond.sqlite3"))
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (7,)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
         cols = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
-        assert "trace_context" in cols
+        assert {"trace_context", "retries"} <= cols
     finally:
         conn.close()

@@ -47,9 +47,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
     "sessiond.v1.SessionService": (
         "GetSession", "ListSessions", "GetSessionContext", "ListArchives", "GetArchive",
-        "CreateSession", "AddMessage", "Commit", "RecordUsage",
+        "CreateSession", "AddMessage", "AddMessages", "Commit", "RecordUsage",
     ),
-    "sessiond.v1.TaskService": ("GetTask", "ListTasks", "CancelTask"),
+    "sessiond.v1.TaskService": ("GetTask", "ListTasks", "CancelTask", "RetryTask"),
     "sessiond.v1.MemoryService": ("ListMemories", "GetMemory", "SearchMemories"),
     "sessiond.v1.ServerService": ("GetServerInfo",),
 }

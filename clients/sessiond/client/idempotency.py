@@ -1,8 +1,8 @@
 """Request ids (AIP-155) for the mutating calls that accept one.
 
-CreateSession, AddMessage, Commit and RecordUsage carry a `request_id`: the server
-remembers it (for a retention window) and answers a replay with the original
-result instead of doing the work twice. That is what makes retrying these calls
+CreateSession, AddMessage, AddMessages, Commit, RecordUsage and RetryTask carry a
+`request_id`: the server remembers it (for a retention window) and answers a replay
+with the original result instead of doing the work twice. That is what makes retrying these calls
 safe, so channels from `connect`/`aio_connect` retry them on UNAVAILABLE.
 
 Two ways to get an id onto a request:
@@ -38,8 +38,10 @@ REQUEST_ID_FIELD = "request_id"
 REQUEST_ID_METHODS: frozenset[str] = frozenset({
     "/sessiond.v1.SessionService/CreateSession",
     "/sessiond.v1.SessionService/AddMessage",
+    "/sessiond.v1.SessionService/AddMessages",
     "/sessiond.v1.SessionService/Commit",
     "/sessiond.v1.SessionService/RecordUsage",
+    "/sessiond.v1.TaskService/RetryTask",
 })
 
 M = TypeVar("M", bound=Message)

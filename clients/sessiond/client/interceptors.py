@@ -7,9 +7,9 @@
 Per call:
 * identity keys (x-sessiond-account/user/agent) missing from the call's metadata are
   added from the configured Identity; keys the call sets itself win;
-* on CreateSession, AddMessage, Commit and RecordUsage an empty `request_id` is filled
-  on a copy of the request (see `sessiond.client.idempotency`), so gRPC's built-in
-  retries of that call replay the same id.
+* on CreateSession, AddMessage(s), Commit, RecordUsage and RetryTask an empty
+  `request_id` is filled on a copy of the request (see `sessiond.client.idempotency`),
+  so gRPC's built-in retries of that call replay the same id.
 """
 
 from __future__ import annotations

@@ -169,7 +169,10 @@ class _Progress:
                 raise _JournalGap(f"task {self.task_id}: expected event {self.last_seq + 1}, "
                                   f"got {ev.seq}")
             self.last_seq = ev.seq
-            if ev.kind in TERMINAL_EVENT_KINDS:
+            # A terminal event older than the snapshot's newest was followed by a
+            # retry (RETRIED): the journal goes on.
+            if ev.kind in TERMINAL_EVENT_KINDS and (
+                    self.snapshot is None or self.snapshot.last_seq <= ev.seq):
                 self.terminal_event = ev
                 self.done = True
             return ev, True

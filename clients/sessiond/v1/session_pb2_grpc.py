@@ -64,6 +64,11 @@ class SessionServiceStub:
                 request_serializer=sessiond_dot_v1_dot_session__pb2.AddMessageRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_session__pb2.AddMessageResponse.FromString,
                 _registered_method=True)
+        self.AddMessages = channel.unary_unary(
+                '/sessiond.v1.SessionService/AddMessages',
+                request_serializer=sessiond_dot_v1_dot_session__pb2.AddMessagesRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_session__pb2.AddMessagesResponse.FromString,
+                _registered_method=True)
         self.UpdateToolPart = channel.unary_unary(
                 '/sessiond.v1.SessionService/UpdateToolPart',
                 request_serializer=sessiond_dot_v1_dot_session__pb2.UpdateToolPartRequest.SerializeToString,
@@ -140,6 +145,14 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddMessages(self, request, context):
+        """Appends several messages in one transaction: all are stored or none.
+        INVALID_ARGUMENT names the index of the first invalid message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateToolPart(self, request, context):
         """Sets the output and status of one tool part of a live message.
         """
@@ -209,6 +222,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.AddMessage,
                     request_deserializer=sessiond_dot_v1_dot_session__pb2.AddMessageRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_session__pb2.AddMessageResponse.SerializeToString,
+            ),
+            'AddMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMessages,
+                    request_deserializer=sessiond_dot_v1_dot_session__pb2.AddMessagesRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_session__pb2.AddMessagesResponse.SerializeToString,
             ),
             'UpdateToolPart': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateToolPart,
@@ -381,6 +399,33 @@ class SessionService:
             '/sessiond.v1.SessionService/AddMessage',
             sessiond_dot_v1_dot_session__pb2.AddMessageRequest.SerializeToString,
             sessiond_dot_v1_dot_session__pb2.AddMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.SessionService/AddMessages',
+            sessiond_dot_v1_dot_session__pb2.AddMessagesRequest.SerializeToString,
+            sessiond_dot_v1_dot_session__pb2.AddMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class SessionServiceStub:
     """Deletes a session with its messages, archives and usage; cancels its unfinished tasks."""
     AddMessage: _grpc.UnaryUnaryMultiCallable[_session_pb2.AddMessageRequest, _session_pb2.AddMessageResponse]
     """Appends a message to the live buffer. Acknowledged means durably stored."""
+    AddMessages: _grpc.UnaryUnaryMultiCallable[_session_pb2.AddMessagesRequest, _session_pb2.AddMessagesResponse]
+    """Appends several messages in one transaction: all are stored or none.
+    INVALID_ARGUMENT names the index of the first invalid message.
+    """
     UpdateToolPart: _grpc.UnaryUnaryMultiCallable[_session_pb2.UpdateToolPartRequest, _session_pb2.Message]
     """Sets the output and status of one tool part of a live message."""
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_session_pb2.RecordUsageRequest, _session_pb2.RecordUsageResponse]
@@ -85,6 +89,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Deletes a session with its messages, archives and usage; cancels its unfinished tasks."""
     AddMessage: _aio.UnaryUnaryMultiCallable[_session_pb2.AddMessageRequest, _session_pb2.AddMessageResponse]  # type: ignore[assignment]
     """Appends a message to the live buffer. Acknowledged means durably stored."""
+    AddMessages: _aio.UnaryUnaryMultiCallable[_session_pb2.AddMessagesRequest, _session_pb2.AddMessagesResponse]  # type: ignore[assignment]
+    """Appends several messages in one transaction: all are stored or none.
+    INVALID_ARGUMENT names the index of the first invalid message.
+    """
     UpdateToolPart: _aio.UnaryUnaryMultiCallable[_session_pb2.UpdateToolPartRequest, _session_pb2.Message]  # type: ignore[assignment]
     """Sets the output and status of one tool part of a live message."""
     RecordUsage: _aio.UnaryUnaryMultiCallable[_session_pb2.RecordUsageRequest, _session_pb2.RecordUsageResponse]  # type: ignore[assignment]
@@ -147,6 +155,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.AddMessageResponse, _abc.Awaitable[_session_pb2.AddMessageResponse]]:
         """Appends a message to the live buffer. Acknowledged means durably stored."""
+
+    @_abc_1.abstractmethod
+    def AddMessages(
+        self,
+        request: _session_pb2.AddMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.AddMessagesResponse, _abc.Awaitable[_session_pb2.AddMessagesResponse]]:
+        """Appends several messages in one transaction: all are stored or none.
+        INVALID_ARGUMENT names the index of the first invalid message.
+        """
 
     @_abc_1.abstractmethod
     def UpdateToolPart(

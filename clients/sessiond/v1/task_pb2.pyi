@@ -61,6 +61,10 @@ class _TaskEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskEve
     TASK_EVENT_KIND_COMPLETED: _TaskEventKind.ValueType  # 7
     TASK_EVENT_KIND_FAILED: _TaskEventKind.ValueType  # 8
     TASK_EVENT_KIND_CANCELLED: _TaskEventKind.ValueType  # 9
+    TASK_EVENT_KIND_RETRIED: _TaskEventKind.ValueType  # 10
+    """A FAILED or CANCELLED task was put back to PENDING (RetryTask or automatic
+    retry); `attempt` is the retry number. Not terminal: the journal goes on.
+    """
 
 class TaskEventKind(_TaskEventKind, metaclass=_TaskEventKindEnumTypeWrapper): ...
 
@@ -74,6 +78,10 @@ TASK_EVENT_KIND_CANCEL_REQUESTED: TaskEventKind.ValueType  # 6
 TASK_EVENT_KIND_COMPLETED: TaskEventKind.ValueType  # 7
 TASK_EVENT_KIND_FAILED: TaskEventKind.ValueType  # 8
 TASK_EVENT_KIND_CANCELLED: TaskEventKind.ValueType  # 9
+TASK_EVENT_KIND_RETRIED: TaskEventKind.ValueType  # 10
+"""A FAILED or CANCELLED task was put back to PENDING (RetryTask or automatic
+retry); `attempt` is the retry number. Not terminal: the journal goes on.
+"""
 Global___TaskEventKind: _TypeAlias = TaskEventKind  # noqa: Y015
 
 @_typing.final
@@ -127,6 +135,7 @@ class Task(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     task_type: _builtins.str
     """"session_commit"."""
@@ -142,6 +151,10 @@ class Task(_message.Message):
     last_seq: _builtins.int
     """Highest journal event number so far."""
     cancel_requested: _builtins.bool
+    retries: _builtins.int
+    """How many times the task was put back to PENDING by RetryTask or by the
+    server's automatic retry.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -176,10 +189,11 @@ class Task(_message.Message):
         attempts: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         cancel_requested: _builtins.bool = ...,
+        retries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_uri", b"archive_uri", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "result", b"result", "session_id", b"session_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_uri", b"archive_uri", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "result", b"result", "retries", b"retries", "session_id", b"session_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,3 +420,26 @@ class CancelTaskRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelTaskRequest: _TypeAlias = CancelTaskRequest  # noqa: Y015
+
+@_typing.final
+class RetryTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), like Commit's."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015

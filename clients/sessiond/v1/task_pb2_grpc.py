@@ -56,6 +56,11 @@ class TaskServiceStub:
                 request_serializer=sessiond_dot_v1_dot_task__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_task__pb2.Task.FromString,
                 _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/sessiond.v1.TaskService/RetryTask',
+                request_serializer=sessiond_dot_v1_dot_task__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_task__pb2.Task.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -92,6 +97,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryTask(self, request, context):
+        """A FAILED or CANCELLED session_commit task runs again from the first stage
+        that did not finish, as a new attempt of the same task (its journal goes on
+        with a RETRIED event). FAILED_PRECONDITION in any other state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
                     request_deserializer=sessiond_dot_v1_dot_task__pb2.CancelTaskRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_task__pb2.Task.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=sessiond_dot_v1_dot_task__pb2.RetryTaskRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_task__pb2.Task.SerializeToString,
             ),
     }
@@ -225,6 +244,33 @@ class TaskService:
             target,
             '/sessiond.v1.TaskService/CancelTask',
             sessiond_dot_v1_dot_task__pb2.CancelTaskRequest.SerializeToString,
+            sessiond_dot_v1_dot_task__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.TaskService/RetryTask',
+            sessiond_dot_v1_dot_task__pb2.RetryTaskRequest.SerializeToString,
             sessiond_dot_v1_dot_task__pb2.Task.FromString,
             options,
             channel_credentials,

@@ -45,6 +45,11 @@ class TaskServiceStub:
     """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.CancelTaskRequest, _task_pb2.Task]
     """Best effort: work stops at the next stage boundary; the task ends CANCELLED."""
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.RetryTaskRequest, _task_pb2.Task]
+    """A FAILED or CANCELLED session_commit task runs again from the first stage
+    that did not finish, as a new attempt of the same task (its journal goes on
+    with a RETRIED event). FAILED_PRECONDITION in any other state.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -63,6 +68,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     CancelTask: _aio.UnaryUnaryMultiCallable[_task_pb2.CancelTaskRequest, _task_pb2.Task]  # type: ignore[assignment]
     """Best effort: work stops at the next stage boundary; the task ends CANCELLED."""
+    RetryTask: _aio.UnaryUnaryMultiCallable[_task_pb2.RetryTaskRequest, _task_pb2.Task]  # type: ignore[assignment]
+    """A FAILED or CANCELLED session_commit task runs again from the first stage
+    that did not finish, as a new attempt of the same task (its journal goes on
+    with a RETRIED event). FAILED_PRECONDITION in any other state.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService tracks Phase 2 of commits as durable tasks.
@@ -102,5 +112,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.Task, _abc.Awaitable[_task_pb2.Task]]:
         """Best effort: work stops at the next stage boundary; the task ends CANCELLED."""
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _task_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.Task, _abc.Awaitable[_task_pb2.Task]]:
+        """A FAILED or CANCELLED session_commit task runs again from the first stage
+        that did not finish, as a new attempt of the same task (its journal goes on
+        with a RETRIED event). FAILED_PRECONDITION in any other state.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

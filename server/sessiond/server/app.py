@@ -18,6 +18,7 @@ from sessiond.server.domain.rules import utcnow
 from sessiond.server.embedders import build_embedder
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.observability import metrics, tracing
+from sessiond.server.phase2.autoretry import AutoRetry
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
@@ -115,6 +116,11 @@ class App:
                                    poll_seconds=settings.poll_seconds, secrets=secrets,
                                    embedder=self.embedder,
                                    per_identity=settings.worker_per_identity)
+        self.auto_retry = (AutoRetry(self.store, max_retries=settings.auto_retry_max,
+                                     backoff_seconds=settings.auto_retry_backoff_seconds,
+                                     backoff_max_seconds=settings.auto_retry_backoff_max_seconds,
+                                     interval_seconds=settings.auto_retry_interval_seconds)
+                           if settings.auto_retry_failed else None)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None
@@ -147,6 +153,9 @@ class App:
         if self._metrics_http is not None:
             self._background.append(asyncio.create_task(self._queue_gauges_loop(),
                                                         name="queue-gauges"))
+        if self.auto_retry is not None:
+            self._background.append(asyncio.create_task(self.auto_retry.run(),
+                                                        name="auto-retry"))
         host = self.settings.address.rsplit(":", 1)[0]
         log.info("sessiond listening on %s:%d (store %s, engine %s, embedder %s; %s)", host,
                  self.port, self._store_kind, self.engine.name,

@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(f"--limit-{f.name.replace('_', '-')}", type=int,
                            default=getattr(env.limits, f.name), metavar="N",
                            help=f"limit {f.name} (docs/api.md)")
+    serve.add_argument("--auto-retry-failed", action=argparse.BooleanOptionalAction,
+                       default=env.auto_retry_failed,
+                       help="retry FAILED Phase 2 tasks whose error is UNAVAILABLE or "
+                            "DEADLINE_EXCEEDED automatically, with exponential backoff")
+    serve.add_argument("--auto-retry-max", type=int, default=env.auto_retry_max,
+                       help="automatic retries per task at most")
+    serve.add_argument("--auto-retry-backoff", type=float,
+                       default=env.auto_retry_backoff_seconds,
+                       help="seconds before the first automatic retry; doubles each time")
+    serve.add_argument("--auto-retry-backoff-max", type=float,
+                       default=env.auto_retry_backoff_max_seconds,
+                       help="longest wait between automatic retries, seconds")
     add_security_flags(serve, env)
     add_embedder_flags(serve, env)
     add_observability_flags(serve, env.observe)
@@ -130,6 +142,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     for name in ("read", "write", "commit"):
         setattr(s.rate_limits, name, getattr(ns, f"rate_limit_{name}"))
         setattr(s.rate_limits, f"{name}_burst", getattr(ns, f"rate_limit_{name}_burst"))
+    s.auto_retry_failed, s.auto_retry_max = ns.auto_retry_failed, ns.auto_retry_max
+    s.auto_retry_backoff_seconds = ns.auto_retry_backoff
+    s.auto_retry_backoff_max_seconds = ns.auto_retry_backoff_max
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
     apply_observability_flags(ns, s.observe)

@@ -112,6 +112,13 @@ class Settings:
     sweep_interval_seconds: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024  # gRPC frame size, both directions
     limits: Limits = field(default_factory=Limits)
+    # Automatic retry of FAILED tasks with a passing error (UNAVAILABLE,
+    # DEADLINE_EXCEEDED): off by default; backoff base, 2 x base, ... capped.
+    auto_retry_failed: bool = False
+    auto_retry_max: int = 3
+    auto_retry_backoff_seconds: float = 30.0
+    auto_retry_backoff_max_seconds: float = 900.0
+    auto_retry_interval_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> Settings:

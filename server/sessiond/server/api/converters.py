@@ -8,6 +8,8 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from sessiond.server.domain import rules
+from sessiond.server.domain.commands import AddedMessage, NewMessage
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.recall import RecallKind, RecallResult
 from sessiond.server.domain.values import (
@@ -63,7 +65,8 @@ _KIND_OUT: dict[EventKind, Any] = {EventKind.CREATED: task_pb2.TASK_EVENT_KIND_C
              EventKind.CANCEL_REQUESTED: task_pb2.TASK_EVENT_KIND_CANCEL_REQUESTED,
              EventKind.COMPLETED: task_pb2.TASK_EVENT_KIND_COMPLETED,
              EventKind.FAILED: task_pb2.TASK_EVENT_KIND_FAILED,
-             EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED}
+             EventKind.CANCELLED: task_pb2.TASK_EVENT_KIND_CANCELLED,
+             EventKind.RETRIED: task_pb2.TASK_EVENT_KIND_RETRIED}
 _CAT_IN: dict[int, MemoryCategory] = {memory_pb2.MEMORY_CATEGORY_PROFILE: MemoryCategory.PROFILE,
            memory_pb2.MEMORY_CATEGORY_PREFERENCES: MemoryCategory.PREFERENCES,
            memory_pb2.MEMORY_CATEGORY_ENTITIES: MemoryCategory.ENTITIES,
@@ -219,7 +222,24 @@ def part_out(p: Part) -> session_pb2.Part:
 def message_out(m: Message) -> session_pb2.Message:
     return session_pb2.Message(id=m.id, role=_ROLE_OUT[m.role],
                                parts=[part_out(p) for p in m.parts],
-                               created_at=ts(m.created_at), seq=m.seq)
+                               created_at=ts(m.created_at), seq=m.seq,
+                               client_message_id=m.client_message_id)
+
+
+def new_messages_in(items: list[session_pb2.NewMessage]) -> list[NewMessage]:
+    """The batch of AddMessages; an invalid item is INVALID_ARGUMENT naming its index."""
+    out: list[NewMessage] = []
+    for i, m in enumerate(items):
+        try:
+            out.append(NewMessage(role_in(m.role), tuple(parts_in(list(m.parts))),
+                                  m.client_message_id))
+        except InvalidArgument as exc:
+            raise rules.at_index(f"messages[{i}]", exc) from None
+    return out
+
+
+def added_out(a: AddedMessage) -> session_pb2.AddedMessage:
+    return session_pb2.AddedMessage(message=message_out(a.message), duplicate=a.duplicate)
 
 
 def archive_out(a: Archive, messages: list[Message] | None = None) -> session_pb2.Archive:
@@ -258,7 +278,8 @@ def task_out(t: Task) -> task_pb2.Task:
         archive_uri=t.archive_uri, state=_STATE_OUT[t.state], stage=t.stage.value,
         created_at=ts(t.created_at), started_at=ts(t.started_at), updated_at=ts(t.updated_at),
         finished_at=ts(t.finished_at), result=result_out(t.result), error=error_out(t.error),
-        attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested)
+        attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested,
+        retries=t.retries)
 
 
 def event_out(e: TaskEvent) -> task_pb2.TaskEvent:

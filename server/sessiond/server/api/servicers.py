@@ -94,10 +94,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @unary
     async def AddMessage(self, request: session_pb2.AddMessageRequest, context: Ctx
                          ) -> session_pb2.AddMessageResponse:
-        msg = await self.sessions.add_message(
+        added = await self.sessions.add_message(
             identity_of(context), request.session_id, cv.role_in(request.role),
-            cv.parts_in(list(request.parts)), request.request_id, fingerprint(request))
-        return session_pb2.AddMessageResponse(message=cv.message_out(msg))
+            cv.parts_in(list(request.parts)), request.request_id, fingerprint(request),
+            request.client_message_id)
+        return session_pb2.AddMessageResponse(message=cv.message_out(added.message),
+                                              duplicate=added.duplicate)
+
+    @unary
+    async def AddMessages(self, request: session_pb2.AddMessagesRequest, context: Ctx
+                          ) -> session_pb2.AddMessagesResponse:
+        added = await self.sessions.add_messages(
+            identity_of(context), request.session_id, cv.new_messages_in(list(request.messages)),
+            request.request_id, fingerprint(request))
+        return session_pb2.AddMessagesResponse(results=[cv.added_out(a) for a in added])
 
     @unary
     async def UpdateToolPart(self, request: session_pb2.UpdateToolPartRequest, context: Ctx
@@ -211,6 +221,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: Ctx
                          ) -> task_pb2.Task:
         return cv.task_out(await self.tasks.cancel(identity_of(context), request.task_id))
+
+    @unary
+    async def RetryTask(self, request: task_pb2.RetryTaskRequest, context: Ctx
+                        ) -> task_pb2.Task:
+        return cv.task_out(await self.tasks.retry(identity_of(context), request.task_id,
+                                                  request.request_id, fingerprint(request)))
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):

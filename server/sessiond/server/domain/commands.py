@@ -13,6 +13,9 @@ from sessiond.server.domain.values import (
     CandidateMemory,
     Identity,
     MemoryCounts,
+    Message,
+    Part,
+    Role,
     Task,
     TokenUsage,
 )
@@ -34,6 +37,24 @@ class RequestKey:
     @staticmethod
     def fingerprint_of(payload: bytes) -> str:
         return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One message of an AddMessages request, before it gets an id."""
+
+    role: Role
+    parts: tuple[Part, ...]
+    client_message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddedMessage:
+    """One message of an append: the stored message, and whether its client id had
+    been stored before (then nothing was stored and `message` is the earlier one)."""
+
+    message: Message
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)

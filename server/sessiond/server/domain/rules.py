@@ -130,6 +130,27 @@ def check_usage(context_uris: Sequence[str], skill: SkillUse | None,
         raise InvalidArgument("usage is not valid", violations=bad)
 
 
+MAX_BATCH_MESSAGES = 1000
+MAX_CLIENT_MESSAGE_ID = 128
+
+
+def check_client_message_id(value: str, field: str = "client_message_id") -> None:
+    if len(value) > MAX_CLIENT_MESSAGE_ID:
+        raise InvalidArgument(f"{field} is too long", violations=[
+            FieldViolation(field, f"at most {MAX_CLIENT_MESSAGE_ID} characters")])
+    if value and (value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise InvalidArgument(f"{field} is not valid", violations=[
+            FieldViolation(field, "no control characters, no leading or trailing spaces")])
+
+
+def at_index(prefix: str, error: InvalidArgument) -> InvalidArgument:
+    """The same error about the item `prefix` (e.g. "messages[3]") of a batch."""
+    return InvalidArgument(f"{prefix} is not valid: {error.message}", reason=error.reason,
+                           violations=[FieldViolation(f"{prefix}.{v.field}", v.description)
+                                       for v in error.violations]
+                           or [FieldViolation(prefix, error.message)])
+
+
 def page_size(requested: int, limits: Limits = DEFAULT_LIMITS) -> int:
     if requested < 0:
         raise InvalidArgument("page_size must not be negative",

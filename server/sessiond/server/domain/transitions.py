@@ -186,6 +186,46 @@ def finalized(task: Task, now: datetime) -> Transition:
                       changes=_ended(now, done_stage=Stage.FINALIZE, result=result))
 
 
+def retried(task: Task, now: datetime, *, automatic: bool = False) -> Transition | None:
+    """A FAILED or CANCELLED task goes back to PENDING as a new attempt of the same
+    task: finished stages (and their token usage) are kept, the first stage not done
+    runs next, the error and the cancel flag are cleared. Any other state: None."""
+    if task.state not in (TaskState.FAILED, TaskState.CANCELLED):
+        return None
+    n = task.retries + 1
+    resume = next_stage_after(task.done_stage)
+    why = task.error.reason or task.error.code.value if task.error else task.state.value
+    who = "automatic retry" if automatic else "retry"
+    msg = (f"{who} {n} after {task.state.value} ({why}); resumes at {resume.value}"
+           + (f", {task.done_stage.value} and earlier kept"
+              if task.done_stage is not Stage.QUEUED else ""))
+    return Transition(EventKind.RETRIED, TaskState.PENDING, resume, msg, attempt=n,
+                      changes={"retries": n, "error": None, "finished_at": None,
+                               "cancel_requested": False, "lease_owner": "",
+                               "lease_expires_at": None})
+
+
+# Task errors the automatic retry takes as passing (an outage, a timeout).
+AUTO_RETRY_CODES: tuple[ErrorCode, ...] = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+
+
+def auto_retry_delay(retries: int, base_seconds: float, max_seconds: float) -> float:
+    """Seconds after a failure before automatic retry number `retries` + 1:
+    base, 2 x base, 4 x base, ... capped at max_seconds."""
+    return min(max_seconds, base_seconds * (2.0 ** min(retries, 32)))
+
+
+def auto_retry_due(task: Task, now: datetime, max_retries: int, base_seconds: float,
+                   max_seconds: float) -> bool:
+    """A FAILED task with a passing error, retries left and its backoff elapsed."""
+    if (task.state is not TaskState.FAILED or task.error is None
+            or task.error.code not in AUTO_RETRY_CODES or task.retries >= max_retries):
+        return False
+    failed_at = task.finished_at or task.updated_at
+    delay = auto_retry_delay(task.retries, base_seconds, max_seconds)
+    return (now - failed_at).total_seconds() >= delay
+
+
 def token_columns(usage: TokenUsage) -> dict[str, int]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
 

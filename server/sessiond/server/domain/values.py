@@ -106,6 +106,8 @@ class Message:
     parts: tuple[Part, ...]
     created_at: datetime
     seq: int = 0
+    # The client's own id, unique per session ("" when none was given).
+    client_message_id: str = ""
 
     def text(self) -> str:
         """The message's text parts joined; what summaries and extraction read."""
@@ -294,6 +296,8 @@ class EventKind(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A FAILED or CANCELLED task put back to PENDING; the journal goes on.
+    RETRIED = "retried"
 
     @property
     def terminal(self) -> bool:
@@ -360,6 +364,8 @@ class Task:
     active_count_updated: int = 0
     # The Commit's trace context (opaque to the domain; see CommitPlan.trace_context).
     trace_context: str = ""
+    # Times RetryTask (or the automatic retry) put the task back to PENDING.
+    retries: int = 0
 
     @property
     def archive_uri(self) -> str:

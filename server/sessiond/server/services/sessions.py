@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sessiond.server.domain import rules
-from sessiond.server.domain.commands import RequestKey
+from sessiond.server.domain.commands import AddedMessage, NewMessage, RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page, index_cursor
@@ -89,13 +89,41 @@ class SessionManager:
 
     async def add_message(self, identity: Identity, session_id: str, role: Role,
                           parts: Sequence[Part], request_id: str = "",
-                          fingerprint: bytes = b"") -> Message:
+                          fingerprint: bytes = b"", client_message_id: str = ""
+                          ) -> AddedMessage:
         rules.check_session_id(session_id)
         rules.check_parts(parts, self.limits)
+        rules.check_client_message_id(client_message_id)
         req = request_key(identity, "AddMessage", request_id, fingerprint, self.limits)
         msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
-                      created_at=rules.utcnow())
-        return await self.store.add_message(identity, session_id, msg, req)
+                      created_at=rules.utcnow(), client_message_id=client_message_id)
+        if client_message_id:
+            return (await self.store.add_messages(identity, session_id, [msg], req))[0]
+        return AddedMessage(await self.store.add_message(identity, session_id, msg, req))
+
+    async def add_messages(self, identity: Identity, session_id: str,
+                           batch: Sequence[NewMessage], request_id: str = "",
+                           fingerprint: bytes = b"") -> list[AddedMessage]:
+        """All or nothing; an invalid message is INVALID_ARGUMENT naming its index."""
+        rules.check_session_id(session_id)
+        if not batch:
+            raise InvalidArgument("messages must not be empty", violations=[
+                FieldViolation("messages", "give at least one message")])
+        if len(batch) > rules.MAX_BATCH_MESSAGES:
+            raise InvalidArgument("too many messages", violations=[
+                FieldViolation("messages", f"at most {rules.MAX_BATCH_MESSAGES} per call")])
+        for i, m in enumerate(batch):
+            try:
+                rules.check_parts(m.parts, self.limits)
+                rules.check_client_message_id(m.client_message_id)
+            except InvalidArgument as exc:
+                raise rules.at_index(f"messages[{i}]", exc) from None
+        req = request_key(identity, "AddMessages", request_id, fingerprint, self.limits)
+        now = rules.utcnow()
+        msgs = [Message(id=rules.new_message_id(), role=m.role, parts=tuple(m.parts),
+                        created_at=now, client_message_id=m.client_message_id)
+                for m in batch]
+        return await self.store.add_messages(identity, session_id, msgs, req)
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus) -> Message:

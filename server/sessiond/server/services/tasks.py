@@ -15,6 +15,7 @@ from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
 from sessiond.server.observability import metrics
 from sessiond.server.services.hub import EventHub
+from sessiond.server.services.sessions import request_key
 from sessiond.server.store.base import Store
 
 
@@ -66,11 +67,22 @@ class TaskManager:
         await self.get(identity, task_id)
         return await self.store.request_cancel(task_id, rules.utcnow())
 
+    async def retry(self, identity: Identity, task_id: str, request_id: str = "",
+                    fingerprint: bytes = b"") -> Task:
+        """A FAILED or CANCELLED task runs again from its first unfinished stage."""
+        if not task_id:
+            raise InvalidArgument("task_id is required", violations=[
+                FieldViolation("task_id", "must not be empty")])
+        req = request_key(identity, "RetryTask", request_id, fingerprint, self.limits)
+        return await self.store.retry_task(identity, task_id, rules.utcnow(), req)
+
     async def watch(self, identity: Identity, task_id: str, after_seq: int
                     ) -> AsyncIterator[WatchItem]:
         """Snapshot, then every event with seq > after_seq in order, heartbeats while
-        idle; returns after the terminal event. Raises before yielding anything when
-        the task is unknown or after_seq is not a position of its journal."""
+        idle; returns after a terminal event that is the newest of the journal (one
+        followed by RETRIED, from a retry, does not end the stream). Raises before
+        yielding anything when the task is unknown or after_seq is not a position of
+        its journal."""
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
@@ -92,20 +104,23 @@ class TaskManager:
                                  metadata={"first_seq": str(task.first_seq)})
             yield task
             last = after_seq
+            # A terminal event older than the snapshot's newest was followed by a retry.
+            newest = task.last_seq
             if task.state.terminal and last >= task.last_seq:
                 return
             need_read = True
             last_sent = time.monotonic()
             while True:
                 if need_read:
-                    for ev in await self.store.list_events(task_id, last):
+                    batch = await self.store.list_events(task_id, last)
+                    for i, ev in enumerate(batch):
                         if ev.seq != last + 1:
                             raise OutOfRange(f"event {last + 1} of task {task_id} is no longer "
                                              "kept", reason="SEQ_COMPACTED")
                         yield ev
                         last = ev.seq
                         last_sent = time.monotonic()
-                        if ev.kind.terminal:
+                        if ev.kind.terminal and i == len(batch) - 1 and ev.seq >= newest:
                             return
                     need_read = False
                 if self._closing.is_set():
@@ -124,14 +139,14 @@ class TaskManager:
                 if lagged or not fresh or fresh[0].seq != last + 1:
                     need_read = True
                     continue
-                for ev in fresh:
+                for i, ev in enumerate(fresh):
                     if ev.seq != last + 1:
                         need_read = True
                         break
                     yield ev
                     last = ev.seq
                     last_sent = time.monotonic()
-                    if ev.kind.terminal:
+                    if ev.kind.terminal and i == len(fresh) - 1 and ev.seq >= newest:
                         return
         finally:
             metrics.WATCHERS.dec()

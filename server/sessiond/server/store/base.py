@@ -17,12 +17,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sessiond.server.domain.commands import (
+    AddedMessage,
     CommitOutcome,
     CommitPlan,
     RequestKey,
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -150,6 +152,16 @@ class Store(abc.ABC):
         would exceed `limits.live_bytes_per_session` bytes."""
 
     @abc.abstractmethod
+    async def add_messages(self, identity: Identity, session_id: str,
+                           messages: Sequence[Message],
+                           request: RequestKey | None = None) -> list[AddedMessage]:
+        """Append `messages` in order in one transaction (all or none), one result per
+        message. A `client_message_id` is unique per session: a message whose client id
+        is already stored (or appears earlier in the batch) is not stored again; its
+        result is the stored message with `duplicate`. A replayed request returns the
+        original results. `NotFound` when the session is absent."""
+
+    @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
                                now: datetime,
@@ -227,6 +239,26 @@ class Store(abc.ABC):
         """PENDING and not leased: CANCELLED at once (terminal event). RUNNING: the
         cancel flag is set (CANCEL_REQUESTED event); the worker stops at the next
         stage boundary. Terminal: unchanged. `NotFound` when absent."""
+
+    @abc.abstractmethod
+    async def retry_task(self, identity: Identity, task_id: str, now: datetime,
+                         request: RequestKey | None = None, *,
+                         automatic: bool = False) -> Task:
+        """A FAILED or CANCELLED session_commit task of `identity` back to PENDING with
+        a RETRIED event (finished stages and their token usage kept, error and cancel
+        flag cleared, `retries` + 1). `NotFound` when absent or another identity's;
+        `FailedPrecondition` in any other state or when its archive is gone or not
+        PENDING. A replayed `request` returns the task as it is now.
+
+        Order: the claim runs a task only when every lower-index task of its session
+        is terminal and no other task of the session is RUNNING, so a retried archive
+        runs before later archives that have not started and after those running."""
+
+    @abc.abstractmethod
+    async def auto_retry_candidates(self, codes: tuple[ErrorCode, ...], max_retries: int,
+                                    limit: int = 100) -> list[Task]:
+        """FAILED tasks whose error code is one of `codes`, with fewer than
+        `max_retries` retries and their archive still PENDING; oldest failure first."""
 
     # -- tasks: the worker side; every write checks the caller still holds the lease
     @abc.abstractmethod

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from datetime import datetime
 
 from sessiond.server.domain import rules
-from sessiond.server.domain.commands import RequestKey
+from sessiond.server.domain.commands import AddedMessage, RequestKey
 from sessiond.server.domain.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -67,6 +68,102 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
         codec.encode_parts(message.parts), tx.d.ts(message.created_at), size)
     await requests.remember(tx, request, {"message_id": message.id}, message.created_at)
     return dataclasses.replace(message, seq=int(seq))
+
+
+async def add_batch(tx: Tx, identity: Identity, session_id: str,
+                    batch: Sequence[Message], request: RequestKey | None,
+                    limits: Limits = DEFAULT_LIMITS) -> list[AddedMessage]:
+    """Append `batch` in order, all or nothing. A message whose client id is already
+    stored in the session (or earlier in the batch) is not stored again: its result
+    is the stored message, marked duplicate. The live quotas count every message
+    stored: when they would be exceeded nothing is stored (`QuotaExceeded`)."""
+    skey = codec.session_key(identity, session_id)
+    previous = await requests.replay(tx, request)
+    if previous is not None:
+        return await _replayed(tx, skey, previous)
+    # The session row lock serializes appends that check client ids across replicas.
+    await sessions.require(tx, identity, session_id, lock=True)
+    cids = list(dict.fromkeys(m.client_message_id for m in batch if m.client_message_id))
+    known: dict[str, Message] = {}
+    for chunk in range(0, len(cids), 500):
+        part = cids[chunk:chunk + 500]
+        rows = await tx.fetch(
+            f"SELECT * FROM messages WHERE skey=? AND client_message_id IN "
+            f"({','.join('?' * len(part))})", skey, *part)
+        known.update((r["client_message_id"], tx.d.rows.message(r)) for r in rows)
+    # Each item is either an earlier stored message or the index of a fresh one.
+    plan: list[Message | int] = []
+    fresh: list[Message] = []
+    first_of: dict[str, int] = {}  # client id -> index in fresh
+    for m in batch:
+        cid = m.client_message_id
+        if cid and cid in known:
+            plan.append(known[cid])
+        elif cid and cid in first_of:
+            plan.append(first_of[cid])
+        else:
+            if cid:
+                first_of[cid] = len(fresh)
+            plan.append(len(fresh))
+            fresh.append(m)
+    stored: list[Message] = []
+    if fresh:
+        sizes = [rules.message_bytes(m.parts) for m in fresh]
+        total, n = sum(sizes), len(fresh)
+        first = await tx.fetchval(
+            "UPDATE sessions SET next_seq=next_seq+?, message_count=message_count+?, "
+            "live_count=live_count+?, live_bytes=live_bytes+?, updated_at=? "
+            "WHERE skey=? AND live_count+?<=? AND live_bytes+?<=? RETURNING next_seq-?",
+            n, n, n, total, tx.d.ts(fresh[-1].created_at), skey,
+            n, limits.live_messages_per_session, total, limits.live_bytes_per_session, n)
+        if first is None:
+            raise await batch_quota_refusal(tx, identity, session_id, n, limits)
+        stored = [dataclasses.replace(m, seq=int(first) + i) for i, m in enumerate(fresh)]
+        await tx.executemany(
+            "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size, "
+            "client_message_id) VALUES (?,?,?,?,?,?,?,?)",
+            [(skey, m.seq, m.id, m.role.value, codec.encode_parts(m.parts),
+              tx.d.ts(m.created_at), size, m.client_message_id or None)
+             for m, size in zip(stored, sizes, strict=True)])
+    results: list[AddedMessage] = []
+    seen: set[int] = set()
+    for item in plan:
+        if isinstance(item, Message):
+            results.append(AddedMessage(item, duplicate=True))
+        else:
+            results.append(AddedMessage(stored[item], duplicate=item in seen))
+            seen.add(item)
+    await requests.remember(tx, request, {"message_ids": [r.message.id for r in results],
+                                          "duplicates": [r.duplicate for r in results]},
+                            batch[0].created_at)
+    return results
+
+
+async def batch_quota_refusal(tx: Tx, identity: Identity, session_id: str, count: int,
+                              limits: Limits) -> SessiondError:
+    """Why appending `count` messages within the quotas changed no session row."""
+    found = await sessions.row(tx, identity, session_id)
+    if found is None:
+        return sessions.not_found(session_id)
+    if int(found["live_count"]) + count > limits.live_messages_per_session:
+        return live_messages_exceeded(session_id, limits)
+    return live_bytes_exceeded(session_id, limits)
+
+
+async def _replayed(tx: Tx, skey: str, previous: dict[str, list[object]]
+                    ) -> list[AddedMessage]:
+    ids = [str(i) for i in previous["message_ids"]]
+    found: dict[str, Message] = {}
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk:chunk + 500]
+        rows = await tx.fetch(f"SELECT * FROM messages WHERE skey=? AND message_id IN "
+                              f"({','.join('?' * len(part))})", skey, *part)
+        found.update((r["message_id"], tx.d.rows.message(r)) for r in rows)
+    if len(found) != len(set(ids)):
+        raise NotFound("the messages of this request_id no longer exist",
+                       reason="MESSAGE_NOT_FOUND")
+    return [AddedMessage(found[i], bool(d)) for i, d in zip(ids, previous["duplicates"],
+                                                             strict=True)]
 
 
 async def update_tool_part(tx: Tx, identity: Identity, session_id: str, message_id: str,

@@ -62,7 +62,8 @@ class RowMapper:
     def message(self, row: Row) -> Message:
         return Message(id=row["message_id"], role=Role(row["role"]),
                        parts=codec.decode_parts(row["parts"]),
-                       created_at=self._req(row["created_at"]), seq=row["seq"])
+                       created_at=self._req(row["created_at"]), seq=row["seq"],
+                       client_message_id=row["client_message_id"] or "")
 
     def archive(self, row: Row) -> Archive:
         return Archive(session_id=row["session_id"], index=row["idx"],
@@ -93,7 +94,7 @@ class RowMapper:
             lease_expires_at=self._ts(row["lease_expires_at"]),
             memory_counts=codec.decode_counts(row["memory_counts"]),
             active_count_updated=row["active_count_updated"],
-            trace_context=row["trace_context"])
+            trace_context=row["trace_context"], retries=row["retries"])
 
     def event(self, row: Row) -> TaskEvent:
         return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),

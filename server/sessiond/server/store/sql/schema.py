@@ -240,6 +240,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE tasks ADD COLUMN trace_context TEXT NOT NULL DEFAULT '';
     ${extra}
     """),
+    Migration(8, "task retries, client message ids", """
+    ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN client_message_id ${key};
+    CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without
@@ -251,6 +257,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 def pending(found: int) -> tuple[Migration, ...]:
     """The migrations a store at version `found` still needs, in order."""
     return tuple(m for m in MIGRATIONS if m.version > found)
+
 
 # The tables the migrations create (besides the version table).
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",

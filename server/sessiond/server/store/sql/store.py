@@ -13,12 +13,14 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sessiond.server.domain.commands import (
+    AddedMessage,
     CommitOutcome,
     CommitPlan,
     RequestKey,
     StageOutput,
     SweepResult,
 )
+from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -60,6 +62,7 @@ from sessiond.server.store.sql import (
     tasks,
     vectors,
 )
+from sessiond.server.store.sql import messages as msgs
 from sessiond.server.store.sql.tx import Announce, Tx
 
 T = TypeVar("T")
@@ -107,6 +110,12 @@ class SqlStore(Store):
                           request: RequestKey | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
                                                          request, self.limits))
+
+    async def add_messages(self, identity: Identity, session_id: str,
+                           messages: Sequence[Message],
+                           request: RequestKey | None = None) -> list[AddedMessage]:
+        return await self._write(lambda tx: msgs.add_batch(tx, identity, session_id, messages,
+                                                           request, self.limits))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
@@ -172,6 +181,16 @@ class SqlStore(Store):
 
     async def request_cancel(self, task_id: str, now: datetime) -> Task:
         return await self._write(lambda tx: tasks.request_cancel(tx, task_id, now))
+
+    async def retry_task(self, identity: Identity, task_id: str, now: datetime,
+                         request: RequestKey | None = None, *,
+                         automatic: bool = False) -> Task:
+        return await self._write(lambda tx: tasks.retry(tx, identity, task_id, now, request,
+                                                        automatic=automatic))
+
+    async def auto_retry_candidates(self, codes: tuple[ErrorCode, ...], max_retries: int,
+                                    limit: int = 100) -> list[Task]:
+        return await self._read(lambda tx: tasks.failed_below(tx, codes, max_retries, limit))
 
     async def claim_task(self, worker_id: str, now: datetime, lease_until: datetime,
                          announce: bool = False,

@@ -8,9 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from sessiond.server.domain import transitions as tr
-from sessiond.server.domain.errors import LeaseLost, NotFound
+from sessiond.server.domain.commands import RequestKey
+from sessiond.server.domain.errors import ErrorCode, FailedPrecondition, LeaseLost, NotFound
 from sessiond.server.domain.pages import Page, page_of, read_task_cursor, task_cursor
 from sessiond.server.domain.values import (
+    TASK_TYPE_COMMIT,
+    ArchiveState,
     CommitResult,
     Identity,
     MemoryCounts,
@@ -23,6 +26,7 @@ from sessiond.server.domain.values import (
     TokenUsage,
 )
 from sessiond.server.store import codec
+from sessiond.server.store.sql import requests
 from sessiond.server.store.sql.tx import Tx
 
 OPEN = (TaskState.PENDING.value, TaskState.RUNNING.value)
@@ -150,9 +154,12 @@ async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
     """Fair claim: among runnable tasks (per-session archive order kept), those of the
     identity with the fewest tasks running under a live lease come first, then the
     oldest; an identity already running `max_running_per_identity` (0: no cap) gets
-    none. So one identity's backlog cannot starve another's."""
+    none. So one identity's backlog cannot starve another's. A task is runnable only
+    when every lower-index task of its session is finished and no other task of its
+    session runs (a retried task waits for a later archive that is running)."""
     cap = " AND COALESCE(b.n, 0)<?" if max_running_per_identity > 0 else ""
-    args: list[Any] = [TaskState.RUNNING.value, tx.d.ts(now), *OPEN, tx.d.ts(now), *OPEN]
+    args: list[Any] = [TaskState.RUNNING.value, tx.d.ts(now), *OPEN, tx.d.ts(now), *OPEN,
+                       TaskState.RUNNING.value]
     if cap:
         args.append(max_running_per_identity)
     row = await tx.fetchrow(
@@ -163,7 +170,10 @@ async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
         "WHERE t.state IN (?,?) "
         "AND (t.lease_expires_at IS NULL OR t.lease_expires_at<?) "
         "AND NOT EXISTS (SELECT 1 FROM tasks p WHERE p.skey=t.skey "
-        "  AND p.archive_index<t.archive_index AND p.state IN (?,?))" + cap +
+        "  AND p.archive_index<t.archive_index AND p.state IN (?,?)) "
+        # A retried task waits for a later archive of its session that is running.
+        "AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.skey=t.skey "
+        "  AND r.task_id<>t.task_id AND r.state=?)" + cap +
         " ORDER BY COALESCE(b.n, 0), t.created_at, t.task_id LIMIT 1" + tx.d.claim_lock("t"),
         *args)
     if row is None:
@@ -219,3 +229,60 @@ async def fail(tx: Tx, task_id: str, worker_id: str | None, error: TaskError,
 async def cancel(tx: Tx, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
     task = await leased(tx, task_id, worker_id)
     return (await apply(tx, task, tr.cancelled(task, now), now))[0]
+
+
+async def retry(tx: Tx, identity: Identity, task_id: str, now: datetime,
+                request: RequestKey | None, *, automatic: bool = False) -> Task:
+    """Put a FAILED or CANCELLED session_commit task back to PENDING (a RETRIED event);
+    its archive must still be there and PENDING. A replayed request returns the task
+    as it is now."""
+    previous = await requests.replay(tx, request)
+    task = await get(tx, task_id, lock=previous is None)
+    if task is None or task.identity != identity:
+        raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND",
+                       metadata={"task_id": task_id})
+    if previous is not None:
+        return task
+    if task.task_type != TASK_TYPE_COMMIT:
+        raise FailedPrecondition(f"task {task_id} is a {task.task_type} task; only "
+                                 f"{TASK_TYPE_COMMIT} tasks can be retried",
+                                 reason="TASK_NOT_RETRYABLE", metadata={"task_id": task_id})
+    t = tr.retried(task, now, automatic=automatic)
+    if t is None:
+        raise FailedPrecondition(
+            f"task {task_id} is {task.state.value.upper()}; only FAILED or CANCELLED tasks "
+            "can be retried", reason="TASK_NOT_RETRYABLE",
+            metadata={"task_id": task_id, "state": task.state.value.upper()})
+    archive = await tx.fetchval("SELECT state FROM archives WHERE skey=? AND idx=?",
+                                codec.session_key(task.identity, task.session_id),
+                                task.archive_index)
+    if archive is None:
+        raise FailedPrecondition(f"the archive of task {task_id} no longer exists (session "
+                                 "deleted)", reason="ARCHIVE_GONE",
+                                 metadata={"task_id": task_id})
+    if archive != ArchiveState.PENDING.value:
+        raise FailedPrecondition(f"the archive of task {task_id} is {archive}, not pending",
+                                 reason="ARCHIVE_NOT_PENDING", metadata={"task_id": task_id})
+    _, task = await apply(tx, task, t, now)
+    await requests.remember(tx, request, {"task_id": task_id}, now)
+    tx.announce.work = True
+    return task
+
+
+async def failed_below(tx: Tx, codes: tuple[ErrorCode, ...], max_retries: int,
+                       limit: int) -> list[Task]:
+    """FAILED tasks with one of `codes`, fewer than `max_retries` retries and their
+    archive still PENDING; oldest failure first."""
+    if not codes:
+        return []
+    # Errors are stored as {"code":...,...} (codec.encode_error): match the prefix.
+    like = " OR ".join("t.error LIKE ?" for _ in codes)
+    rows = await tx.fetch(
+        f"SELECT t.* FROM tasks t WHERE t.state=? AND t.retries<? AND ({like}) "
+        "AND EXISTS (SELECT 1 FROM archives a WHERE a.skey=t.skey "
+        "  AND a.idx=t.archive_index AND a.state=?) "
+        "ORDER BY t.finished_at, t.task_id LIMIT ?",
+        TaskState.FAILED.value, max_retries,
+        *(codec.dumps({"code": c.value})[:-1] + ",%" for c in codes),
+        ArchiveState.PENDING.value, limit)
+    return [tx.d.rows.task(r) for r in rows]
