@@ -17,7 +17,7 @@ from sessiond.server.domain.values import Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
-from sessiond.server.store.base import Store
+from sessiond.server.store.base import Store, background_writes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,11 @@ class Phase2Worker:
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
     async def _run(self, task: Task) -> None:
+        ident = task.identity
+        with background_writes(f"{ident.account}/{ident.user}/{ident.agent}"):
+            await self._run_task(task)
+
+    async def _run_task(self, task: Task) -> None:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
             try:

@@ -13,7 +13,9 @@ an unreachable database raises `Unavailable`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 
 from sessiond.server.domain.commands import (
@@ -61,6 +63,22 @@ WorkListener = Callable[[], None]
 # Called with a task id when ANOTHER process appended journal events for it
 # (PostgreSQL LISTEN/NOTIFY); watchers of that task re-read the journal.
 RemoteEventListener = Callable[[str], None]
+
+
+# "" (the default): a write made for a call. Else the key of a background writer
+# (Phase 2 sets its task's identity); a store with a single writer orders writes
+# fairly by it (SQLite: calls first, then background keys round-robin).
+WRITE_KEY: ContextVar[str] = ContextVar("sessiond_write_key", default="")
+
+
+@contextlib.contextmanager
+def background_writes(key: str) -> Iterator[None]:
+    """Store writes made in this context are background writes of `key`."""
+    token = WRITE_KEY.set(key or "background")
+    try:
+        yield
+    finally:
+        WRITE_KEY.reset(token)
 
 
 class Store(abc.ABC):

@@ -1,17 +1,31 @@
 """SQLite access for asyncio: one writer thread with group commit, pooled readers.
 
-Concurrent writes are coalesced: the writer takes every queued operation, runs each
+Concurrent writes are coalesced: the writer takes the queued operations, runs each
 inside its own SAVEPOINT of one `BEGIN IMMEDIATE` transaction and commits once, so
 N concurrent calls cost one fsync. An operation that raises rolls back only its own
 savepoint. Futures resolve after the COMMIT returned: acknowledged means durable.
+
+Fair order: writes made for a call (foreground) go before background writes (those
+made under `store.base.background_writes(key)`: Phase 2, per identity), and background
+writes take turns round-robin by key, so one identity's Phase 2 backlog neither delays
+RPCs nor another identity's Phase 2 by more than one operation per identity. The
+priority is bounded: after `FOREGROUND_BURST` foreground operations in a row while
+background ones wait, the next background turn comes, so a steady stream of calls
+cannot starve Phase 2. A transaction is committed once it has run for `BATCH_BUDGET`
+seconds, so what waits behind a long batch waits for at most that (plus one operation).
+Every queued operation is settled: one that the writer can no longer run (closed store,
+writer failure) fails with `Unavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,11 +33,17 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sessiond.server.domain.errors import Unavailable
+from sessiond.server.store.base import WRITE_KEY
 from sessiond.server.store.sql.tx import Announce
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 128
+# Seconds of work after which the writer commits what it ran and looks at the queue.
+BATCH_BUDGET = 0.02
+# Foreground operations taken in a row before a waiting background one gets its turn.
+FOREGROUND_BURST = 8
 
 
 @dataclass
@@ -32,6 +52,44 @@ class _Op(Generic[T]):
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
     ctx: Announce = field(default_factory=Announce)
+    key: str = ""
+
+
+class _FairQueue:
+    """Foreground operations first (FIFO, at most `FOREGROUND_BURST` in a row while
+    background ones wait), then background ones round-robin by key."""
+
+    def __init__(self) -> None:
+        self.fg: deque[_Op[Any]] = deque()
+        self.bg: OrderedDict[str, deque[_Op[Any]]] = OrderedDict()
+        self._size = 0
+        self._fg_run = 0  # foreground pops since the last background one
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, op: _Op[Any]) -> None:
+        if not op.key:
+            self.fg.append(op)
+        else:
+            self.bg.setdefault(op.key, deque()).append(op)
+        self._size += 1
+
+    def pop(self) -> _Op[Any] | None:
+        if self.fg and (not self.bg or self._fg_run < FOREGROUND_BURST):
+            self._fg_run += 1
+            self._size -= 1
+            return self.fg.popleft()
+        if not self.bg:
+            return None
+        self._fg_run = 0
+        self._size -= 1
+        key, ops = next(iter(self.bg.items()))
+        op = ops.popleft()
+        del self.bg[key]
+        if ops:
+            self.bg[key] = ops  # to the back: the other keys go first
+        return op
 
 
 AfterCommit = Callable[[Announce], None]
@@ -61,6 +119,7 @@ class SqliteDatabase:
         self._lock = threading.Lock()
         self._after_commit: AfterCommit | None = None
         self._closed = False
+        self._failed = ""  # why the writer thread stopped, when it did
 
     def start(self, after_commit: AfterCommit) -> None:
         self._after_commit = after_commit
@@ -78,11 +137,11 @@ class SqliteDatabase:
             conn.close()
 
     async def write(self, fn: Callable[[sqlite3.Connection, Announce], T]) -> T:
-        if self._closed:
-            raise Unavailable("store is closed")
+        if self._closed or self._failed:
+            raise Unavailable(self._failed or "store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn=fn, future=fut, loop=loop))
+        self._queue.put(_Op(fn=fn, future=fut, loop=loop, key=WRITE_KEY.get()))
         return await fut
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -108,35 +167,67 @@ class SqliteDatabase:
     def _run_writer(self) -> None:
         conn = self._write_conn
         assert conn is not None
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch: list[_Op[Any]] = [first]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._apply(conn, batch)
-            if stop:
-                return
+        pending = _FairQueue()
+        try:
+            self._write_loop(conn, pending)
+        except BaseException as exc:  # never leave a caller waiting on a dead writer
+            log.exception("the SQLite writer stopped")
+            self._failed = f"sqlite writer stopped: {type(exc).__name__}"
+            self._fail_all(pending, Unavailable(self._failed))
 
-    def _apply(self, conn: sqlite3.Connection, batch: list[_Op[Any]]) -> None:
+    def _fail_all(self, pending: _FairQueue, err: Unavailable) -> None:
+        """Settle with `err` every operation in `pending` and still on the queue."""
+        while True:
+            while (op := pending.pop()) is not None:
+                op.loop.call_soon_threadsafe(_settle, op, None, err, None)
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if nxt is not None:
+                pending.put(nxt)
+
+    def _write_loop(self, conn: sqlite3.Connection, pending: _FairQueue) -> None:
+        stop = False
+        while not stop or len(pending):
+            if not len(pending) and not stop:
+                first = self._queue.get()
+                if first is None:
+                    stop = True
+                    continue
+                pending.put(first)
+            stop = self._drain(pending) or stop
+            self._apply(conn, pending)
+
+    def _drain(self, pending: _FairQueue) -> bool:
+        """Move what was queued meanwhile into `pending`; True when close() asked to stop."""
+        while True:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is None:
+                return True
+            pending.put(nxt)
+
+    def _apply(self, conn: sqlite3.Connection, pending: _FairQueue) -> None:
+        """One transaction: operations from `pending` in fair order until the batch is
+        full, its time budget is spent, or nothing is left; then COMMIT."""
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             err = Unavailable(f"sqlite: cannot begin transaction: {exc}")
-            for op in batch:
+            while (op := pending.pop()) is not None:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
-        for op in batch:
+        started = time.monotonic()
+        while len(outcomes) < MAX_BATCH and time.monotonic() - started < BATCH_BUDGET:
+            if outcomes:
+                self._drain_keep_stop(pending)
+            op = pending.pop()
+            if op is None:
+                break
             conn.execute("SAVEPOINT op")
             try:
                 result = op.fn(conn, op.ctx)
@@ -167,6 +258,11 @@ class SqliteDatabase:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_settle_batch, items, self._after_commit)
 
+    def _drain_keep_stop(self, pending: _FairQueue) -> None:
+        """Like `_drain` inside a transaction: a stop request goes back on the queue."""
+        if self._drain(pending):
+            self._queue.put(None)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -174,6 +270,9 @@ class SqliteDatabase:
         self._queue.put(None)
         if self._writer is not None:
             self._writer.join(timeout=30)
+            if not self._writer.is_alive():
+                # Whatever reached the queue after the stop request fails, not hangs.
+                self._fail_all(_FairQueue(), Unavailable("store is closed"))
         if self._write_conn is not None:
             self._write_conn.close()
         self._readers.shutdown(wait=True)
@@ -195,7 +294,10 @@ def _settle_batch(items: list[tuple[_Op[Any], Any, BaseException | None]],
 def _settle(op: _Op[Any], result: Any, exc: BaseException | None,
             after_commit: AfterCommit | None) -> None:
     if exc is None and after_commit is not None:
-        after_commit(op.ctx)
+        try:
+            after_commit(op.ctx)
+        except Exception:  # a listener's failure must not leave the caller waiting
+            log.exception("announcing a committed write failed")
     if op.future.done():
         return
     if exc is not None:

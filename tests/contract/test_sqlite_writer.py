@@ -1,0 +1,132 @@
+"""The SQLite writer's fair queue (store/sqlite/db.py), on a real database file: calls
+before background writes but never starving them, background keys round-robin, and
+no write left waiting (a failing listener, a closed store)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sessiond.server.domain.errors import Unavailable
+from sessiond.server.store.base import background_writes
+from sessiond.server.store.sql.tx import Announce
+from sessiond.server.store.sqlite.db import SqliteDatabase
+
+
+def _schema(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, who TEXT)")
+
+
+def _open(tmp_path: Path, after_commit: Callable[[Announce], None] = lambda _a: None,
+          ) -> SqliteDatabase:
+    db = SqliteDatabase(tmp_path / "w.sqlite3", synchronous="OFF")
+    db.init_sync(_schema)
+    db.start(after_commit)
+    return db
+
+
+def _insert(who: str, hold: float = 0.0) -> Callable[[sqlite3.Connection, Announce], int]:
+    def fn(conn: sqlite3.Connection, _ctx: Announce) -> int:
+        if hold:
+            time.sleep(hold)  # a write that keeps the writer busy for a while
+        cur = conn.execute("INSERT INTO log (who) VALUES (?)", (who,))
+        return int(cur.lastrowid or 0)
+    return fn
+
+
+def test_a_steady_stream_of_calls_does_not_starve_background_writes(tmp_path: Path) -> None:
+    """More call writes than fit in one batch, re-queued as fast as they complete: a
+    strict calls-first queue never gave the background write its turn."""
+    db = _open(tmp_path)
+
+    async def body() -> float:
+        stop = asyncio.Event()
+
+        async def caller(i: int) -> None:
+            while not stop.is_set():
+                await db.write(_insert(f"call{i}", hold=0.004))
+
+        callers = [asyncio.create_task(caller(i)) for i in range(16)]
+        await asyncio.sleep(0.1)  # the stream is running
+        t0 = time.monotonic()
+        with background_writes("tenant-a"):
+            await asyncio.wait_for(db.write(_insert("phase2")), 5.0)
+        waited = time.monotonic() - t0
+        stop.set()
+        await asyncio.gather(*callers)
+        return waited
+
+    try:
+        waited = asyncio.run(body())
+    finally:
+        db.close()
+    # At most FOREGROUND_BURST call writes (4 ms each) go first, plus one batch.
+    assert waited < 1.0, f"background write waited {waited:.2f}s behind calls"
+
+
+def test_background_keys_take_turns_and_calls_go_first(tmp_path: Path) -> None:
+    db = _open(tmp_path)
+
+    async def body() -> list[str]:
+        order: list[str] = []
+
+        async def write(who: str, key: str) -> None:
+            if key:
+                with background_writes(key):
+                    await db.write(_insert(who, hold=0.03))
+            else:
+                await db.write(_insert(who, hold=0.03))
+            order.append(who)
+
+        # A blocker holds the writer while the rest queues up in this order.
+        blocker = asyncio.create_task(write("blocker", ""))
+        await asyncio.sleep(0.01)
+        jobs = [asyncio.create_task(write(f"a{i}", "A")) for i in range(3)]
+        jobs += [asyncio.create_task(write("b0", "B"))]
+        jobs += [asyncio.create_task(write("call", ""))]
+        await asyncio.gather(blocker, *jobs)
+        return order
+
+    try:
+        order = asyncio.run(body())
+    finally:
+        db.close()
+    # Each write holds the writer past BATCH_BUDGET, so each is its own batch.
+    assert order == ["blocker", "call", "a0", "b0", "a1", "a2"], order
+
+
+def test_a_failing_commit_listener_leaves_no_write_waiting(tmp_path: Path) -> None:
+    calls = 0
+
+    def after_commit(_announce: Announce) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("listener bug")
+
+    db = _open(tmp_path, after_commit)
+
+    async def body() -> list[int]:
+        return await asyncio.wait_for(
+            asyncio.gather(*(db.write(_insert(f"w{i}")) for i in range(20))), 5.0)
+
+    try:
+        ids = asyncio.run(body())
+    finally:
+        db.close()
+    assert sorted(ids) == list(range(1, 21)) and calls == 20
+
+
+def test_writes_after_close_fail_unavailable(tmp_path: Path) -> None:
+    db = _open(tmp_path)
+
+    async def body() -> None:
+        await db.write(_insert("before"))
+        db.close()
+        with pytest.raises(Unavailable):
+            await db.write(_insert("after"))
+
+    asyncio.run(body())
