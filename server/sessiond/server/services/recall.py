@@ -1,8 +1,9 @@
 """Recall: what an agent gets back for a question, within its character budget.
 
 A lexical ranking (BM25 over the caller's own index entries) over every kind the
-index holds, fused by reciprocal rank with a dense ranking (cosine similarity of
-the query's embedding) when an embedder is configured; episodes carry their
+index holds, fused with a dense ranking (cosine similarity of the query's
+embedding; a convex combination of normalised scores, domain/recall.py) when an
+embedder is configured; episodes carry their
 neighbouring turns when the budget allows; the caller's current session, when
 named, contributes its newest completed overview and its own entries rank first
 among equally good ones.
@@ -38,7 +39,6 @@ from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 4096
 # A query's embedding must come within this long, or recall ranks lexically only.
 QUERY_EMBED_SECONDS = 3.0
 WARN_EVERY_SECONDS = 60.0

@@ -217,15 +217,18 @@ async def entries(tx: Tx, entry_ids: Sequence[str]) -> dict[str, RecallEntry]:
 
 
 async def dense(tx: Tx, index: vectors_sql.VectorIndex, identity: Identity,
-                query: RecallQuery) -> list[RecallHit]:
-    """The nearest entries to the query's vector (cosine), best first."""
+                query: RecallQuery, limit: int,
+                known: Sequence[RecallHit] = ()) -> list[RecallHit]:
+    """The `limit` nearest entries to the query's vector (cosine), best first; the
+    entries of `known` hits are not read again."""
     kinds = tuple(k for k in query.kinds
                   if not recall_rules.DENSE_KINDS or k in recall_rules.DENSE_KINDS)
     if not query.vector or not query.model or not kinds:
         return []
     top = await index.top(tx, identity, query.model, query.vector, kinds,
-                          query.since, query.until, query.limit)
-    found = await entries(tx, [i for i, _ in top])
+                          query.since, query.until, limit)
+    found = {h.entry.entry_id: h.entry for h in known}
+    found |= await entries(tx, [i for i, _ in top if i not in found])
     return [RecallHit(found[i], score) for i, score in top if i in found]
 
 
@@ -235,7 +238,8 @@ async def recall(tx: Tx, identity: Identity, query: RecallQuery, with_neighbours
     then the neighbouring turns of the first `with_neighbours` hits."""
     hits = await search(tx, identity, query)
     if query.vector and index is not None:
-        near = (await dense(tx, index, identity, query))[:recall_rules.DENSE_CANDIDATES]
+        near = await dense(tx, index, identity, query,
+                           min(query.limit, recall_rules.DENSE_CANDIDATES), hits)
         if recall_rules.CONVEX_ALPHA:
             hits = recall_rules.fuse_convex(hits, near, query.limit,
                                             recall_rules.CONVEX_ALPHA)
