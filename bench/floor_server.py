@@ -134,6 +134,15 @@ class FloorSessions(session_pb2_grpc.SessionServiceServicer):
                          ) -> session_pb2.Archive:
         return session_pb2.Archive(session_id="floor", index=1)
 
+    async def RevertArchive(self, request: session_pb2.RevertArchiveRequest, context: Ctx
+                            ) -> task_pb2.Task:
+        return task_pb2.Task(task_id="task_floor_revert", task_type="archive_revert",
+                             session_id=request.session_id, state=task_pb2.TASK_STATE_PENDING)
+
+    async def GetSessionUsage(self, request: session_pb2.GetSessionUsageRequest, context: Ctx
+                              ) -> session_pb2.SessionUsage:
+        return session_pb2.SessionUsage(session_id=request.session_id)
+
 
 class FloorTasks(task_pb2_grpc.TaskServiceServicer):
     def __init__(self) -> None:

@@ -68,6 +68,35 @@ MEMORY_CATEGORY_TOOLS: MemoryCategory.ValueType  # 7
 MEMORY_CATEGORY_SKILLS: MemoryCategory.ValueType  # 8
 Global___MemoryCategory: _TypeAlias = MemoryCategory  # noqa: Y015
 
+class _MemoryChangeOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryChangeOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryChangeOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_CHANGE_OP_UNSPECIFIED: _MemoryChangeOp.ValueType  # 0
+    MEMORY_CHANGE_OP_CREATED: _MemoryChangeOp.ValueType  # 1
+    """Phase 2 created the memory."""
+    MEMORY_CHANGE_OP_UPDATED: _MemoryChangeOp.ValueType  # 2
+    """Phase 2 merged a candidate into it."""
+    MEMORY_CHANGE_OP_DELETED: _MemoryChangeOp.ValueType  # 3
+    """DeleteMemory removed it."""
+    MEMORY_CHANGE_OP_REVERTED: _MemoryChangeOp.ValueType  # 4
+    """An archive revert restored its earlier image (or removed it)."""
+
+class MemoryChangeOp(_MemoryChangeOp, metaclass=_MemoryChangeOpEnumTypeWrapper): ...
+
+MEMORY_CHANGE_OP_UNSPECIFIED: MemoryChangeOp.ValueType  # 0
+MEMORY_CHANGE_OP_CREATED: MemoryChangeOp.ValueType  # 1
+"""Phase 2 created the memory."""
+MEMORY_CHANGE_OP_UPDATED: MemoryChangeOp.ValueType  # 2
+"""Phase 2 merged a candidate into it."""
+MEMORY_CHANGE_OP_DELETED: MemoryChangeOp.ValueType  # 3
+"""DeleteMemory removed it."""
+MEMORY_CHANGE_OP_REVERTED: MemoryChangeOp.ValueType  # 4
+"""An archive revert restored its earlier image (or removed it)."""
+Global___MemoryChangeOp: _TypeAlias = MemoryChangeOp  # noqa: Y015
+
 @_typing.final
 class RecallRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -409,3 +438,122 @@ class DeleteMemoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteMemoryResponse: _TypeAlias = DeleteMemoryResponse  # noqa: Y015
+
+@_typing.final
+class MemoryChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_INDEX_FIELD_NUMBER: _builtins.int
+    ARCHIVE_URI_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    seq: _builtins.int
+    """Orders all changes; later changes have higher numbers."""
+    memory_id: _builtins.str
+    category: Global___MemoryCategory.ValueType
+    op: Global___MemoryChangeOp.ValueType
+    session_id: _builtins.str
+    """The session and archive whose Phase 2 (or whose revert) made the change;
+    empty / 0 for DeleteMemory.
+    """
+    archive_index: _builtins.int
+    archive_uri: _builtins.str
+    task_id: _builtins.str
+    """The Phase 2 or archive_revert task; empty for DeleteMemory."""
+    @_builtins.property
+    def before(self) -> Global___Memory:
+        """The memory before and after the change; unset when it did not exist."""
+
+    @_builtins.property
+    def after(self) -> Global___Memory: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        memory_id: _builtins.str = ...,
+        category: Global___MemoryCategory.ValueType = ...,
+        op: Global___MemoryChangeOp.ValueType = ...,
+        session_id: _builtins.str = ...,
+        archive_index: _builtins.int = ...,
+        archive_uri: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        before: Global___Memory | None = ...,
+        after: Global___Memory | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "archive_index", b"archive_index", "archive_uri", b"archive_uri", "before", b"before", "category", b"category", "change_id", b"change_id", "created_at", b"created_at", "memory_id", b"memory_id", "op", b"op", "seq", b"seq", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryChange: _TypeAlias = MemoryChange  # noqa: Y015
+
+@_typing.final
+class ListMemoryChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_INDEX_FIELD_NUMBER: _builtins.int
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Only changes made by this session of the caller."""
+    archive_index: _builtins.int
+    """With session_id: only that archive's (0: all of the session's)."""
+    memory_id: _builtins.str
+    """Only changes of this memory."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        archive_index: _builtins.int = ...,
+        memory_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_index", b"archive_index", "memory_id", b"memory_id", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryChangesRequest: _TypeAlias = ListMemoryChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListMemoryChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryChange]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___MemoryChange] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryChangesResponse: _TypeAlias = ListMemoryChangesResponse  # noqa: Y015

@@ -63,6 +63,11 @@ class MemoryServiceStub:
                 request_serializer=sessiond_dot_v1_dot_memory__pb2.RecallRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_memory__pb2.RecallResponse.FromString,
                 _registered_method=True)
+        self.ListMemoryChanges = channel.unary_unary(
+                '/sessiond.v1.MemoryService/ListMemoryChanges',
+                request_serializer=sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -105,6 +110,15 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMemoryChanges(self, request, context):
+        """The history of the caller's memories, oldest first: every change Phase 2,
+        DeleteMemory or an archive revert made, with the memory before and after it.
+        Optionally only one session's, one archive's or one memory's changes; paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Recall,
                     request_deserializer=sessiond_dot_v1_dot_memory__pb2.RecallRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_memory__pb2.RecallResponse.SerializeToString,
+            ),
+            'ListMemoryChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemoryChanges,
+                    request_deserializer=sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +292,33 @@ class MemoryService:
             '/sessiond.v1.MemoryService/Recall',
             sessiond_dot_v1_dot_memory__pb2.RecallRequest.SerializeToString,
             sessiond_dot_v1_dot_memory__pb2.RecallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemoryChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.MemoryService/ListMemoryChanges',
+            sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesRequest.SerializeToString,
+            sessiond_dot_v1_dot_memory__pb2.ListMemoryChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class MemoryServiceStub:
     """What the caller's past holds about `query`, best first, within `max_chars`:
     memories, archive overviews and archived messages (with neighbouring turns).
     """
+    ListMemoryChanges: _grpc.UnaryUnaryMultiCallable[_memory_pb2.ListMemoryChangesRequest, _memory_pb2.ListMemoryChangesResponse]
+    """The history of the caller's memories, oldest first: every change Phase 2,
+    DeleteMemory or an archive revert made, with the memory before and after it.
+    Optionally only one session's, one archive's or one memory's changes; paged.
+    """
 
 @_typing.type_check_only
 class MemoryServiceAsyncStub(MemoryServiceStub):
@@ -64,6 +69,11 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     Recall: _aio.UnaryUnaryMultiCallable[_memory_pb2.RecallRequest, _memory_pb2.RecallResponse]  # type: ignore[assignment]
     """What the caller's past holds about `query`, best first, within `max_chars`:
     memories, archive overviews and archived messages (with neighbouring turns).
+    """
+    ListMemoryChanges: _aio.UnaryUnaryMultiCallable[_memory_pb2.ListMemoryChangesRequest, _memory_pb2.ListMemoryChangesResponse]  # type: ignore[assignment]
+    """The history of the caller's memories, oldest first: every change Phase 2,
+    DeleteMemory or an archive revert made, with the memory before and after it.
+    Optionally only one session's, one archive's or one memory's changes; paged.
     """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,6 +120,17 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_memory_pb2.RecallResponse, _abc.Awaitable[_memory_pb2.RecallResponse]]:
         """What the caller's past holds about `query`, best first, within `max_chars`:
         memories, archive overviews and archived messages (with neighbouring turns).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemoryChanges(
+        self,
+        request: _memory_pb2.ListMemoryChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.ListMemoryChangesResponse, _abc.Awaitable[_memory_pb2.ListMemoryChangesResponse]]:
+        """The history of the caller's memories, oldest first: every change Phase 2,
+        DeleteMemory or an archive revert made, with the memory before and after it.
+        Optionally only one session's, one archive's or one memory's changes; paged.
         """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1012,3 +1012,117 @@ class GetArchiveRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetArchiveRequest: _TypeAlias = GetArchiveRequest  # noqa: Y015
+
+@_typing.final
+class RevertArchiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    index: _builtins.int
+    """The archive to revert (1, 2, ...)."""
+    force: _builtins.bool
+    """Revert even when later changes touched the same memories (they are undone too)."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), like Commit's."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "index", b"index", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertArchiveRequest: _TypeAlias = RevertArchiveRequest  # noqa: Y015
+
+@_typing.final
+class GetSessionUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_INDEX_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    archive_index: _builtins.int
+    """0: the whole session (its recorded relations); else that archive's uris."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        archive_index: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_index", b"archive_index", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionUsageRequest: _TypeAlias = GetSessionUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsedUri(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    ACTIVE_COUNT_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    active_count: _builtins.int
+    """The uri's active count (server-wide: every session that used it counts)."""
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        active_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_count", b"active_count", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsedUri: _TypeAlias = UsedUri  # noqa: Y015
+
+@_typing.final
+class SessionUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_INDEX_FIELD_NUMBER: _builtins.int
+    URIS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    archive_index: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def uris(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedUri]:
+        """By uri."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        archive_index: _builtins.int = ...,
+        uris: _abc.Iterable[Global___UsedUri] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_index", b"archive_index", "next_page_token", b"next_page_token", "session_id", b"session_id", "uris", b"uris"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionUsage: _TypeAlias = SessionUsage  # noqa: Y015

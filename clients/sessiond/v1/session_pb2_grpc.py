@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from sessiond.v1 import session_pb2 as sessiond_dot_v1_dot_session__pb2
+from sessiond.v1 import task_pb2 as sessiond_dot_v1_dot_task__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -98,6 +99,16 @@ class SessionServiceStub:
                 '/sessiond.v1.SessionService/GetArchive',
                 request_serializer=sessiond_dot_v1_dot_session__pb2.GetArchiveRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_session__pb2.Archive.FromString,
+                _registered_method=True)
+        self.RevertArchive = channel.unary_unary(
+                '/sessiond.v1.SessionService/RevertArchive',
+                request_serializer=sessiond_dot_v1_dot_session__pb2.RevertArchiveRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_task__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetSessionUsage = channel.unary_unary(
+                '/sessiond.v1.SessionService/GetSessionUsage',
+                request_serializer=sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_session__pb2.SessionUsage.FromString,
                 _registered_method=True)
 
 
@@ -195,6 +206,25 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevertArchive(self, request, context):
+        """Undo what one archive's Phase 2 did to long-term memory: an archive_revert task
+        restores the image of each memory from before the archive's first change of it
+        (created -> deleted, updated -> the earlier content, deleted -> recreated), with
+        the retrieval index following. FAILED_PRECONDITION (REVERT_CONFLICT, the later
+        changes listed in a PreconditionFailure) when a later change touched one of
+        those memories, unless `force`. The archive and its messages stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionUsage(self, request, context):
+        """Which uris a session (or one archive of it) used, with their active counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +287,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.GetArchive,
                     request_deserializer=sessiond_dot_v1_dot_session__pb2.GetArchiveRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_session__pb2.Archive.SerializeToString,
+            ),
+            'RevertArchive': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertArchive,
+                    request_deserializer=sessiond_dot_v1_dot_session__pb2.RevertArchiveRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_task__pb2.Task.SerializeToString,
+            ),
+            'GetSessionUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionUsage,
+                    request_deserializer=sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_session__pb2.SessionUsage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +628,60 @@ class SessionService:
             '/sessiond.v1.SessionService/GetArchive',
             sessiond_dot_v1_dot_session__pb2.GetArchiveRequest.SerializeToString,
             sessiond_dot_v1_dot_session__pb2.Archive.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertArchive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.SessionService/RevertArchive',
+            sessiond_dot_v1_dot_session__pb2.RevertArchiveRequest.SerializeToString,
+            sessiond_dot_v1_dot_task__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.SessionService/GetSessionUsage',
+            sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.SerializeToString,
+            sessiond_dot_v1_dot_session__pb2.SessionUsage.FromString,
             options,
             channel_credentials,
             insecure,

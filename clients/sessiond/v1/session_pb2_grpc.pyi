@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from sessiond.v1 import session_pb2 as _session_pb2
+from sessiond.v1 import task_pb2 as _task_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -66,6 +67,16 @@ class SessionServiceStub:
     """Lists the session's archives, oldest first, paged."""
     GetArchive: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetArchiveRequest, _session_pb2.Archive]
     """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
+    RevertArchive: _grpc.UnaryUnaryMultiCallable[_session_pb2.RevertArchiveRequest, _task_pb2.Task]
+    """Undo what one archive's Phase 2 did to long-term memory: an archive_revert task
+    restores the image of each memory from before the archive's first change of it
+    (created -> deleted, updated -> the earlier content, deleted -> recreated), with
+    the retrieval index following. FAILED_PRECONDITION (REVERT_CONFLICT, the later
+    changes listed in a PreconditionFailure) when a later change touched one of
+    those memories, unless `force`. The archive and its messages stay.
+    """
+    GetSessionUsage: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionUsageRequest, _session_pb2.SessionUsage]
+    """Which uris a session (or one archive of it) used, with their active counts."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -105,6 +116,16 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Lists the session's archives, oldest first, paged."""
     GetArchive: _aio.UnaryUnaryMultiCallable[_session_pb2.GetArchiveRequest, _session_pb2.Archive]  # type: ignore[assignment]
     """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
+    RevertArchive: _aio.UnaryUnaryMultiCallable[_session_pb2.RevertArchiveRequest, _task_pb2.Task]  # type: ignore[assignment]
+    """Undo what one archive's Phase 2 did to long-term memory: an archive_revert task
+    restores the image of each memory from before the archive's first change of it
+    (created -> deleted, updated -> the earlier content, deleted -> recreated), with
+    the retrieval index following. FAILED_PRECONDITION (REVERT_CONFLICT, the later
+    changes listed in a PreconditionFailure) when a later change touched one of
+    those memories, unless `force`. The archive and its messages stay.
+    """
+    GetSessionUsage: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionUsageRequest, _session_pb2.SessionUsage]  # type: ignore[assignment]
+    """Which uris a session (or one archive of it) used, with their active counts."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService keeps the conversation sessions of AI agents.
@@ -213,5 +234,27 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Archive, _abc.Awaitable[_session_pb2.Archive]]:
         """One archive with a page of its messages (byte-bounded; next_page_token for more)."""
+
+    @_abc_1.abstractmethod
+    def RevertArchive(
+        self,
+        request: _session_pb2.RevertArchiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.Task, _abc.Awaitable[_task_pb2.Task]]:
+        """Undo what one archive's Phase 2 did to long-term memory: an archive_revert task
+        restores the image of each memory from before the archive's first change of it
+        (created -> deleted, updated -> the earlier content, deleted -> recreated), with
+        the retrieval index following. FAILED_PRECONDITION (REVERT_CONFLICT, the later
+        changes listed in a PreconditionFailure) when a later change touched one of
+        those memories, unless `force`. The archive and its messages stay.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSessionUsage(
+        self,
+        request: _session_pb2.GetSessionUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SessionUsage, _abc.Awaitable[_session_pb2.SessionUsage]]:
+        """Which uris a session (or one archive of it) used, with their active counts."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -94,12 +94,17 @@ class CommitResult(_message.Message):
     ACTIVE_COUNT_UPDATED_FIELD_NUMBER: _builtins.int
     TOKEN_USAGE_FIELD_NUMBER: _builtins.int
     ARCHIVE_URI_FIELD_NUMBER: _builtins.int
+    REVERT_FIELD_NUMBER: _builtins.int
     active_count_updated: _builtins.int
     archive_uri: _builtins.str
     @_builtins.property
     def memories_extracted(self) -> _common_pb2.MemoryCounts: ...
     @_builtins.property
     def token_usage(self) -> _common_pb2.TokenUsage: ...
+    @_builtins.property
+    def revert(self) -> Global___RevertResult:
+        """Set for archive_revert tasks (then the other counts are 0)."""
+
     def __init__(
         self,
         *,
@@ -107,10 +112,11 @@ class CommitResult(_message.Message):
         active_count_updated: _builtins.int = ...,
         token_usage: _common_pb2.TokenUsage | None = ...,
         archive_uri: _builtins.str = ...,
+        revert: Global___RevertResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memories_extracted", b"memories_extracted", "token_usage", b"token_usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memories_extracted", b"memories_extracted", "revert", b"revert", "token_usage", b"token_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_count_updated", b"active_count_updated", "archive_uri", b"archive_uri", "memories_extracted", b"memories_extracted", "token_usage", b"token_usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_count_updated", b"active_count_updated", "archive_uri", b"archive_uri", "memories_extracted", b"memories_extracted", "revert", b"revert", "token_usage", b"token_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,7 +144,7 @@ class Task(_message.Message):
     RETRIES_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     task_type: _builtins.str
-    """"session_commit"."""
+    """"session_commit" or "archive_revert" (SessionService.RevertArchive)."""
     session_id: _builtins.str
     archive_uri: _builtins.str
     state: Global___TaskState.ValueType
@@ -443,3 +449,41 @@ class RetryTaskRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015
+
+@_typing.final
+class RevertResult(_message.Message):
+    """What a completed archive_revert task did to the archive's memories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
+    RECREATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    CONFLICTS_OVERRIDDEN_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """Memories the archive had created, deleted."""
+    restored: _builtins.int
+    """Memories the archive had updated, back to their earlier content."""
+    recreated: _builtins.int
+    """Memories deleted since, recreated with their earlier content (force)."""
+    unchanged: _builtins.int
+    """Already as before, or deleted with their key now held by another memory."""
+    conflicts_overridden: _builtins.int
+    """Later changes that `force` undid."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+        restored: _builtins.int = ...,
+        recreated: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        conflicts_overridden: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts_overridden", b"conflicts_overridden", "deleted", b"deleted", "recreated", b"recreated", "restored", b"restored", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertResult: _TypeAlias = RevertResult  # noqa: Y015

@@ -8,7 +8,10 @@ lookup.
 Points: commit.before_write, commit.after_write (Phase 1 in the RPC), and for each
 Phase 2 stage S in summarize, extract, relations, active_counts, index, finalize:
 phase2.S.before (stage started, nothing written) and phase2.S.after (stage
-durable, next not started).
+durable, next not started). Archive reverts: revert.before (claimed, nothing read),
+revert.embedded (before-images read and embedded, nothing written), revert.after
+(the revert committed). RetryTask: retry.before_write (in the RPC, nothing written),
+retry.after_write (the task is PENDING again, the reply not sent).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ ALL_POINTS: tuple[str, ...] = (
     "commit.after_write",
     *(f"phase2.{s}.{w}" for s in ("summarize", "extract", "relations", "active_counts", "index",
                                   "finalize") for w in ("before", "after")),
+    "revert.before",
+    "revert.embedded",
+    "revert.after",
+    "retry.before_write",
+    "retry.after_write",
 )
 
 

@@ -72,6 +72,9 @@ SCOPES: dict[str, Scope] = {
     "/sessiond.v1.MemoryService/SearchMemories": _R,
     "/sessiond.v1.MemoryService/Recall": _R,
     "/sessiond.v1.MemoryService/DeleteMemory": _W,
+    "/sessiond.v1.MemoryService/ListMemoryChanges": _R,
+    "/sessiond.v1.SessionService/RevertArchive": _W,
+    "/sessiond.v1.SessionService/GetSessionUsage": _R,
     "/sessiond.v1.ServerService/GetServerInfo": _R,
 }
 

@@ -11,6 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sessiond.server.domain import rules
 from sessiond.server.domain.commands import AddedMessage, NewMessage
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
+from sessiond.server.domain.history import ChangeOp, MemoryChange
 from sessiond.server.domain.recall import RecallKind, RecallResult
 from sessiond.server.domain.values import (
     Archive,
@@ -257,9 +258,12 @@ def archive_out(a: Archive, messages: list[Message] | None = None) -> session_pb
 def result_out(r: CommitResult | None) -> task_pb2.CommitResult | None:
     if r is None:
         return None
-    return task_pb2.CommitResult(memories_extracted=counts_out(r.memories_extracted),
-                                 active_count_updated=r.active_count_updated,
-                                 token_usage=usage_out(r.token_usage), archive_uri=r.archive_uri)
+    out = task_pb2.CommitResult(memories_extracted=counts_out(r.memories_extracted),
+                                active_count_updated=r.active_count_updated,
+                                token_usage=usage_out(r.token_usage), archive_uri=r.archive_uri)
+    if r.revert is not None:
+        out.revert.CopyFrom(task_pb2.RevertResult(**r.revert.as_dict()))
+    return out
 
 
 def error_out(e: TaskError | None) -> status_pb2.Status | None:
@@ -295,6 +299,22 @@ def memory_out(m: Memory) -> memory_pb2.Memory:
         source_session_id=m.source_session_id, source_archive_uri=m.source_archive_uri,
         source_message_ids=list(m.source_message_ids), created_at=ts(m.created_at),
         updated_at=ts(m.updated_at))
+
+
+_OP_OUT: dict[ChangeOp, Any] = {ChangeOp.CREATED: memory_pb2.MEMORY_CHANGE_OP_CREATED,
+                                ChangeOp.UPDATED: memory_pb2.MEMORY_CHANGE_OP_UPDATED,
+                                ChangeOp.DELETED: memory_pb2.MEMORY_CHANGE_OP_DELETED,
+                                ChangeOp.REVERTED: memory_pb2.MEMORY_CHANGE_OP_REVERTED}
+
+
+def change_out(c: MemoryChange) -> memory_pb2.MemoryChange:
+    return memory_pb2.MemoryChange(
+        change_id=c.change_id, seq=c.seq, memory_id=c.memory_id, category=_CAT_OUT[c.category],
+        op=_OP_OUT[c.op], session_id=c.session_id, archive_index=c.archive_index,
+        archive_uri=c.archive_uri, task_id=c.task_id,
+        before=memory_out(c.before.memory()) if c.before is not None else None,
+        after=memory_out(c.after.memory()) if c.after is not None else None,
+        created_at=ts(c.created_at))
 
 
 def recall_out(result: RecallResult) -> memory_pb2.RecallResponse:

@@ -89,6 +89,16 @@ def to_status(exc: e.SessiondError) -> grpc.Status:
     if isinstance(exc, e.InvalidArgument) and exc.violations:
         details.append(error_details_pb2.BadRequest(
             field_violations=bounded_violations(exc.violations)))
+    if isinstance(exc, e.RevertConflict):
+        violations = [error_details_pb2.PreconditionFailure.Violation(
+            type="MEMORY_CHANGED_LATER", subject=clip_bytes(change_id, KEY_BYTES),
+            description=clip_bytes(redact_text(what), DETAIL_BYTES))
+            for change_id, what in exc.conflicts[:MAX_VIOLATIONS]]
+        more = exc.more + max(0, len(exc.conflicts) - MAX_VIOLATIONS)
+        if more:
+            violations.append(error_details_pb2.PreconditionFailure.Violation(
+                type="*", subject="*", description=f"and {more} more conflicting changes"))
+        details.append(error_details_pb2.PreconditionFailure(violations=violations))
     if isinstance(exc, e.QuotaExceeded):
         details.append(error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(

@@ -14,6 +14,7 @@ from sessiond.server.api.server_info import ServerInfo, ServerServicer
 from sessiond.server.api.servicers import MemoryServicer, SessionServicer, TaskServicer
 from sessiond.server.config import Settings
 from sessiond.server.services.commit import CommitService
+from sessiond.server.services.history import HistoryService
 from sessiond.server.services.memories import MemoryManager
 from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
@@ -69,7 +70,8 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
                  tasks: TaskManager, memories: MemoryManager, recall: RecallService,
                  health_: Health, security: Security,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                 info: ServerInfo | None = None) -> tuple[grpc.aio.Server, int]:
+                 info: ServerInfo | None = None,
+                 history: HistoryService | None = None) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every servicer, health and reflection, behind the auth
     interceptor, bound (TLS or plaintext, not started); returns it and the port
     actually bound. `interceptors` (metrics, tracing) run before the auth one, so
@@ -77,10 +79,12 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
     INVALID_ARGUMENT before any servicer sees them."""
     server = grpc.aio.server(interceptors=[*interceptors, security.interceptor, DecodeGuard()],
                              options=server_options(settings))
+    history = history or HistoryService(sessions.store, sessions.limits)
     session_pb2_grpc.add_SessionServiceServicer_to_server(
-        SessionServicer(sessions, commits), server)
+        SessionServicer(sessions, commits, history), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories, recall), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(
+        MemoryServicer(memories, recall, history), server)
     if info is not None:
         server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(info), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)

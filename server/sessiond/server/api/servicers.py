@@ -16,6 +16,7 @@ from sessiond.server.api.identity import identity_of
 from sessiond.server.domain.pages import MAX_TOKEN_CHARS, bad_token, check_token
 from sessiond.server.domain.values import Task, TaskEvent
 from sessiond.server.services.commit import CommitService
+from sessiond.server.services.history import HistoryService
 from sessiond.server.services.memories import MemoryManager
 from sessiond.server.services.recall import RecallService
 from sessiond.server.services.sessions import SessionManager
@@ -60,9 +61,11 @@ def decode_token(token: str) -> str:
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    def __init__(self, sessions: SessionManager, commits: CommitService) -> None:
+    def __init__(self, sessions: SessionManager, commits: CommitService,
+                 history: HistoryService | None = None) -> None:
         self.sessions = sessions
         self.commits = commits
+        self.history = history or HistoryService(sessions.store, sessions.limits)
 
     @unary
     async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: Ctx
@@ -169,6 +172,24 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         reply.next_page_token = encode_token(token)
         return reply
 
+    @unary
+    async def RevertArchive(self, request: session_pb2.RevertArchiveRequest, context: Ctx
+                            ) -> task_pb2.Task:
+        return cv.task_out(await self.history.revert(
+            identity_of(context), request.session_id, request.index, request.force,
+            request.request_id, fingerprint(request)))
+
+    @unary
+    async def GetSessionUsage(self, request: session_pb2.GetSessionUsageRequest, context: Ctx
+                              ) -> session_pb2.SessionUsage:
+        view = await self.history.usage(identity_of(context), request.session_id,
+                                        request.archive_index, request.page_size,
+                                        decode_token(request.page_token))
+        return session_pb2.SessionUsage(
+            session_id=view.session_id, archive_index=view.archive_index,
+            uris=[session_pb2.UsedUri(uri=u.uri, active_count=u.active_count)
+                  for u in view.uris], next_page_token=encode_token(view.next_token))
+
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     # Many watchers of one task receive the same events: convert each event once.
@@ -230,9 +251,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, memories: MemoryManager, recall: RecallService) -> None:
+    def __init__(self, memories: MemoryManager, recall: RecallService,
+                 history: HistoryService | None = None) -> None:
         self.memories = memories
         self.recall_service = recall
+        self.history = history or HistoryService(memories.store, memories.limits)
 
     @unary
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Ctx
@@ -272,3 +295,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             cv.ts_in(request.since) if request.HasField("since") else None,
             cv.ts_in(request.until) if request.HasField("until") else None)
         return cv.recall_out(result)
+
+    @unary
+    async def ListMemoryChanges(self, request: memory_pb2.ListMemoryChangesRequest,
+                                context: Ctx) -> memory_pb2.ListMemoryChangesResponse:
+        page = await self.history.list_changes(
+            identity_of(context), request.session_id, request.archive_index,
+            request.memory_id, request.page_size, decode_token(request.page_token))
+        return memory_pb2.ListMemoryChangesResponse(
+            changes=[cv.change_out(c) for c in page.items],
+            next_page_token=encode_token(page.next_token))

@@ -64,6 +64,20 @@ class FailedPrecondition(SessiondError):
     reason = "FAILED_PRECONDITION"
 
 
+class RevertConflict(FailedPrecondition):
+    """A revert would undo later changes: FAILED_PRECONDITION with a
+    PreconditionFailure listing them (`conflicts`: (change id, what), at most
+    a bounded number; `more` counts the rest)."""
+
+    reason = "REVERT_CONFLICT"
+
+    def __init__(self, message: str, *, conflicts: list[tuple[str, str]], more: int = 0,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        self.conflicts = list(conflicts)
+        self.more = more
+
+
 class Aborted(SessiondError):
     reason = "ABORTED"
 

@@ -23,9 +23,11 @@ from sessiond.server.domain.commands import (
 from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.values import (
     PIPELINE,
+    TASK_TYPE_REVERT,
     CommitResult,
     EventKind,
     MemoryCounts,
+    RevertSummary,
     Stage,
     Task,
     TaskError,
@@ -87,6 +89,8 @@ def first_stage(task: Task) -> Transition | None:
     """What a claim announces: the first stage not done (nothing when a cancel waits)."""
     if task.cancel_requested:
         return None
+    if task.task_type == TASK_TYPE_REVERT:
+        return stage_started(Stage.REVERT)
     return stage_started(next_stage_after(task.done_stage))
 
 
@@ -184,6 +188,27 @@ def finalized(task: Task, now: datetime) -> Transition:
     return Transition(EventKind.COMPLETED, TaskState.COMPLETED, Stage.FINALIZE,
                       "Phase 2 completed", result=result,
                       changes=_ended(now, done_stage=Stage.FINALIZE, result=result))
+
+
+def revert_created(archive_index: int, memories: int, conflicts: int,
+                   force: bool) -> Transition:
+    extra = f"; force: {conflicts} conflicting later changes overridden" if force and conflicts \
+        else ""
+    return Transition(EventKind.CREATED, TaskState.PENDING, Stage.QUEUED,
+                      f"revert of archive {archive_index}: {memories} memories{extra}")
+
+
+def revert_done(summary: RevertSummary) -> Transition:
+    return Transition(EventKind.STAGE_COMPLETED, TaskState.RUNNING, Stage.REVERT,
+                      f"revert done: {summary.describe()}",
+                      changes={"done_stage": Stage.REVERT})
+
+
+def revert_finalized(task: Task, summary: RevertSummary, now: datetime) -> Transition:
+    result = CommitResult(archive_uri=task.archive_uri, revert=summary)
+    return Transition(EventKind.COMPLETED, TaskState.COMPLETED, Stage.REVERT,
+                      f"archive reverted: {summary.describe()}", result=result,
+                      changes=_ended(now, result=result))
 
 
 def retried(task: Task, now: datetime, *, automatic: bool = False) -> Transition | None:

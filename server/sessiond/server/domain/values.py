@@ -10,6 +10,8 @@ from typing import Any
 from sessiond.server.domain.errors import ErrorCode
 
 TASK_TYPE_COMMIT = "session_commit"
+# Undo of one archive's memory changes (SessionService.RevertArchive).
+TASK_TYPE_REVERT = "archive_revert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +275,8 @@ class Stage(enum.StrEnum):
     ACTIVE_COUNTS = "active_counts"
     INDEX = "index"
     FINALIZE = "finalize"
+    # The one stage of an archive_revert task.
+    REVERT = "revert"
 
 
 PIPELINE: tuple[Stage, ...] = (Stage.SUMMARIZE, Stage.EXTRACT, Stage.RELATIONS,
@@ -314,24 +318,62 @@ class TaskError:
 
 
 @dataclass(frozen=True, slots=True)
+class RevertSummary:
+    """What a completed revert did: memories deleted (the archive created them),
+    restored to their earlier content, recreated (deleted since), left alone (already
+    as the before-image, or their key taken by another memory), and how many
+    conflicting later changes `force` overrode."""
+
+    deleted: int = 0
+    restored: int = 0
+    recreated: int = 0
+    unchanged: int = 0
+    conflicts_overridden: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"deleted": self.deleted, "restored": self.restored,
+                "recreated": self.recreated, "unchanged": self.unchanged,
+                "conflicts_overridden": self.conflicts_overridden}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> RevertSummary:
+        return cls(**{k: int(d.get(k, 0)) for k in cls().as_dict()})
+
+    def describe(self) -> str:
+        return (f"{self.deleted} deleted, {self.restored} restored, {self.recreated} "
+                f"recreated, {self.unchanged} unchanged"
+                + (f", {self.conflicts_overridden} conflicting changes overridden"
+                   if self.conflicts_overridden else ""))
+
+
+@dataclass(frozen=True, slots=True)
 class CommitResult:
+    """The outcome of a completed task: a session_commit's Phase 2, or (with
+    `revert` set) an archive_revert."""
+
     archive_uri: str
     memories_extracted: MemoryCounts = field(default_factory=MemoryCounts)
     active_count_updated: int = 0
     token_usage: TokenUsage = field(default_factory=TokenUsage)
+    revert: RevertSummary | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"archive_uri": self.archive_uri,
-                "memories_extracted": self.memories_extracted.as_dict(),
-                "active_count_updated": self.active_count_updated,
-                "token_usage": self.token_usage.as_dict()}
+        out: dict[str, Any] = {"archive_uri": self.archive_uri,
+                               "memories_extracted": self.memories_extracted.as_dict(),
+                               "active_count_updated": self.active_count_updated,
+                               "token_usage": self.token_usage.as_dict()}
+        if self.revert is not None:
+            out["revert"] = self.revert.as_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CommitResult:
+        rev = d.get("revert")
         return cls(archive_uri=d.get("archive_uri", ""),
                    memories_extracted=MemoryCounts.from_dict(d.get("memories_extracted")),
                    active_count_updated=int(d.get("active_count_updated", 0)),
-                   token_usage=TokenUsage.from_dict(d.get("token_usage")))
+                   token_usage=TokenUsage.from_dict(d.get("token_usage")),
+                   revert=RevertSummary.from_dict(rev) if rev is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +408,8 @@ class Task:
     trace_context: str = ""
     # Times RetryTask (or the automatic retry) put the task back to PENDING.
     retries: int = 0
+    # archive_revert: restore the before-images even over conflicting later changes.
+    revert_force: bool = False
 
     @property
     def archive_uri(self) -> str:

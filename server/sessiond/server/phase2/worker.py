@@ -13,10 +13,11 @@ from datetime import timedelta
 
 from sessiond.server.domain.errors import SessiondError
 from sessiond.server.domain.rules import utcnow
-from sessiond.server.domain.values import Task
+from sessiond.server.domain.values import TASK_TYPE_REVERT, Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
+from sessiond.server.phase2.revert import ArchiveReverter
 from sessiond.server.store.base import Store, background_writes
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Phase2Worker:
                                        should_stop=lambda: self._stopping, secrets=secrets,
                                        embedder=embedder,
                                        cancel_poll_seconds=poll_seconds)
+        self.reverter = ArchiveReverter(store, self.worker_id, embedder, secrets)
         store.add_work_listener(self.wake)
 
     def wake(self) -> None:
@@ -88,13 +90,16 @@ class Phase2Worker:
         renew = asyncio.create_task(self._renew(task.task_id))
         try:
             try:
-                outcome = await self.pipeline.run(task, announced=True)
+                if task.task_type == TASK_TYPE_REVERT:
+                    finished = await self.reverter.run(task)
+                else:
+                    finished = (await self.pipeline.run(task, announced=True)).finished
             finally:
                 # Stop renewing first, so no renewal in flight can land after the hand-back.
                 renew.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renew
-            if not outcome.finished:
+            if not finished:
                 # Shutdown or store outage: hand the task back now instead of making
                 # another worker wait for the lease to expire.
                 with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from sessiond.server import failpoints
 from sessiond.server.domain import rules
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo, watches_exceeded
@@ -74,7 +75,10 @@ class TaskManager:
             raise InvalidArgument("task_id is required", violations=[
                 FieldViolation("task_id", "must not be empty")])
         req = request_key(identity, "RetryTask", request_id, fingerprint, self.limits)
-        return await self.store.retry_task(identity, task_id, rules.utcnow(), req)
+        failpoints.hit("retry.before_write")
+        task = await self.store.retry_task(identity, task_id, rules.utcnow(), req)
+        failpoints.hit("retry.after_write")
+        return task
 
     async def watch(self, identity: Identity, task_id: str, after_seq: int
                     ) -> AsyncIterator[WatchItem]:

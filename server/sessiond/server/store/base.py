@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 
@@ -27,6 +27,7 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.errors import ErrorCode
+from sessiond.server.domain.history import MemoryChange, MemoryImage
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -373,7 +374,48 @@ class Store(abc.ABC):
         """Full-text search, best first; higher score is better."""
 
     @abc.abstractmethod
-    async def delete_memory(self, identity: Identity, memory_id: str) -> bool: ...
+    async def delete_memory(self, identity: Identity, memory_id: str,
+                            now: datetime | None = None) -> bool:
+        """Delete one of the caller's memories (recorded as a `deleted` change)."""
+
+    # -- memory change history and archive reverts ---------------------------------------
+    @abc.abstractmethod
+    async def list_memory_changes(self, identity: Identity, session_id: str,
+                                  archive_index: int, memory_id: str, page_size: int,
+                                  page_token: str) -> Page[MemoryChange]:
+        """The caller's memory changes, oldest first (by seq); optionally only those
+        of one of its sessions, one archive of it (index > 0), or one memory."""
+
+    @abc.abstractmethod
+    async def request_revert(self, identity: Identity, session_id: str, index: int,
+                             force: bool, task_id: str, now: datetime,
+                             request: RequestKey | None = None) -> Task:
+        """Queue the revert of an archive as a PENDING archive_revert task, after
+        checking that the archive's Phase 2 ended, that it was not reverted already,
+        and (unless `force`) that no later change touched its memories
+        (`RevertConflict`)."""
+
+    @abc.abstractmethod
+    async def revert_targets(self, task: Task) -> list[MemoryImage]:
+        """The before-images the revert task will restore (to embed beforehand)."""
+
+    @abc.abstractmethod
+    async def apply_revert(self, task_id: str, worker_id: str,
+                           vectors: Mapping[str, tuple[str, tuple[float, ...]]], model: str,
+                           now: datetime) -> TaskEvent:
+        """The revert in one transaction: conflicts checked again under the memories'
+        locks (FAILED without force), before-images restored, `reverted` changes
+        recorded, retrieval entries and given vectors written, task COMPLETED."""
+
+    @abc.abstractmethod
+    async def session_uris(self, identity: Identity, session_id: str, after: str,
+                           limit: int) -> list[tuple[str, int]]:
+        """(uri, active count) of the session's relations with uri > `after`, by uri,
+        at most `limit`."""
+
+    @abc.abstractmethod
+    async def active_counts(self, uris: Sequence[str]) -> dict[str, int]:
+        """The active counts of `uris` (absent: never counted)."""
 
     # -- retrieval index -----------------------------------------------------------------
     @abc.abstractmethod

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
+from sessiond.server.domain.history import ChangeOp
 from sessiond.server.domain.pages import Page, page_of
 from sessiond.server.domain.values import (
     CandidateMemory,
@@ -18,6 +19,7 @@ from sessiond.server.domain.values import (
     memory_owner,
 )
 from sessiond.server.store import codec
+from sessiond.server.store.sql import memory_history as history
 from sessiond.server.store.sql import recall
 from sessiond.server.store.sql.tx import Tx
 
@@ -44,8 +46,10 @@ async def upsert(tx: Tx, task: Task, candidates: Sequence[CandidateMemory],
     for cand in candidates:
         first.setdefault((cand.category.value, codec.clean_text(cand.key)), cand)
     per: dict[str, int] = {}
-    select = ("SELECT memory_id, content, source_message_ids FROM memories WHERE account=? "
+    select = (f"SELECT {', '.join(COLUMNS)} FROM memories WHERE account=? "
               "AND user_id=? AND agent=? AND category=? AND mkey=?" + tx.d.lock)
+    # Each change goes into the history in this transaction (memory_history.py).
+    where = (task.session_id, task.archive_index, task.task_id)
     # Sorted by key: concurrent extractions touching the same memories lock them in one
     # order (no deadlock); counts do not depend on the order.
     for (category, key), cand in sorted(first.items()):
@@ -62,6 +66,10 @@ async def upsert(tx: Tx, task: Task, candidates: Sequence[CandidateMemory],
                 codec.dumps(list(cand.source_message_ids)), tx.d.ts(now), tx.d.ts(now))
             if memory_id is not None:
                 await tx.d.index_memory(tx, memory_id, content, new=True)
+                after = await history.memory_image(tx, memory_id)
+                await history.record(tx, ChangeOp.CREATED, task.identity.agent, now,
+                                     before=None, after=after, session_id=where[0],
+                                     archive_index=where[1], task_id=where[2])
             else:  # a concurrent extraction inserted it first
                 row = await tx.fetchrow(select, *ident)
         if row is not None:
@@ -74,6 +82,11 @@ async def upsert(tx: Tx, task: Task, candidates: Sequence[CandidateMemory],
                 merged, task.session_id, task.archive_uri, codec.dumps(ids), tx.d.ts(now),
                 row["memory_id"])
             await tx.d.index_memory(tx, row["memory_id"], merged, new=False)
+            await history.record(tx, ChangeOp.UPDATED, task.identity.agent, now,
+                                 before=history.image_of(tx, row),
+                                 after=await history.memory_image(tx, row["memory_id"]),
+                                 session_id=where[0], archive_index=where[1],
+                                 task_id=where[2])
         per[category] = per.get(category, 0) + 1
     return MemoryCounts.from_dict(per)
 
@@ -110,11 +123,14 @@ async def search(tx: Tx, identity: Identity, query: str, category: MemoryCategor
     return [(tx.d.rows.memory(r), float(r["score"])) for r in rows]
 
 
-async def delete(tx: Tx, identity: Identity, memory_id: str) -> bool:
-    changed = await tx.execute("DELETE FROM memories WHERE account=? AND user_id=? "
-                               "AND (agent='' OR agent=?) AND memory_id=?",
-                               *_visible(identity), memory_id)
-    if changed:
-        await tx.d.unindex_memory(tx, memory_id)
-        await recall.delete_memory_entries(tx, [memory_id])
-    return changed == 1
+async def delete(tx: Tx, identity: Identity, memory_id: str, now: datetime) -> bool:
+    row = await tx.fetchrow(f"SELECT {columns()} FROM memories m WHERE {VISIBLE} "
+                            "AND m.memory_id=?" + tx.d.lock, *_visible(identity), memory_id)
+    if row is None:
+        return False
+    await tx.execute("DELETE FROM memories WHERE memory_id=?", memory_id)
+    await tx.d.unindex_memory(tx, memory_id)
+    await recall.delete_memory_entries(tx, [memory_id])
+    await history.record(tx, ChangeOp.DELETED, identity.agent, now,
+                         before=history.image_of(tx, row), after=None)
+    return True

@@ -94,7 +94,8 @@ class RowMapper:
             lease_expires_at=self._ts(row["lease_expires_at"]),
             memory_counts=codec.decode_counts(row["memory_counts"]),
             active_count_updated=row["active_count_updated"],
-            trace_context=row["trace_context"], retries=row["retries"])
+            trace_context=row["trace_context"], retries=row["retries"],
+            revert_force=bool(row["revert_force"]))
 
     def event(self, row: Row) -> TaskEvent:
         return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),

@@ -246,6 +246,37 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
     ${extra}
     """),
+    Migration(9, "memory change history", """
+    -- One row per change of a memory, written in the transaction of the change:
+    -- Phase 2 merges (created, updated), DeleteMemory (deleted), archive reverts
+    -- (reverted). (account, user_id, agent) own the memory ('' agent: user space);
+    -- actor_agent is the agent of the session or caller that made the change.
+    -- before/after: JSON images of the memory ('' when it did not exist).
+    CREATE TABLE memory_changes (
+        seq ${serial},
+        change_id ${key} NOT NULL,
+        account ${key} NOT NULL, user_id ${key} NOT NULL, agent ${key} NOT NULL,
+        actor_agent ${key} NOT NULL,
+        memory_id ${key} NOT NULL,
+        category TEXT NOT NULL,
+        mkey ${key} NOT NULL,
+        op TEXT NOT NULL,
+        session_id ${key} NOT NULL DEFAULT '',
+        archive_index INTEGER NOT NULL DEFAULT 0,
+        task_id ${key} NOT NULL DEFAULT '',
+        before_image TEXT NOT NULL DEFAULT '',
+        after_image TEXT NOT NULL DEFAULT '',
+        created_at ${ts} NOT NULL
+    );
+    CREATE UNIQUE INDEX memory_changes_id ON memory_changes (change_id);
+    CREATE INDEX memory_changes_memory ON memory_changes (memory_id, seq);
+    CREATE INDEX memory_changes_session ON memory_changes (account, user_id, actor_agent,
+                                                          session_id, archive_index, seq);
+    CREATE INDEX memory_changes_owner ON memory_changes (account, user_id, agent, seq);
+    ALTER TABLE tasks ADD COLUMN revert_force ${bool} NOT NULL DEFAULT ${false};
+    CREATE INDEX tasks_archive_type ON tasks (skey, archive_index, task_type);
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without
@@ -263,7 +294,7 @@ def pending(found: int) -> tuple[Migration, ...]:
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
                            "api_keys", "recall_entries", "recall_terms",
-                           "recall_vectors", "identity_usage")
+                           "recall_vectors", "identity_usage", "memory_changes")
 
 
 def statements(script: str) -> list[str]:

@@ -8,7 +8,7 @@ operation below is the same for all backends.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from sessiond.server.domain.commands import (
     SweepResult,
 )
 from sessiond.server.domain.errors import ErrorCode
+from sessiond.server.domain.history import MemoryChange, MemoryImage
 from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -30,6 +31,7 @@ from sessiond.server.domain.recall import (
     RecallKind,
     RecallQuery,
 )
+from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -54,6 +56,7 @@ from sessiond.server.store.sql import (
     api_keys,
     commit,
     memories,
+    memory_history,
     messages,
     recall,
     retention,
@@ -259,8 +262,40 @@ class SqlStore(Store):
         return await self._read(lambda tx: memories.search(tx, identity, query, category,
                                                            limit))
 
-    async def delete_memory(self, identity: Identity, memory_id: str) -> bool:
-        return await self._write(lambda tx: memories.delete(tx, identity, memory_id))
+    async def delete_memory(self, identity: Identity, memory_id: str,
+                            now: datetime | None = None) -> bool:
+        at = now or utcnow()
+        return await self._write(lambda tx: memories.delete(tx, identity, memory_id, at))
+
+    # -- memory change history and archive reverts
+    async def list_memory_changes(self, identity: Identity, session_id: str,
+                                  archive_index: int, memory_id: str, page_size: int,
+                                  page_token: str) -> Page[MemoryChange]:
+        return await self._read(lambda tx: memory_history.list_page(
+            tx, identity, session_id, archive_index, memory_id, page_size, page_token))
+
+    async def request_revert(self, identity: Identity, session_id: str, index: int,
+                             force: bool, task_id: str, now: datetime,
+                             request: RequestKey | None = None) -> Task:
+        return await self._write(lambda tx: memory_history.request(
+            tx, identity, session_id, index, force, task_id, now, request))
+
+    async def revert_targets(self, task: Task) -> list[MemoryImage]:
+        return await self._read(lambda tx: memory_history.revert_targets(tx, task))
+
+    async def apply_revert(self, task_id: str, worker_id: str,
+                           vectors: Mapping[str, tuple[str, tuple[float, ...]]], model: str,
+                           now: datetime) -> TaskEvent:
+        return await self._write(lambda tx: memory_history.apply(tx, task_id, worker_id,
+                                                                 vectors, model, now))
+
+    async def session_uris(self, identity: Identity, session_id: str, after: str,
+                           limit: int) -> list[tuple[str, int]]:
+        return await self._read(lambda tx: memory_history.session_uris(tx, identity,
+                                                                       session_id, after, limit))
+
+    async def active_counts(self, uris: Sequence[str]) -> dict[str, int]:
+        return await self._read(lambda tx: memory_history.active_counts(tx, uris))
 
     # -- retrieval index
     # Exact-scan cache of each identity's vectors (dense ranking); its size is set

@@ -13,6 +13,7 @@ from sessiond.server.domain.errors import ErrorCode, FailedPrecondition, LeaseLo
 from sessiond.server.domain.pages import Page, page_of, read_task_cursor, task_cursor
 from sessiond.server.domain.values import (
     TASK_TYPE_COMMIT,
+    TASK_TYPE_REVERT,
     ArchiveState,
     CommitResult,
     Identity,
@@ -263,6 +264,15 @@ async def retry(tx: Tx, identity: Identity, task_id: str, now: datetime,
     if archive != ArchiveState.PENDING.value:
         raise FailedPrecondition(f"the archive of task {task_id} is {archive}, not pending",
                                  reason="ARCHIVE_NOT_PENDING", metadata={"task_id": task_id})
+    revert = await tx.fetchval("SELECT task_id FROM tasks WHERE skey=? AND archive_index=? "
+                               "AND task_type=? AND state IN (?,?,?) LIMIT 1",
+                               codec.session_key(task.identity, task.session_id),
+                               task.archive_index, TASK_TYPE_REVERT, *OPEN,
+                               TaskState.COMPLETED.value)
+    if revert is not None:
+        raise FailedPrecondition(f"the archive of task {task_id} was reverted (task {revert}); "
+                                 "its Phase 2 does not run again", reason="ARCHIVE_REVERTED",
+                                 metadata={"task_id": task_id, "revert_task_id": str(revert)})
     _, task = await apply(tx, task, t, now)
     await requests.remember(tx, request, {"task_id": task_id}, now)
     tx.announce.work = True
