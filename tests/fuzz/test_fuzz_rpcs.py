@@ -58,6 +58,9 @@ DOCUMENTED: dict[str, set[C]] = {
     "SearchMemories": {C.OK},
     "DeleteMemory": {C.OK, C.NOT_FOUND},
     "Recall": {C.OK},
+    "ListMemoryChanges": {C.OK},
+    "RevertArchive": {C.OK, C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
+    "GetSessionUsage": {C.OK, C.NOT_FOUND},
 }
 METHODS: list[MethodDescriptor] = [
     m for mod in (session_pb2, task_pb2, memory_pb2)

@@ -81,9 +81,16 @@ def test_scopes_map_rpcs(hs_server: Running) -> None:
     fails(lambda: get_session(s, "new", ro), DENIED, "SCOPE_MISSING")  # auto_create writes
     fails(lambda: s.sessions.Commit(session_pb2.CommitRequest(session_id="s"), metadata=ro),
           DENIED, "SCOPE_MISSING")
+    # history and usage read with `read`; a revert writes
+    s.memories.ListMemoryChanges(memory_pb2.ListMemoryChangesRequest(), metadata=ro)
+    s.sessions.GetSessionUsage(session_pb2.GetSessionUsageRequest(session_id="s"), metadata=ro)
+    fails(lambda: s.sessions.RevertArchive(session_pb2.RevertArchiveRequest(
+        session_id="s", index=1), metadata=ro), DENIED, "SCOPE_MISSING")
     wo = bearer(token(scope="write"))
     fails(lambda: s.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=wo),
           DENIED, "SCOPE_MISSING")
+    fails(lambda: s.memories.ListMemoryChanges(memory_pb2.ListMemoryChangesRequest(),
+                                               metadata=wo), DENIED, "SCOPE_MISSING")
     none = bearer(token(scope=None))
     fails(lambda: get_session(s, "s", none, auto_create=False), DENIED, "SCOPE_MISSING")
     admin = bearer(token(scope=["admin"]))  # a list claim works too; admin covers all
