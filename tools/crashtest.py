@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sessiond.server.failpoints import ALL_POINTS  # noqa: E402
+from sessiond.server.failpoints import HISTORY_POINTS, KNOWN_POINTS  # noqa: E402
 
 from tests.faults.crashrun import CrashRun  # noqa: E402
 from tests.faults.harness import FAST_ARGS  # noqa: E402
+from tests.faults.historyrun import HistoryCrashRun  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Phase 2 engine; 'openai' talks to a fake OpenAI-compatible server "
                         "run by this tool, so token usage is counted too")
     p.add_argument("--workers", type=int, default=4, help="server's Phase 2 workers")
-    p.add_argument("--failpoints", default=",".join(ALL_POINTS),
+    p.add_argument("--failpoints", default=",".join(KNOWN_POINTS),
                    help="comma-separated failpoints, one episode each per round ('' for none)")
     p.add_argument("--max-kill-delay", type=float, default=2.0,
                    help="random kills happen within this many seconds of the start")
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"crashtest seed={seed} (replay: python tools/crashtest.py {' '.join(replay)})",
           flush=True)
     points = [x.strip() for x in ns.failpoints.split(",") if x.strip()]
-    unknown = [x for x in points if x not in ALL_POINTS]
+    unknown = [x for x in points if x not in KNOWN_POINTS]
     if unknown:
-        p.error(f"unknown failpoints {unknown}; known: {', '.join(ALL_POINTS)}")
+        p.error(f"unknown failpoints {unknown}; known: {', '.join(KNOWN_POINTS)}")
+    # Revert and RetryTask points run as episodes of their own (HistoryCrashRun).
+    history = [x for x in points if x in HISTORY_POINTS]
+    points = [x for x in points if x not in HISTORY_POINTS]
     server_args = [*FAST_ARGS, "--workers", str(ns.workers)]
     server_args[server_args.index("--sqlite-synchronous") + 1] = ns.sqlite_synchronous
     tmp = None
@@ -86,14 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.mkdtemp(prefix="sessiond-crash-")
         work = Path(tmp)
     work.mkdir(parents=True, exist_ok=True)
+    hrun = HistoryCrashRun(work, seed=seed, server_args=server_args,
+                           log=lambda m: print(m, flush=True))
     run = CrashRun(work, seed=seed, clients=ns.clients, max_kill_delay=ns.max_kill_delay,
                    heavy=ns.heavy, server_args=server_args, engine=ns.engine,
                    log=lambda m: print(m, flush=True))
     episodes = run.episodes_for(ns.rounds, points, ns.random_per_round, ns.term_per_round,
                                 ns.recovery_kills_per_round)
     t0 = time.monotonic()
+    hstats = None
     try:
         stats = run.run(episodes)
+        hstats = hrun.run(history * ns.rounds) if history else None
+        run.violations += hrun.violations
     except BaseException:
         print(f"crashtest aborted; seed={seed}; work dir {work}", flush=True)
         print(run.srv.log_tail(3000), flush=True)
@@ -101,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         run.close()
+        hrun.close()
         if tmp is not None and not ns.keep and not run.violations:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"crashtest seed={seed} rounds={ns.rounds} {stats.summary()} "
+    summary = stats.summary() + (f" {hstats.summary()}" if hstats is not None else "")
+    print(f"crashtest seed={seed} rounds={ns.rounds} {summary} "
+          f"violations={len(run.violations)} "
           f"time={time.monotonic() - t0:.1f}s", flush=True)
+    if hstats is not None and hstats.failpoints_not_reached:
+        print(f"history failpoints not reached: {hstats.failpoints_not_reached}", flush=True)
     if stats.failpoints_not_reached:
         print(f"failpoints not reached (killed after 8 s instead): "
               f"{stats.failpoints_not_reached}", flush=True)

@@ -74,7 +74,10 @@ def failure(call: Callable[[], object]) -> grpc.RpcError:
     return info.value
 
 
-def details(err: grpc.RpcError) -> tuple[str, list[error_details_pb2.PreconditionFailure.Violation]]:
+Violation = error_details_pb2.PreconditionFailure.Violation
+
+
+def details(err: grpc.RpcError) -> tuple[str, list[Violation]]:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None
     reason, violations = "", []

@@ -9,9 +9,10 @@ import os
 import random
 from pathlib import Path
 
-from sessiond.server.failpoints import ALL_POINTS
+from sessiond.server.failpoints import ALL_POINTS, HISTORY_POINTS
 
 from tests.faults.crashrun import RANDOM, RECOVERY_KILL, TERM, TERM_KILL, CrashRun
+from tests.faults.historyrun import HistoryCrashRun
 
 
 def test_crash_random_kills_and_every_failpoint(tmp_path: Path) -> None:
@@ -56,3 +57,20 @@ def test_crash_with_llm_engine_counts_tokens_once(tmp_path: Path) -> None:
         + "\n".join(run.violations[:30]) + "\n--- log ---\n" + "\n".join(lines[-40:]))
     assert stats.failpoint_kills >= 3, stats.failpoints_not_reached
     assert stats.tasks_completed > 0 and stats.tasks_failed == 0
+
+
+def test_crash_in_revert_and_retry_task(tmp_path: Path) -> None:
+    """A kill at every revert and RetryTask failpoint: after the restart and the
+    client's retry with the same request id, the revert (or retry) happened exactly
+    once (tests/faults/historyrun.py)."""
+    seed = int(os.environ.get("SESSIOND_CRASH_SEED") or random.SystemRandom().randrange(2**31))
+    lines: list[str] = []
+    run = HistoryCrashRun(tmp_path, seed=seed, log=lines.append)
+    try:
+        stats = run.run(HISTORY_POINTS)
+    finally:
+        run.close()
+    print(f"crash/history seed={seed} {stats.summary()}")
+    assert not run.violations, "\n".join(run.violations[:30] + lines[-20:])
+    assert stats.failpoint_kills == len(HISTORY_POINTS), stats.failpoints_not_reached
+    assert stats.reverts_completed == 3 and stats.retries_completed == 2

@@ -27,12 +27,17 @@ ALL_POINTS: tuple[str, ...] = (
     "commit.after_write",
     *(f"phase2.{s}.{w}" for s in ("summarize", "extract", "relations", "active_counts", "index",
                                   "finalize") for w in ("before", "after")),
+)
+# Points of archive reverts and RetryTask (reached only when a client asks for one;
+# tools/crashtest.py runs them as episodes of their own, tests/faults/historyrun.py).
+HISTORY_POINTS: tuple[str, ...] = (
     "revert.before",
     "revert.embedded",
     "revert.after",
     "retry.before_write",
     "retry.after_write",
 )
+KNOWN_POINTS: tuple[str, ...] = (*ALL_POINTS, *HISTORY_POINTS)
 
 
 def _parse(raw: str) -> dict[str, int]:
