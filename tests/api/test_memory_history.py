@@ -6,6 +6,8 @@ changes) and with force, idempotency, bad input, identity scope."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,13 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sessiond.server.phase2.engines.base import (
+    RetryReporter,
+    SummaryRequest,
+    SummaryResponse,
+    no_report,
+)
+from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.store.postgres.store import PostgresStore
 from sessiond.v1 import memory_pb2, session_pb2, task_pb2
 
@@ -249,6 +258,51 @@ def test_revert_rejects_bad_input_and_other_identities(start: Start) -> None:
     assert len(changes(r)) == 1
 
 
+class HoldSecond(OfflineEngine):
+    """Offline engine that holds the summary of archive 2 until released."""
+
+    name = "hold-second"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    async def summarize(self, request: SummaryRequest,
+                        report: RetryReporter = no_report) -> SummaryResponse:
+        if request.archive_index == 2:
+            self.entered.set()
+            while not self.gate.is_set():  # noqa: ASYNC110 - a threading gate
+                await asyncio.sleep(0.01)
+        return await super().summarize(request, report)
+
+
+def test_revert_task_rechecks_conflicts_before_it_writes(start: Start) -> None:
+    """Queued while a later archive's Phase 2 runs (no conflict yet); that Phase 2
+    then changes the same memory, so the revert task ends FAILED_PRECONDITION
+    (REVERT_CONFLICT) and changes nothing."""
+    engine = HoldSecond()
+    r = start(engine=engine)
+    r.sessions.CreateSession(S.CreateSessionRequest(session_id="s"))
+    commit(r, "s", "My name is Ada.")
+    add(r.sessions, "s", "I live in Zanzibar.")
+    second = r.sessions.Commit(S.CommitRequest(session_id="s")).task_id
+    assert engine.entered.wait(10)
+    queued = revert(r, "s", 1)  # archive 2 has written nothing yet: no conflict
+    assert queued.state == K.TASK_STATE_PENDING
+    engine.gate.set()
+    assert finished(r, second).state == K.TASK_STATE_COMPLETED
+    failed = finished(r, queued.task_id)
+    assert failed.state == K.TASK_STATE_FAILED and failed.error.code == 9
+    assert "later change" in failed.error.message
+    p = profile(r)
+    assert p is not None and p.content == "name: Ada\nlocation: Zanzibar"
+    assert not [c for c in changes(r) if c.op == M.MEMORY_CHANGE_OP_REVERTED]
+    # a failed revert does not count as one: with force it goes through
+    assert finished(r, revert(r, "s", 1, force=True).task_id).state == \
+        K.TASK_STATE_COMPLETED
+    assert profile(r) is None
+
+
 def test_revert_waits_for_phase2_to_end(server_factory: ServerFactory, tmp_path: Path
                                         ) -> None:
     engine = GatedEngine()
@@ -262,6 +316,19 @@ def test_revert_waits_for_phase2_to_end(server_factory: ServerFactory, tmp_path:
     engine.release()
     finished(r, task_id)
     assert finished(r, revert(r, "s", 1).task_id).state == K.TASK_STATE_COMPLETED
+    # a cancelled Phase 2 may be reverted; its archive's Phase 2 then never runs again
+    engine2 = GatedEngine()
+    r2 = server_factory(engine=engine2, data_dir=tmp_path / "gated2")
+    r2.sessions.CreateSession(S.CreateSessionRequest(session_id="c"))
+    add(r2.sessions, "c", "My name is Bea.")
+    cancelled = r2.sessions.Commit(S.CommitRequest(session_id="c")).task_id
+    assert engine2.entered.wait(10)
+    r2.tasks.CancelTask(K.CancelTaskRequest(task_id=cancelled))
+    assert finished(r2, cancelled).state == K.TASK_STATE_CANCELLED
+    done = finished(r2, revert(r2, "c", 1).task_id)
+    assert done.state == K.TASK_STATE_COMPLETED and done.result.revert.deleted == 0
+    err = failure(lambda: r2.tasks.RetryTask(K.RetryTaskRequest(task_id=cancelled)))
+    assert err.code() == C.FAILED_PRECONDITION and details(err)[0] == "ARCHIVE_REVERTED"
 
 
 def test_session_usage_lists_uris_and_active_counts(start: Start) -> None:

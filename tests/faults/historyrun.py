@@ -77,10 +77,14 @@ class HistoryCrashRun:
                 assert point in HISTORY_POINTS, point
                 t0 = time.monotonic()
                 self.stats.episodes += 1
-                if point.startswith("revert."):
-                    self._revert_episode(point)
-                else:
-                    self._retry_episode(point)
+                try:
+                    if point.startswith("revert."):
+                        self._revert_episode(point)
+                    else:
+                        self._retry_episode(point)
+                except (grpc.RpcError, AssertionError, StopIteration) as exc:
+                    self.violation(f"{point}: the episode broke off: {exc!r}")
+                    self.srv.kill()
                 self.log(f"history episode {point}: {time.monotonic() - t0:.1f}s, "
                          f"violations so far {len(self.violations)}")
         finally:
