@@ -83,10 +83,8 @@ def failure(call: Callable[[], object]) -> grpc.RpcError:
     return info.value
 
 
-Violation = error_details_pb2.PreconditionFailure.Violation
-
-
-def details(err: grpc.RpcError) -> tuple[str, list[Violation]]:
+def details(err: grpc.RpcError
+            ) -> tuple[str, list[error_details_pb2.PreconditionFailure.Violation]]:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None
     reason, violations = "", []
