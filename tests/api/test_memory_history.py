@@ -349,3 +349,41 @@ def test_session_usage_lists_uris_and_active_counts(start: Start) -> None:
     rest = r.sessions.GetSessionUsage(S.GetSessionUsageRequest(
         session_id="s", page_size=1, page_token=page.next_page_token))
     assert [u.uri for u in rest.uris] == ["viking://resources/b"] and not rest.next_page_token
+
+
+def test_revert_keeps_vectors_in_step(server_factory: ServerFactory, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an embedder, the restored memory gets the vector of its restored text and
+    the deleted one loses its vector: every entry has exactly its vector again."""
+    from sessiond.server.domain.values import Identity
+    from sessiond.server.embedders.openai import OpenAIEmbedder
+
+    from tests.embedders.fake_embeddings import FakeEmbeddings
+    from tests.embedders.test_openai_embedder import FAST, KEY, KEY_ENV, settings
+
+    fake = FakeEmbeddings().start()
+    try:
+        monkeypatch.setenv(KEY_ENV, KEY)
+        embedder = OpenAIEmbedder(settings(fake), backoff=FAST)
+        r = server_factory(embedder=embedder, data_dir=tmp_path / "emb")
+        store, ident = r.app.store, Identity()
+
+        def counts() -> tuple[int, int]:
+            return (r.loop.run(store.recall_entry_count(ident)),
+                    r.loop.run(store.vector_count(ident, embedder.model)))
+
+        r.sessions.CreateSession(S.CreateSessionRequest(session_id="s"))
+        commit(r, "s", "My name is Ada.")
+        before = counts()
+        commit(r, "s", "I live in Zanzibar.", "I prefer the vim editor.")
+        assert counts()[0] == counts()[1] > before[0]
+        calls = len(fake.received)
+        done = finished(r, revert(r, "s", 2).task_id)
+        assert done.state == K.TASK_STATE_COMPLETED
+        assert len(fake.received) == calls + 1  # the restored profile was embedded
+        entries, vectors = counts()
+        assert entries == vectors  # no entry without its vector, no stray vector
+        # (the dense ranking returns the nearest memory; none holds the fact any more)
+        assert not [t for t in memory_hits(r, "Zanzibar") if "Zanzibar" in t]
+    finally:
+        fake.stop()
