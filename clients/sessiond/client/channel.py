@@ -48,9 +48,11 @@ RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
     "sessiond.v1.SessionService": (
         "GetSession", "ListSessions", "GetSessionContext", "ListArchives", "GetArchive",
         "CreateSession", "AddMessage", "AddMessages", "Commit", "RecordUsage",
+        "RevertArchive", "GetSessionUsage",
     ),
     "sessiond.v1.TaskService": ("GetTask", "ListTasks", "CancelTask", "RetryTask"),
-    "sessiond.v1.MemoryService": ("ListMemories", "GetMemory", "SearchMemories"),
+    "sessiond.v1.MemoryService": ("ListMemories", "GetMemory", "SearchMemories",
+                                  "ListMemoryChanges"),
     "sessiond.v1.ServerService": ("GetServerInfo",),
 }
 

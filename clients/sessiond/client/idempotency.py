@@ -1,6 +1,7 @@
 """Request ids (AIP-155) for the mutating calls that accept one.
 
-CreateSession, AddMessage, AddMessages, Commit, RecordUsage and RetryTask carry a
+CreateSession, AddMessage, AddMessages, Commit, RecordUsage, RetryTask and RevertArchive
+carry a
 `request_id`: the server remembers it (for a retention window) and answers a replay
 with the original result instead of doing the work twice. That is what makes retrying these calls
 safe, so channels from `connect`/`aio_connect` retry them on UNAVAILABLE.
@@ -42,6 +43,7 @@ REQUEST_ID_METHODS: frozenset[str] = frozenset({
     "/sessiond.v1.SessionService/Commit",
     "/sessiond.v1.SessionService/RecordUsage",
     "/sessiond.v1.TaskService/RetryTask",
+    "/sessiond.v1.SessionService/RevertArchive",
 })
 
 M = TypeVar("M", bound=Message)

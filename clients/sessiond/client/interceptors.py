@@ -7,7 +7,7 @@
 Per call:
 * identity keys (x-sessiond-account/user/agent) missing from the call's metadata are
   added from the configured Identity; keys the call sets itself win;
-* on CreateSession, AddMessage(s), Commit, RecordUsage and RetryTask an empty
+* on CreateSession, AddMessage(s), Commit, RecordUsage, RetryTask and RevertArchive an empty
   `request_id` is filled on a copy of the request (see `sessiond.client.idempotency`),
   so gRPC's built-in retries of that call replay the same id.
 """

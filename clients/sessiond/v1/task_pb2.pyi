@@ -150,7 +150,7 @@ class Task(_message.Message):
     state: Global___TaskState.ValueType
     stage: _builtins.str
     """Current or last Phase 2 stage: queued, summarize, extract, relations,
-    active_counts, finalize.
+    active_counts, finalize; queued, revert for archive_revert tasks.
     """
     attempts: _builtins.int
     """How many times a worker started (or resumed) this task."""

@@ -78,7 +78,7 @@ def claim(task: Task, worker_id: str, now: datetime, lease_until: datetime) -> T
     attempt = task.attempts + 1
     resumed = task.done_stage is not Stage.QUEUED or task.attempts > 0
     msg = (f"resumed after {task.done_stage.value} (attempt {attempt})" if resumed
-           else "Phase 2 started")
+           else "revert started" if task.task_type == TASK_TYPE_REVERT else "Phase 2 started")
     return Transition(EventKind.STARTED, TaskState.RUNNING, task.stage, msg, attempt=attempt,
                       changes={"attempts": attempt, "lease_owner": worker_id,
                                "lease_expires_at": lease_until,

@@ -206,7 +206,7 @@ class Phase2Pipeline:
             log.warning("Phase 2 of %s paused, store unavailable: %s", task.task_id, exc)
             return RunOutcome(False)
         except EngineError as exc:
-            await self._fail(task, TaskError(code=_engine_code(exc), reason=exc.reason,
+            await self._fail(task, TaskError(code=engine_code(exc), reason=exc.reason,
                                              message=sanitize(str(exc), self.secrets)))
             return RunOutcome(True)
         except NotFound as exc:
@@ -414,7 +414,7 @@ class RetryReporterImpl:
             NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())
 
 
-def _engine_code(exc: EngineError) -> ErrorCode:
+def engine_code(exc: EngineError) -> ErrorCode:
     """The google.rpc code of a failed stage: what a watcher should make of it."""
     reason = exc.reason.removeprefix("LLM_").removeprefix("EMBEDDER_")  # same meanings
     if reason == "TIMEOUT":

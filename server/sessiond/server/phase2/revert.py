@@ -20,6 +20,7 @@ from sessiond.server.domain.values import Task, TaskError
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.observability import logs, metrics
 from sessiond.server.phase2.engines.base import EngineError
+from sessiond.server.phase2.pipeline import engine_code
 from sessiond.server.phase2.sanitize import sanitize
 from sessiond.server.store.base import Store
 
@@ -59,7 +60,7 @@ class ArchiveReverter:
                 log.warning("revert %s paused, store unavailable: %s", task.task_id, exc)
                 return False
             except EngineError as exc:
-                await self._fail(task, TaskError(ErrorCode.UNAVAILABLE,
+                await self._fail(task, TaskError(engine_code(exc),
                                                  sanitize(str(exc), self.secrets),
                                                  reason=exc.reason))
                 return True

@@ -288,11 +288,12 @@ async def failed_below(tx: Tx, codes: tuple[ErrorCode, ...], max_retries: int,
     # Errors are stored as {"code":...,...} (codec.encode_error): match the prefix.
     like = " OR ".join("t.error LIKE ?" for _ in codes)
     rows = await tx.fetch(
-        f"SELECT t.* FROM tasks t WHERE t.state=? AND t.retries<? AND ({like}) "
+        f"SELECT t.* FROM tasks t WHERE t.state=? AND t.task_type=? AND t.retries<? "
+        f"AND ({like}) "
         "AND EXISTS (SELECT 1 FROM archives a WHERE a.skey=t.skey "
         "  AND a.idx=t.archive_index AND a.state=?) "
         "ORDER BY t.finished_at, t.task_id LIMIT ?",
-        TaskState.FAILED.value, max_retries,
+        TaskState.FAILED.value, TASK_TYPE_COMMIT, max_retries,
         *(codec.dumps({"code": c.value})[:-1] + ",%" for c in codes),
         ArchiveState.PENDING.value, limit)
     return [tx.d.rows.task(r) for r in rows]

@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 
 import openai
 
-# EngineError reasons (see pipeline._engine_code for the gRPC codes they map to).
+# EngineError reasons (see pipeline.engine_code for the gRPC codes they map to).
 RATE_LIMITED = "LLM_RATE_LIMITED"
 UNAVAILABLE = "LLM_UNAVAILABLE"
 TIMEOUT = "LLM_TIMEOUT"
