@@ -140,3 +140,23 @@ def test_revert_tasks_keep_the_session_order(store: Store, run: Runner) -> None:
         assert (await claim(store, "w", 6)).task_id == "t2"
 
     run(body())
+
+
+def test_a_session_made_again_has_its_own_archives(store: Store, run: Runner) -> None:
+    """Deleted and made again under the same id, archive 1 is a new archive: its
+    revert is neither refused as done nor given the old archive's changes."""
+    async def body() -> None:
+        await archive(store, "a", "t1", 1, "name: Ada")
+        await store.request_revert(ID, "a", 1, False, "r1", at(2))
+        assert await run_revert(store, 3) is TaskState.COMPLETED
+        assert await store.delete_session(ID, "a", at(4))
+        await store.create_session(ID, "a", at(5))
+        await archive(store, "a", "t2", 6, "name: Bea")
+        await store.request_revert(ID, "a", 1, False, "r2", at(7))
+        assert await run_revert(store, 8) is TaskState.COMPLETED
+        done = await store.get_task("r2")
+        assert done is not None and done.result is not None and done.result.revert is not None
+        assert done.result.revert.deleted == 2 and done.result.revert.unchanged == 0
+        assert (await store.list_memories(ID, None, 10, "")).items == []
+
+    run(body())

@@ -149,14 +149,26 @@ async def list_page(tx: Tx, identity: Identity, session_id: str, archive_index: 
     return page_of(rows, page_size, lambda r: str(r["seq"]), lambda r: _change(r, tx))
 
 
-async def _archive_changes(tx: Tx, identity: Identity, session_id: str,
-                           index: int) -> list[MemoryChange]:
+async def _archive_changes(tx: Tx, identity: Identity, session_id: str, index: int,
+                           commit_task_id: str) -> list[MemoryChange]:
+    """The archive's Phase 2 changes (of its own commit task: a session deleted and
+    made again under the same id has other tasks)."""
     rows = await tx.fetch(
         f"SELECT {', '.join(CHANGE_COLUMNS)} FROM memory_changes WHERE account=? AND user_id=? "
-        "AND actor_agent=? AND session_id=? AND archive_index=? AND op IN (?,?) ORDER BY seq",
-        identity.account, identity.user, identity.agent, session_id, index,
-        ChangeOp.CREATED.value, ChangeOp.UPDATED.value)
+        "AND actor_agent=? AND session_id=? AND archive_index=? AND task_id=? AND op IN (?,?) "
+        "ORDER BY seq", identity.account, identity.user, identity.agent, session_id, index,
+        commit_task_id, ChangeOp.CREATED.value, ChangeOp.UPDATED.value)
     return [_change(r, tx) for r in rows]
+
+
+async def _archive(tx: Tx, identity: Identity, session_id: str, index: int) -> Row:
+    row = await tx.fetchrow("SELECT idx, task_id, created_at FROM archives WHERE skey=? "
+                            "AND idx=?", codec.session_key(identity, session_id), index)
+    if row is None:
+        uri = archive_uri(session_id, index)
+        raise NotFound(f"archive {index} of session {session_id!r} not found",
+                       reason="ARCHIVE_NOT_FOUND", metadata={"archive_uri": uri})
+    return row
 
 
 async def _later_changes(tx: Tx, memory_ids: Sequence[str], after_seq: int
@@ -176,7 +188,8 @@ async def plan(tx: Tx, identity: Identity, session_id: str, index: int, *,
     """What reverting the archive would do, and the later changes it conflicts with.
     With `lock`, the memories are locked first (in memory id order), so no change of
     them can commit between this plan and the revert's writes."""
-    own = await _archive_changes(tx, identity, session_id, index)
+    arow = await _archive(tx, identity, session_id, index)
+    own = await _archive_changes(tx, identity, session_id, index, str(arow["task_id"]))
     ids = sorted({c.memory_id for c in own})
     if lock:
         for mid in ids:
@@ -189,18 +202,23 @@ async def plan(tx: Tx, identity: Identity, session_id: str, index: int, *,
 async def reverted(tx: Tx, identity: Identity, session_id: str, index: int) -> str | None:
     """The revert task of the archive that is pending, running or completed, or
     "reverted" when the history records a completed revert (its task swept since);
-    None when the archive was not reverted."""
+    None when the archive was not reverted. Tasks and records older than the archive
+    belong to an archive with this index of a session deleted before this one was
+    made, not to this one."""
     skey = codec.session_key(identity, session_id)
+    made = (await _archive(tx, identity, session_id, index))["created_at"]
     task_id = await tx.fetchval(
         "SELECT task_id FROM tasks WHERE skey=? AND archive_index=? AND task_type=? "
-        "AND state IN (?,?,?) ORDER BY created_at LIMIT 1", skey, index, TASK_TYPE_REVERT,
-        TaskState.PENDING.value, TaskState.RUNNING.value, TaskState.COMPLETED.value)
+        "AND state IN (?,?,?) AND created_at>=? ORDER BY created_at LIMIT 1", skey, index,
+        TASK_TYPE_REVERT, TaskState.PENDING.value, TaskState.RUNNING.value,
+        TaskState.COMPLETED.value, made)
     if task_id is not None:
         return str(task_id)
     done = await tx.fetchval(
         "SELECT task_id FROM memory_changes WHERE account=? AND user_id=? AND actor_agent=? "
-        "AND session_id=? AND archive_index=? AND op=? LIMIT 1", identity.account,
-        identity.user, identity.agent, session_id, index, ChangeOp.REVERTED.value)
+        "AND session_id=? AND archive_index=? AND op=? AND created_at>=? LIMIT 1",
+        identity.account, identity.user, identity.agent, session_id, index,
+        ChangeOp.REVERTED.value, made)
     return None if done is None else str(done) or "reverted"
 
 
@@ -223,12 +241,8 @@ async def request(tx: Tx, identity: Identity, session_id: str, index: int, force
         return await tasks.require(tx, previous["task_id"])
     skey = codec.session_key(identity, session_id)
     await sessions.require(tx, identity, session_id, lock=True)
-    arow = await tx.fetchrow("SELECT idx, task_id FROM archives WHERE skey=? AND idx=?",
-                             skey, index)
+    arow = await _archive(tx, identity, session_id, index)
     uri = archive_uri(session_id, index)
-    if arow is None:
-        raise NotFound(f"archive {index} of session {session_id!r} not found",
-                       reason="ARCHIVE_NOT_FOUND", metadata={"archive_uri": uri})
     commit_task = await tasks.get(tx, str(arow["task_id"]))
     if commit_task is not None and not commit_task.state.terminal:
         raise FailedPrecondition(

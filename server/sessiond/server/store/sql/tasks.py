@@ -264,11 +264,13 @@ async def retry(tx: Tx, identity: Identity, task_id: str, now: datetime,
     if archive != ArchiveState.PENDING.value:
         raise FailedPrecondition(f"the archive of task {task_id} is {archive}, not pending",
                                  reason="ARCHIVE_NOT_PENDING", metadata={"task_id": task_id})
+    # A revert of this archive (made after its commit task, so not one of an archive
+    # of a deleted session of the same id).
     revert = await tx.fetchval("SELECT task_id FROM tasks WHERE skey=? AND archive_index=? "
-                               "AND task_type=? AND state IN (?,?,?) LIMIT 1",
+                               "AND task_type=? AND state IN (?,?,?) AND created_at>=? LIMIT 1",
                                codec.session_key(task.identity, task.session_id),
                                task.archive_index, TASK_TYPE_REVERT, *OPEN,
-                               TaskState.COMPLETED.value)
+                               TaskState.COMPLETED.value, tx.d.ts(task.created_at))
     if revert is not None:
         raise FailedPrecondition(f"the archive of task {task_id} was reverted (task {revert}); "
                                  "its Phase 2 does not run again", reason="ARCHIVE_REVERTED",
