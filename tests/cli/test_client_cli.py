@@ -290,3 +290,26 @@ def test_api_key_from_a_file_and_the_environment(server_factory: ServerFactory,
     code, _, err = sd(capsys, "sessions", "ls", "--api-key", made["key"][:-1] + "x", *a)
     assert code == EXIT_AUTH
     assert made["key"] not in err  # the secret never shows in an error
+
+
+def test_memory_history_revert_and_usage_commands(server: Running,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    a = ("--address", server.target)
+    assert sd(capsys, "messages", "add", "h", "My name is Ada.", "--create", *a)[0] == EXIT_OK
+    assert sd(capsys, "commit", "h", "--watch", "--watch-timeout", "30", *a)[0] == EXIT_OK
+    assert sd(capsys, "messages", "add", "h", "I live in Zanzibar.", *a)[0] == EXIT_OK
+    assert sd(capsys, "commit", "h", "--watch", "--watch-timeout", "30", *a)[0] == EXIT_OK
+    changes = js(capsys, "memories", "history", "--session", "h", *a)["changes"]
+    assert [c["op"] for c in changes] == ["MEMORY_CHANGE_OP_CREATED", "MEMORY_CHANGE_OP_UPDATED"]
+    code, out, _ = sd(capsys, "memories", "history", "--session", "h", "--archive", "2", *a)
+    assert code == EXIT_OK and "updated" in out and "Zanzibar" in out
+    # archive 1 conflicts with archive 2's update: refused, the reason on stderr
+    code, _, err = sd(capsys, "sessions", "revert", "h", "1", *a)
+    assert code != EXIT_OK and "FAILED_PRECONDITION REVERT_CONFLICT" in err
+    code, out, err = sd(capsys, "sessions", "revert", "h", "2", "--watch", "--watch-timeout",
+                        "30", *a)
+    assert code == EXIT_OK, err
+    assert "revert of sessiond://sessions/h/archives/000002 queued" in out and "completed" in out
+    mems = js(capsys, "memories", "ls", *a)["memories"]
+    assert [m["content"] for m in mems] == ["name: Ada"]
+    assert js(capsys, "sessions", "usage", "h", *a) == {"uris": []}

@@ -381,6 +381,35 @@ def sessions_rm(c: Ctx, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def sessions_revert(c: Ctx, ns: argparse.Namespace) -> int:
+    t = c.sessions.RevertArchive(session_pb2.RevertArchiveRequest(
+        session_id=ns.session_id, index=ns.index, force=ns.force,
+        request_id=ns.request_id or ""), timeout=c.conn.timeout)
+    if c.out.json and not ns.watch:
+        c.out.emit({"task": to_dict(t)})
+    elif not c.out.json:
+        c.out.console.print(f"revert of {t.archive_uri} queued: task {t.task_id}", markup=False)
+    if ns.watch:
+        return watch(c, t.task_id, ns.watch_timeout)
+    return EXIT_OK
+
+
+def sessions_usage(c: Ctx, ns: argparse.Namespace) -> int:
+    def fetch(token: str) -> tuple[list[Any], str]:
+        r = c.sessions.GetSessionUsage(session_pb2.GetSessionUsageRequest(
+            session_id=ns.session_id, archive_index=ns.archive, page_size=100,
+            page_token=token), timeout=c.conn.timeout)
+        return list(r.uris), r.next_page_token
+
+    items: list[session_pb2.UsedUri] = _pages(fetch, 0)
+    if c.out.json:
+        c.out.emit({"uris": [to_dict(u) for u in items]})
+    else:
+        c.out.table(f"{len(items)} uri(s)", ["uri", "active count"],
+                    [[u.uri, str(u.active_count)] for u in items])
+    return EXIT_OK
+
+
 def messages_add(c: Ctx, ns: argparse.Namespace) -> int:
     text = sys.stdin.read() if ns.text == "-" else ns.text
     if not text.strip():
@@ -673,6 +702,28 @@ def memories_rm(c: Ctx, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def memories_history(c: Ctx, ns: argparse.Namespace) -> int:
+    def fetch(token: str) -> tuple[list[Any], str]:
+        r = c.memories.ListMemoryChanges(memory_pb2.ListMemoryChangesRequest(
+            session_id=ns.session or "", archive_index=ns.archive, memory_id=ns.memory or "",
+            page_size=100, page_token=token), timeout=c.conn.timeout)
+        return list(r.changes), r.next_page_token
+
+    items: list[memory_pb2.MemoryChange] = _pages(fetch, ns.limit)
+    if c.out.json:
+        c.out.emit({"changes": [to_dict(ch) for ch in items]})
+    else:
+        c.out.table(f"{len(items)} change(s)",
+                    ["seq", "op", "memory", "category", "source", "before", "after"],
+                    [[str(ch.seq), _enum(memory_pb2.MemoryChangeOp.Name(ch.op),
+                                         "MEMORY_CHANGE_OP_"), ch.memory_id,
+                      _enum(memory_pb2.MemoryCategory.Name(ch.category), "MEMORY_CATEGORY_"),
+                      ch.archive_uri or "DeleteMemory",
+                      ch.before.content if ch.HasField("before") else "-",
+                      ch.after.content if ch.HasField("after") else "-"] for ch in items])
+    return EXIT_OK
+
+
 def recall(c: Ctx, ns: argparse.Namespace) -> int:
     r = c.memories.Recall(memory_pb2.RecallRequest(
         query=ns.query, session_id=ns.session or "", max_chars=ns.max_chars,
@@ -781,7 +832,8 @@ def add_client_commands(sub: Any) -> None:
         p.set_defaults(client_fn=fn)
         return p
 
-    sessions = sub.add_parser("sessions", help="list, show or delete sessions")
+    sessions = sub.add_parser("sessions",
+                              help="list, show, delete sessions, revert an archive, usage")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True)
     p = cmd(ssub, "ls", sessions_ls, "list sessions, newest first")
     p.add_argument("--limit", type=_positive, default=0, help="at most this many (0: all)")
@@ -791,6 +843,19 @@ def add_client_commands(sub: Any) -> None:
                    help="the newest N live messages (0: all)")
     p = cmd(ssub, "rm", sessions_rm, "delete a session with its archives and tasks")
     p.add_argument("session_id")
+    p = cmd(ssub, "revert", sessions_revert,
+            "undo what one archive's Phase 2 did to long-term memory (a task)")
+    p.add_argument("session_id")
+    p.add_argument("index", type=int, help="the archive (1, 2, ...)")
+    p.add_argument("--force", action="store_true",
+                   help="revert even over later changes of the same memories")
+    p.add_argument("--watch", action="store_true", help="follow the revert task live")
+    p.add_argument("--watch-timeout", type=_seconds, default=None,
+                   help="give up watching after this many seconds")
+    p.add_argument("--request-id", help="idempotency key (a replay returns the first result)")
+    p = cmd(ssub, "usage", sessions_usage, "the uris a session used, with active counts")
+    p.add_argument("session_id")
+    p.add_argument("--archive", type=_positive, default=0, help="only this archive's uris")
 
     messages = sub.add_parser("messages", help="append messages")
     msub = messages.add_subparsers(dest="messages_command", required=True)
@@ -829,7 +894,8 @@ def add_client_commands(sub: Any) -> None:
     p = cmd(tsub, "cancel", tasks_cancel, "ask a task to stop (at its next stage boundary)")
     p.add_argument("task_id")
 
-    memories = sub.add_parser("memories", help="list, search or delete long-term memories")
+    memories = sub.add_parser("memories",
+                              help="list, search or delete long-term memories, or their history")
     memsub = memories.add_subparsers(dest="memories_command", required=True)
     p = cmd(memsub, "ls", memories_ls, "list memories")
     p.add_argument("--category", choices=list(_CATEGORIES))
@@ -840,6 +906,12 @@ def add_client_commands(sub: Any) -> None:
     p.add_argument("--limit", type=_positive, default=10)
     p = cmd(memsub, "rm", memories_rm, "delete a memory")
     p.add_argument("memory_id")
+    p = cmd(memsub, "history", memories_history,
+            "memory changes, oldest first (Phase 2, deletes, reverts)")
+    p.add_argument("--session", help="only this session's changes")
+    p.add_argument("--archive", type=_positive, default=0, help="with --session: one archive")
+    p.add_argument("--memory", help="only this memory's changes")
+    p.add_argument("--limit", type=_positive, default=0, help="at most this many (0: all)")
 
     cmd(sub, "info", info, "the server's version, API, schema version, engine and store")
 
