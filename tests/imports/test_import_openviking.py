@@ -184,7 +184,7 @@ def test_import_openviking_tree(store_url: str, server_factory: ServerFactory,
     assert notes.live_message_count == 1
     archives = r.sessions.ListArchives(session_pb2.ListArchivesRequest(session_id="atlas"),
                                        metadata=ALICE).archives
-    assert [a.state for a in archives][0] == session_pb2.ARCHIVE_STATE_DONE
+    assert archives[0].state == session_pb2.ARCHIVE_STATE_DONE
     assert archives[0].abstract.startswith("Atlas deploy fixed")
     tasks = sorted(r.tasks.ListTasks(task_pb2.ListTasksRequest(session_id="atlas"),
                                      metadata=ALICE).tasks, key=lambda t: t.archive_uri)
