@@ -385,7 +385,10 @@ class Phase2Pipeline:
         out: list[EntryVector] = []
         for start in range(0, len(todo), EMBED_BATCH):
             chunk = todo[start:start + EMBED_BATCH]
-            vecs = await self.embedder.embed([e.text for e in chunk])
+            with metrics.embedding_call(model, "index", len(chunk)), \
+                    tracing.span("embed", {"sessiond.embedder": metrics.embedder_label(model)}):
+                vecs = await self._interruptible(
+                    task, self.embedder.embed([e.text for e in chunk]))
             out += [EntryVector(e, tuple(v)) for e, v in zip(chunk, vecs, strict=True)]
         return out
 
