@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
             return 1
         return 0
+    if getattr(ns, "output", None) == "json":  # the admin commands: like --json
+        ns.json = True
     if ns.command == "keys":
         return keys_main(ns)
     if ns.command == "reindex":

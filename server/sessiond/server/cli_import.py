@@ -45,6 +45,8 @@ def add_import_command(sub: Any, env: Settings) -> None:
                    help="read the tree and the store, write nothing, report what would be "
                         "imported")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                   help="json: the same as --json")
     add_embedder_flags(r, env)
 
 
