@@ -120,6 +120,8 @@ class RunOutcome:
 class _Interrupted(Exception):
     """An engine call was stopped because its task was cancelled (or ended) meanwhile."""
 
+    reason = "cancelled"  # the metrics' error reason of the interrupted call
+
 
 class Phase2Pipeline:
     def __init__(self, store: Store, engine: Phase2Engine, worker_id: str,
