@@ -13,6 +13,7 @@ from sessiond.v1 import memory_pb2, task_pb2
 from tests.conftest import ServerFactory
 from tests.embedders.fake_embeddings import FakeEmbeddings, Scripted
 from tests.embedders.test_openai_embedder import FAST, KEY, KEY_ENV, converse, settings
+from tests.observability.spans import ids, named, one, parent_id, recording
 from tests.observability.test_metrics import local, observed, scrape, value
 
 
@@ -61,3 +62,20 @@ def test_embedding_calls_tokens_retries_and_errors(server_factory: ServerFactory
         if name.startswith("sessiond_embedding"):
             for labels, _ in rows:
                 assert set(labels) <= {"embedder", "call", "outcome", "reason"}, labels
+
+
+def test_each_index_embedding_request_is_an_embed_span(server_factory: ServerFactory,
+                                                       fake: FakeEmbeddings,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with recording() as spans:
+        srv = server_factory(embedder=OpenAIEmbedder(settings(fake), backoff=FAST))
+        assert converse(srv).state == task_pb2.TASK_STATE_COMPLETED
+        got = spans.get_finished_spans()
+    index = one(got, "stage index")
+    embeds = named(got, "embed")
+    assert embeds and len(embeds) == len(fake.received)
+    for s in embeds:
+        assert parent_id(s) == ids(index)[1]
+        assert s.attributes is not None and s.attributes["sessiond.embedder"] == "openai"
