@@ -131,6 +131,7 @@ def test_rpc_phase2_store_and_watch_metrics(server_factory: ServerFactory) -> No
     assert s["sessiond_watchers_active"] == [({}, 0.0)]
     # Only fixed, low-cardinality label names; no ids anywhere.
     allowed = {"method", "code", "stage", "outcome", "engine", "call", "kind", "reason",
+               "embedder",
                "operation", "scope", "le"}
     for name, rows in s.items():
         if name.startswith("sessiond_"):

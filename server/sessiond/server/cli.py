@@ -1,5 +1,5 @@
-"""The `sessiond` command: serve, migrate, keys, reindex, and the client commands
-(cli_client.py)."""
+"""The `sessiond` command: serve, migrate, keys, reindex, import-openviking, and the
+client commands (cli_client.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sessiond.server.cli_auth import (
     keys_main,
 )
 from sessiond.server.cli_client import DefaultsFormatter, add_client_commands, run_client
+from sessiond.server.cli_import import add_import_command, import_main
 from sessiond.server.cli_recall import (
     add_embedder_flags,
     add_reindex_command,
@@ -115,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--store", default=env.store, help="postgresql:// URL")
     add_keys_command(sub, env)
     add_reindex_command(sub, env)
+    add_import_command(sub, env)
     add_client_commands(sub)
     return p
 
@@ -196,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
             return 1
         return 0
+    if getattr(ns, "output", None) == "json":  # the admin commands: like --json
+        ns.json = True
     if ns.command == "keys":
         return keys_main(ns)
     if ns.command == "reindex":
         return reindex_main(ns)
+    if ns.command == "import-openviking":
+        return import_main(ns)
     if ns.command == "migrate":
         if not ns.store.startswith(("postgresql://", "postgres://")):
             print("sessiond migrate: SQLite migrates itself at start; give --store "

@@ -70,6 +70,8 @@ def add_keys_command(sub: Any, env: Settings) -> None:
                         help="'sqlite' (with --data-dir) or a postgresql:// URL")
     common.add_argument("--data-dir", type=Path, default=env.data_dir)
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                        help="json: the same as --json")
     create = ksub.add_parser("create", parents=[common], help="make a key (shown once)")
     create.add_argument("--account", required=True)
     create.add_argument("--user", help="bind the key to this user")

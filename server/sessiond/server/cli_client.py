@@ -1,7 +1,7 @@
 """The client commands of `sessiond`: look inside a running server and drive it by hand.
 
     sessiond sessions ls|show|rm      sessiond messages add
-    sessiond commit SESSION [--watch] sessiond tasks ls|show|watch|cancel
+    sessiond commit SESSION [--watch] sessiond tasks ls|show|watch|cancel|retry
     sessiond memories ls|search|rm    sessiond recall QUERY
     sessiond info
 
@@ -77,6 +77,7 @@ COMMANDS = ("sessions", "messages", "commit", "tasks", "memories", "recall", "in
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_CONFIG = Path("~/.config/sessiond/client.toml")
 _MAX_ERROR_CHARS = 500
+MAX_BATCH = 1000  # messages per AddMessages call (the server's limit)
 
 _ROLES = {"user": session_pb2.ROLE_USER, "assistant": session_pb2.ROLE_ASSISTANT,
           "system": session_pb2.ROLE_SYSTEM, "tool": session_pb2.ROLE_TOOL}
@@ -411,13 +412,17 @@ def sessions_usage(c: Ctx, ns: argparse.Namespace) -> int:
 
 
 def messages_add(c: Ctx, ns: argparse.Namespace) -> int:
-    text = sys.stdin.read() if ns.text == "-" else ns.text
-    if not text.strip():
-        raise UsageError("messages add: the text is empty")
+    if (ns.text is None) == (ns.file is None):
+        raise UsageError("messages add: give the TEXT or --file FILE, not both")
     if ns.create:
         c.sessions.GetSession(session_pb2.GetSessionRequest(session_id=ns.session_id,
                                                             auto_create=True),
                               timeout=c.conn.timeout)
+    if ns.file is not None:
+        return _messages_add_batch(c, ns)
+    text = sys.stdin.read() if ns.text == "-" else ns.text
+    if not text.strip():
+        raise UsageError("messages add: the text is empty")
     r = c.sessions.AddMessage(session_pb2.AddMessageRequest(
         session_id=ns.session_id, role=_ROLES[ns.role],
         parts=[session_pb2.Part(text=session_pb2.TextPart(text=text))],
@@ -426,6 +431,77 @@ def messages_add(c: Ctx, ns: argparse.Namespace) -> int:
         c.out.emit({"message": to_dict(r.message)})
     else:
         c.out.console.print(f"added {r.message.id} (seq {r.message.seq}) to {ns.session_id}",
+                            markup=False)
+    return EXIT_OK
+
+
+def _role(value: Any, where: str) -> session_pb2.Role.ValueType:
+    name = str(value or "user").lower().removeprefix("role_")
+    if name not in _ROLES:
+        raise UsageError(f"{where}: role {str(value)[:40]!r} is none of "
+                         f"{', '.join(sorted(_ROLES))}")
+    return _ROLES[name]
+
+
+def parse_jsonl_messages(text: str, where: str, default_role: str = "user"
+                         ) -> list[session_pb2.NewMessage]:
+    """JSONL lines {"role", "text" | "parts" (proto JSON), "client_message_id"};
+    UsageError naming the line of the first bad one (nothing is sent then)."""
+    out: list[session_pb2.NewMessage] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        at = f"{where}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{at}: not JSON ({exc.msg})") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"{at}: not a JSON object")
+        unknown = set(d) - {"role", "text", "parts", "client_message_id"}
+        if unknown:
+            raise UsageError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
+        if ("text" in d) == ("parts" in d):
+            raise UsageError(f"{at}: give \"text\" or \"parts\"")
+        msg = session_pb2.NewMessage(role=_role(d.get("role", default_role), at),
+                                     client_message_id=str(d.get("client_message_id") or ""))
+        if "text" in d:
+            msg.parts.append(session_pb2.Part(text=session_pb2.TextPart(text=str(d["text"]))))
+        else:
+            try:
+                for p in d["parts"]:
+                    msg.parts.append(json_format.ParseDict(p, session_pb2.Part()))
+            except (TypeError, json_format.ParseError) as exc:
+                raise UsageError(f"{at}: bad parts ({str(exc)[:200]})") from None
+        out.append(msg)
+    return out
+
+
+def _messages_add_batch(c: Ctx, ns: argparse.Namespace) -> int:
+    if ns.file == "-":
+        text, where = sys.stdin.read(), "stdin"
+    else:
+        try:
+            text, where = Path(ns.file).read_text(encoding="utf-8"), ns.file
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"messages add: cannot read {ns.file}: {exc}") from None
+    batch = parse_jsonl_messages(text, where, ns.role)
+    if not batch:
+        raise UsageError(f"messages add: {where} holds no message")
+    results: list[session_pb2.AddedMessage] = []
+    for n, start in enumerate(range(0, len(batch), MAX_BATCH)):
+        rid = f"{ns.request_id}-{n}" if ns.request_id else ""
+        r = c.sessions.AddMessages(session_pb2.AddMessagesRequest(
+            session_id=ns.session_id, messages=batch[start:start + MAX_BATCH],
+            request_id=rid), timeout=c.conn.timeout)
+        results.extend(r.results)
+    dup = sum(1 for r in results if r.duplicate)
+    if c.out.json:
+        c.out.emit({"results": [to_dict(r) for r in results], "added": len(results) - dup,
+                    "duplicates": dup})
+    else:
+        c.out.console.print(f"added {len(results) - dup} message(s) to {ns.session_id} "
+                            f"({dup} duplicate(s) of client message ids already stored)",
                             markup=False)
     return EXIT_OK
 
@@ -545,31 +621,31 @@ def _event_line(ev: task_pb2.TaskEvent) -> str:
     return " ".join(parts)
 
 
-def _watch_items(c: Ctx, task_id: str, timeout: float | None
+def _watch_items(c: Ctx, task_id: str, timeout: float | None, after_seq: int = 0
                  ) -> Iterator[task_pb2.TaskEvent | task_pb2.Task | task_pb2.Heartbeat]:
-    yield from watch_task(c.channel, task_id, include_heartbeats=True,
+    yield from watch_task(c.channel, task_id, after_seq=after_seq, include_heartbeats=True,
                           include_snapshots=True, timeout=timeout)
 
 
-def watch(c: Ctx, task_id: str, timeout: float | None) -> int:
+def watch(c: Ctx, task_id: str, timeout: float | None, after_seq: int = 0) -> int:
     progress = Progress(task_id)
     last: task_pb2.TaskEvent | None = None
     try:
         if c.out.json:
-            for item in _watch_items(c, task_id, timeout):
+            for item in _watch_items(c, task_id, timeout, after_seq):
                 if isinstance(item, task_pb2.TaskEvent):
                     last = item
                     c.out.emit({"event": to_dict(item)})
         elif c.out.console.is_terminal:
             with Live(progress.render(time.time()), console=c.out.console,
                       refresh_per_second=8) as live:
-                for item in _watch_items(c, task_id, timeout):
+                for item in _watch_items(c, task_id, timeout, after_seq):
                     if isinstance(item, task_pb2.TaskEvent):
                         last = item
                         progress.apply(item)
                     live.update(progress.render(time.time()))
         else:  # a pipe or a log: one line per event, then the summary table
-            for item in _watch_items(c, task_id, timeout):
+            for item in _watch_items(c, task_id, timeout, after_seq):
                 if isinstance(item, task_pb2.TaskEvent):
                     last = item
                     progress.apply(item)
@@ -643,7 +719,24 @@ def tasks_show(c: Ctx, ns: argparse.Namespace) -> int:
 
 
 def tasks_watch(c: Ctx, ns: argparse.Namespace) -> int:
-    return watch(c, ns.task_id, ns.watch_timeout)
+    return watch(c, ns.task_id, ns.watch_timeout, ns.after_seq)
+
+
+def tasks_retry(c: Ctx, ns: argparse.Namespace) -> int:
+    """RetryTask: a FAILED or CANCELLED task runs again from the stage it stopped at."""
+    t = c.tasks.RetryTask(task_pb2.RetryTaskRequest(task_id=ns.task_id,
+                                                    request_id=ns.request_id or ""),
+                          timeout=c.conn.timeout)
+    if not ns.watch:
+        _show_task(c, t)
+        return EXIT_OK
+    if c.out.json:
+        c.out.emit({"retry": to_dict(t)})
+    else:
+        c.out.console.print(f"retrying {t.task_id} (retry {t.retries}) from {t.stage}",
+                            markup=False)
+    # From the RETRIED event on: the journal's earlier terminal event is history.
+    return watch(c, t.task_id, ns.watch_timeout, max(0, t.last_seq - 1))
 
 
 def tasks_cancel(c: Ctx, ns: argparse.Namespace) -> int:
@@ -859,10 +952,17 @@ def add_client_commands(sub: Any) -> None:
 
     messages = sub.add_parser("messages", help="append messages")
     msub = messages.add_subparsers(dest="messages_command", required=True)
-    p = cmd(msub, "add", messages_add, "append a text message to a session")
+    p = cmd(msub, "add", messages_add, "append a text message to a session, or a batch "
+                                        "of messages from a JSONL file")
     p.add_argument("session_id")
-    p.add_argument("text", help="the text, or - to read it from stdin")
-    p.add_argument("--role", choices=sorted(_ROLES), default="user")
+    p.add_argument("text", nargs="?", help="the text, or - to read it from stdin")
+    p.add_argument("--file", "-f", metavar="FILE",
+                   help='JSONL, one message a line: {"role": "user", "text": "...", '
+                        '"client_message_id": "..."} (or "parts" in proto JSON); - reads '
+                        "stdin. Sent with AddMessages, 1000 a call; a client_message_id "
+                        "already stored is not stored again")
+    p.add_argument("--role", choices=sorted(_ROLES), default="user",
+                   help="the role (of --file lines without one)")
     p.add_argument("--create", action="store_true", help="create the session if missing")
     p.add_argument("--request-id", help="idempotency key (a replay returns the first result)")
 
@@ -879,7 +979,7 @@ def add_client_commands(sub: Any) -> None:
                    help="fail (ABORTED) while an earlier Phase 2 of the session runs")
     p.add_argument("--request-id", help="idempotency key (a replay returns the first result)")
 
-    tasks = sub.add_parser("tasks", help="list, show, watch or cancel Phase 2 tasks")
+    tasks = sub.add_parser("tasks", help="list, show, watch, cancel or retry Phase 2 tasks")
     tsub = tasks.add_subparsers(dest="tasks_command", required=True)
     p = cmd(tsub, "ls", tasks_ls, "list tasks, newest first")
     p.add_argument("--session", help="only this session's tasks")
@@ -891,8 +991,18 @@ def add_client_commands(sub: Any) -> None:
     p.add_argument("task_id")
     p.add_argument("--watch-timeout", type=_seconds, default=None,
                    help="give up watching after this many seconds")
+    p.add_argument("--after-seq", type=_positive, default=0,
+                   help="only events after this seq (e.g. the RETRIED event of a retry)")
     p = cmd(tsub, "cancel", tasks_cancel, "ask a task to stop (at its next stage boundary)")
     p.add_argument("task_id")
+    p = cmd(tsub, "retry", tasks_retry, "run a FAILED or CANCELLED task again from the "
+                                        "stage it stopped at")
+    p.add_argument("task_id")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the retry live; exit 7 if it fails or is cancelled again")
+    p.add_argument("--watch-timeout", type=_seconds, default=None,
+                   help="give up watching after this many seconds")
+    p.add_argument("--request-id", help="idempotency key (a replay returns the task)")
 
     memories = sub.add_parser("memories",
                               help="list, search or delete long-term memories, or their history")

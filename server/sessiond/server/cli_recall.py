@@ -61,6 +61,8 @@ def add_reindex_command(sub: Any, env: Settings) -> None:
     r.add_argument("--prune", action="store_true",
                    help="remove the vectors of other embedder models afterwards")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                   help="json: the same as --json")
     add_embedder_flags(r, env)
 
 

@@ -211,6 +211,15 @@ def revert_finalized(task: Task, summary: RevertSummary, now: datetime) -> Trans
                       changes=_ended(now, result=result))
 
 
+def imported_completed(task: Task, now: datetime) -> Transition:
+    """An imported archive whose Phase 2 had finished in the source system: the task
+    ends COMPLETED with every stage done (nothing runs again)."""
+    result = CommitResult(archive_uri=task.archive_uri)
+    return Transition(EventKind.COMPLETED, TaskState.COMPLETED, Stage.FINALIZE,
+                      "imported: Phase 2 had completed in the source", result=result,
+                      changes=_ended(now, done_stage=Stage.FINALIZE, result=result))
+
+
 def retried(task: Task, now: datetime, *, automatic: bool = False) -> Transition | None:
     """A FAILED or CANCELLED task goes back to PENDING as a new attempt of the same
     task: finished stages (and their token usage) are kept, the first stage not done

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import openai
 from sessiond.server.config import EmbedderSettings
 from sessiond.server.embedders.base import EmbedderError, clip_texts, normalized
+from sessiond.server.observability import metrics
 from sessiond.server.phase2.engines.openai.engine import openai_client, read_api_key
 from sessiond.server.phase2.engines.openai.retry import (
     BAD_OUTPUT,
@@ -82,6 +83,8 @@ class OpenAIEmbedder:
         async def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             label = exc.failure.label if isinstance(exc, CallFailed) else "error"
+            metrics.record_embedding_retry(
+                "openai", reason_of(exc.failure) if isinstance(exc, CallFailed) else "error")
             log.warning("embedding call failed (%s); attempt %d of %d", label,
                         state.attempt_number + 1, self.max_attempts)
 
@@ -108,6 +111,10 @@ class OpenAIEmbedder:
             raise CallFailed(Failure(TIMEOUT, "timeout", True)) from None
         except openai.OpenAIError as exc:
             raise CallFailed(classify(exc)) from None
+        usage = getattr(reply, "usage", None)
+        tokens = getattr(usage, "total_tokens", None) or getattr(usage, "prompt_tokens", None)
+        if isinstance(tokens, int):
+            metrics.record_embedding_tokens("openai", tokens)
         data = getattr(reply, "data", None)
         if not isinstance(data, list) or len(data) != len(texts):
             raise CallFailed(Failure(BAD_OUTPUT, "invalid reply", False, 200, None,

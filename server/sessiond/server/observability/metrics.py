@@ -14,6 +14,7 @@ refused with RESOURCE_EXHAUSTED (`scope` one of a few fixed words, e.g. "account
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import re
@@ -29,10 +30,14 @@ __all__ = [
     "REGISTRY",
     "MetricsInterceptor",
     "TimedStore",
+    "embedder_label",
+    "embedding_call",
     "enable",
     "enabled",
     "engine_call",
     "reason_label",
+    "record_embedding_retry",
+    "record_embedding_tokens",
     "record_engine_retry",
     "record_rate_limit_rejection",
     "record_task_finished",
@@ -84,6 +89,23 @@ ENGINE_RETRIES = Counter("sessiond_engine_retries_total",
 ENGINE_ERRORS = Counter("sessiond_engine_errors_total",
                         "Engine calls that failed for good, by engine, call and reason",
                         ["engine", "call", "reason"], registry=REGISTRY)
+EMBED_CALLS = Counter(
+    "sessiond_embedding_calls_total",
+    "Embedding requests by embedder (openai, local), call (index: Phase 2, query: Recall, "
+    "reindex) and outcome (ok, error); retries inside one request are not calls",
+    ["embedder", "call", "outcome"], registry=REGISTRY)
+EMBED_TEXTS = Counter("sessiond_embedding_texts_total",
+                      "Texts sent to the embedder, by embedder and call",
+                      ["embedder", "call"], registry=REGISTRY)
+EMBED_TOKENS = Counter("sessiond_embedding_tokens_total",
+                       "Tokens the embedding endpoint reported (local models report none), "
+                       "by embedder", ["embedder"], registry=REGISTRY)
+EMBED_RETRIES = Counter("sessiond_embedding_retries_total",
+                        "Embedding request retries by embedder and reason",
+                        ["embedder", "reason"], registry=REGISTRY)
+EMBED_ERRORS = Counter("sessiond_embedding_errors_total",
+                       "Embedding requests that failed for good (or timed out), by embedder, "
+                       "call and reason", ["embedder", "call", "reason"], registry=REGISTRY)
 STORE_DURATION = Histogram(
     "sessiond_store_operation_duration_seconds",
     "Store operation latency by operation and outcome (ok, error)",
@@ -303,6 +325,46 @@ def engine_call(engine: str, call: str) -> Iterator[Callable[[int, int], None]]:
 def record_engine_retry(engine: str, call: str, reason: str) -> None:
     if _enabled:
         ENGINE_RETRIES.labels(engine, call, reason_label(reason)).inc()
+
+
+def embedder_label(model: str) -> str:
+    """The embedder's kind from its model name ("openai:text-embedding-3-small" ->
+    "openai"): one label value per configured kind, never the model name."""
+    return reason_label(model.split(":", 1)[0]).lower()
+
+
+@contextmanager
+def embedding_call(model: str, call: str, texts: int) -> Iterator[None]:
+    """Around one embedding request of `texts` texts for `call` (index, query,
+    reindex)."""
+    embedder = embedder_label(model)
+    try:
+        yield
+    except BaseException as exc:
+        if _enabled and not isinstance(exc, GeneratorExit):
+            if isinstance(exc, TimeoutError):
+                reason = "timeout"
+            elif isinstance(exc, asyncio.CancelledError):
+                reason = "cancelled"
+            else:
+                reason = reason_label(str(getattr(exc, "reason", "") or type(exc).__name__))
+            EMBED_CALLS.labels(embedder, call, "error").inc()
+            EMBED_ERRORS.labels(embedder, call, reason).inc()
+        raise
+    else:
+        if _enabled:
+            EMBED_CALLS.labels(embedder, call, "ok").inc()
+            EMBED_TEXTS.labels(embedder, call).inc(texts)
+
+
+def record_embedding_retry(embedder: str, reason: str) -> None:
+    if _enabled:
+        EMBED_RETRIES.labels(reason_label(embedder).lower(), reason_label(reason)).inc()
+
+
+def record_embedding_tokens(embedder: str, tokens: int) -> None:
+    if _enabled and tokens > 0:
+        EMBED_TOKENS.labels(reason_label(embedder).lower()).inc(tokens)
 
 
 def record_rate_limit_rejection(scope: str) -> None:

@@ -120,6 +120,8 @@ class RunOutcome:
 class _Interrupted(Exception):
     """An engine call was stopped because its task was cancelled (or ended) meanwhile."""
 
+    reason = "cancelled"  # the metrics' error reason of the interrupted call
+
 
 class Phase2Pipeline:
     def __init__(self, store: Store, engine: Phase2Engine, worker_id: str,
@@ -385,7 +387,10 @@ class Phase2Pipeline:
         out: list[EntryVector] = []
         for start in range(0, len(todo), EMBED_BATCH):
             chunk = todo[start:start + EMBED_BATCH]
-            vecs = await self.embedder.embed([e.text for e in chunk])
+            with metrics.embedding_call(model, "index", len(chunk)), \
+                    tracing.span("embed", {"sessiond.embedder": metrics.embedder_label(model)}):
+                vecs = await self._interruptible(
+                    task, self.embedder.embed([e.text for e in chunk]))
             out += [EntryVector(e, tuple(v)) for e, v in zip(chunk, vecs, strict=True)]
         return out
 

@@ -35,6 +35,7 @@ from sessiond.server.domain.recall import (
 )
 from sessiond.server.domain.values import Identity
 from sessiond.server.embedders.base import Embedder, EmbedderError
+from sessiond.server.observability import metrics
 from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ class RecallService:
         or is slow: recall still answers, and the log says why (at most once a minute)."""
         assert self.embedder is not None
         try:
-            async with asyncio.timeout(QUERY_EMBED_SECONDS):
-                vecs = await self.embedder.embed([query])
+            with metrics.embedding_call(self.embedder.model, "query", 1):
+                async with asyncio.timeout(QUERY_EMBED_SECONDS):
+                    vecs = await self.embedder.embed([query])
             return tuple(vecs[0]), self.embedder.model
         except (TimeoutError, EmbedderError) as exc:
             now = time.monotonic()

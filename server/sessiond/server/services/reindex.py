@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sessiond.server.domain.recall import EntryVector, RecallEntry
 from sessiond.server.embedders.base import DEFAULT_BATCH, Embedder
+from sessiond.server.observability import metrics
 from sessiond.server.phase2.pipeline import archive_entries_of
 from sessiond.server.store.base import Store
 
@@ -95,7 +96,8 @@ class Reindexer:
             todo = [e for e in batch if e.text.strip()]
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start:start + self.batch_size]
-                vecs = await embedder.embed([e.text for e in chunk])
+                with metrics.embedding_call(model, "reindex", len(chunk)):
+                    vecs = await embedder.embed([e.text for e in chunk])
                 report.vectors += await self.store.index_vectors(
                     model, [EntryVector(e, tuple(v)) for e, v in zip(chunk, vecs, strict=True)])
             progress("vectors", report.vectors, total)

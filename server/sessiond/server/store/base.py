@@ -28,6 +28,12 @@ from sessiond.server.domain.commands import (
 )
 from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.history import MemoryChange, MemoryImage
+from sessiond.server.domain.imports import (
+    ArchiveImport,
+    ImportedArchive,
+    ImportedMemory,
+    ImportedSession,
+)
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -472,6 +478,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune_vectors(self, model: str) -> int:
         """Remove the vectors of every model but `model`; returns how many."""
+
+    # -- imports (`sessiond import-openviking`) -------------------------------------------
+    @abc.abstractmethod
+    async def import_session(self, session: ImportedSession) -> bool:
+        """Create the session with the given metadata; False (nothing written) when its
+        identity has that session id already. `QuotaExceeded` past
+        `limits.sessions_per_identity`."""
+
+    @abc.abstractmethod
+    async def import_archive(self, archive: ImportedArchive, now: datetime) -> ArchiveImport:
+        """Write archive `archive.index` of an existing session with its messages and a
+        task in the imported state (DONE: archive DONE + task COMPLETED; FAILED:
+        archive PENDING + task FAILED; PENDING: archive and task PENDING, runnable).
+        Nothing when the session has that index already; messages whose client id the
+        session holds are left out. `NotFound` when the session is absent."""
+
+    @abc.abstractmethod
+    async def import_memory(self, memory: ImportedMemory) -> bool:
+        """Insert a memory unless its owner has one with that category and key."""
 
     # -- retention ---------------------------------------------------------------------
     @abc.abstractmethod

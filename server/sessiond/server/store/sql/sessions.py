@@ -34,7 +34,7 @@ async def require(tx: Tx, identity: Identity, session_id: str, *, lock: bool = F
     return found
 
 
-async def _insert(tx: Tx, identity: Identity, session_id: str, now: datetime,
+async def insert(tx: Tx, identity: Identity, session_id: str, now: datetime,
                   limits: Limits) -> Row | None:
     """The new row, or None when the identity has that session already;
     `QuotaExceeded` (the transaction rolls back) when it may hold no more. The count
@@ -70,7 +70,7 @@ async def create(tx: Tx, identity: Identity, session_id: str, now: datetime,
     previous = await requests.replay(tx, request)
     if previous is not None:
         return await replayed(previous)
-    new = await _insert(tx, identity, session_id, now, limits)
+    new = await insert(tx, identity, session_id, now, limits)
     if new is None:
         # Taken; possibly by a concurrent call with this very request_id.
         previous = await requests.replay(tx, request)
@@ -92,7 +92,7 @@ async def ensure(tx: Tx, identity: Identity, session_id: str, now: datetime,
     found = await row(tx, identity, session_id)
     if found is not None:
         return tx.d.rows.meta(found)
-    new = await _insert(tx, identity, session_id, now, limits)
+    new = await insert(tx, identity, session_id, now, limits)
     return tx.d.rows.meta(new if new is not None else await require(tx, identity, session_id))
 
 

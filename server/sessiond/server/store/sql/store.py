@@ -22,6 +22,12 @@ from sessiond.server.domain.commands import (
 )
 from sessiond.server.domain.errors import ErrorCode
 from sessiond.server.domain.history import MemoryChange, MemoryImage
+from sessiond.server.domain.imports import (
+    ArchiveImport,
+    ImportedArchive,
+    ImportedMemory,
+    ImportedSession,
+)
 from sessiond.server.domain.limits import DEFAULT_LIMITS
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.recall import (
@@ -55,6 +61,7 @@ from sessiond.server.store.base import Store
 from sessiond.server.store.sql import (
     api_keys,
     commit,
+    imports,
     memories,
     memory_history,
     messages,
@@ -351,6 +358,16 @@ class SqlStore(Store):
         return await self._write(lambda tx: vectors.prune(tx, model))
 
     # -- retention
+    # -- imports
+    async def import_session(self, session: ImportedSession) -> bool:
+        return await self._write(lambda tx: imports.session(tx, session, self.limits))
+
+    async def import_archive(self, archive: ImportedArchive, now: datetime) -> ArchiveImport:
+        return await self._write(lambda tx: imports.archive(tx, archive, now))
+
+    async def import_memory(self, memory: ImportedMemory) -> bool:
+        return await self._write(lambda tx: imports.memory(tx, memory))
+
     async def sweep(self, now: datetime, completed_before: datetime, failed_before: datetime,
                     max_tasks: int, request_ids_before: datetime) -> SweepResult:
         return await self._write(lambda tx: retention.sweep(
