@@ -130,3 +130,34 @@ def test_writes_after_close_fail_unavailable(tmp_path: Path) -> None:
             await db.write(_insert("after"))
 
     asyncio.run(body())
+
+
+def test_burst_counts_only_calls_taken_while_background_waits() -> None:
+    """Calls taken while no background write waited do not use up the burst: a
+    background write arriving later still queues behind a call that came first."""
+    from sessiond.server.store.sqlite.db import FOREGROUND_BURST, _FairQueue, _Op
+
+    loop = asyncio.new_event_loop()
+    try:
+        def op(key: str = "") -> _Op[int]:
+            return _Op(fn=lambda _c, _a: 0, future=loop.create_future(), loop=loop, key=key)
+
+        q = _FairQueue()
+        for _ in range(FOREGROUND_BURST * 3):  # a long stream of calls, nothing else
+            q.put(op())
+            assert q.pop() is not None
+        first_call, background = op(), op("tenant")
+        q.put(first_call)
+        q.put(background)
+        assert q.pop() is first_call
+        assert q.pop() is background
+        # While background writes wait, at most FOREGROUND_BURST calls go first.
+        calls = [op() for _ in range(FOREGROUND_BURST + 2)]
+        waiting = op("tenant")
+        q.put(waiting)
+        for c in calls:
+            q.put(c)
+        order = [q.pop() for _ in range(len(calls) + 1)]
+        assert order.index(waiting) == FOREGROUND_BURST
+    finally:
+        loop.close()

@@ -65,13 +65,14 @@ class Phase2Worker:
             try:
                 while len(self._running) < self.concurrency and not self._stopping:
                     now = utcnow()
-                    task = await self.store.claim_task(
+                    task, more = await self.store.claim_next_task(
                         self.worker_id, now, now + self.lease, announce=True,
                         max_running_per_identity=self.per_identity)
-                    if task is None:
-                        break
-                    self._running[task.task_id] = asyncio.create_task(
-                        self._run(task), name=f"phase2-{task.task_id}")
+                    if task is not None:
+                        self._running[task.task_id] = asyncio.create_task(
+                            self._run(task), name=f"phase2-{task.task_id}")
+                    if not more:
+                        break  # new work wakes the loop (or the poll finds it)
             except SessiondError as exc:
                 log.warning("claiming Phase 2 work failed: %s", exc)
             except Exception:
@@ -101,8 +102,10 @@ class Phase2Worker:
                     await self.store.renew_lease(task.task_id, self.worker_id,
                                                  utcnow() - timedelta(seconds=1))
         finally:
+            full = len(self._running) >= self.concurrency
             self._running.pop(task.task_id, None)
-            self._wake.set()
+            if full:
+                self._wake.set()  # a slot is free: claim what waited for one
 
     async def _renew(self, task_id: str) -> None:
         interval = max(self.lease.total_seconds() / 3, 0.05)

@@ -22,6 +22,7 @@ from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
     CommitPlan,
+    Phase2Inputs,
     RequestKey,
     StageOutput,
     SweepResult,
@@ -238,6 +239,12 @@ class Store(abc.ABC):
                                   before_index: int | None = None) -> Archive | None:
         """Newest archive in state DONE (with index < before_index when given)."""
 
+    @abc.abstractmethod
+    async def phase2_inputs(self, identity: Identity, session_id: str,
+                            index: int) -> Phase2Inputs:
+        """Archive `index`'s messages and usage and the overview of the newest archive
+        DONE before it, read together (one round trip)."""
+
     # -- tasks: reading ----------------------------------------------------------------
     @abc.abstractmethod
     async def get_task(self, task_id: str) -> Task | None: ...
@@ -293,6 +300,13 @@ class Store(abc.ABC):
         nothing is runnable."""
 
     @abc.abstractmethod
+    async def claim_next_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                              announce: bool = False, max_running_per_identity: int = 0
+                              ) -> tuple[Task | None, bool]:
+        """`claim_task`, and whether another task was runnable besides the one
+        claimed (a hint: claiming again may still find none)."""
+
+    @abc.abstractmethod
     async def queue_stats(self) -> tuple[int, datetime | None]:
         """(PENDING tasks, created_at of the oldest of them or None): the queue gauges."""
 
@@ -329,6 +343,17 @@ class Store(abc.ABC):
         cancel was requested the task ends CANCELLED (terminal event), otherwise
         STAGE_STARTED is appended for `next_stage`; the last event appended is
         returned. A stage already done is not applied again (returns the journal tail)."""
+
+    @abc.abstractmethod
+    async def complete_stages(self, task_id: str, worker_id: str,
+                              outputs: Sequence[tuple[Stage, StageOutput]], now: datetime,
+                              next_stage: Stage | None = None,
+                              finalize: bool = False) -> TaskEvent:
+        """`complete_stage` for several consecutive stages in one transaction, each
+        crossing into the next (`next_stage` after the last), then with `finalize`
+        `finalize_task`; stops at the first boundary where a cancel ends the task.
+        The journal is the same as with one call per stage. Returns the last event
+        appended (the journal tail when there was nothing to do)."""
 
     @abc.abstractmethod
     async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:

@@ -77,7 +77,9 @@ class _FairQueue:
 
     def pop(self) -> _Op[Any] | None:
         if self.fg and (not self.bg or self._fg_run < FOREGROUND_BURST):
-            self._fg_run += 1
+            # Only foreground operations taken while background ones wait count
+            # towards the burst; with none waiting, arrival order is kept.
+            self._fg_run = self._fg_run + 1 if self.bg else 0
             self._size -= 1
             return self.fg.popleft()
         if not self.bg:
