@@ -4,6 +4,7 @@ control transitions (cancel, fail). The decisions are `domain/transitions.py`'s.
 from __future__ import annotations
 
 import enum
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -70,10 +71,13 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
                          task.task_id, first_seq)
     cols = {"last_seq": seq, "first_seq": first_seq, "state": t.state.value,
             "stage": t.stage.value, "updated_at": tx.d.ts(now), **_columns(tx, dict(t.changes))}
-    row = await tx.fetchrow(
-        f"UPDATE tasks SET {', '.join(f'{c}=?' for c in cols)} WHERE task_id=? RETURNING *",
+    changed = await tx.execute(
+        f"UPDATE tasks SET {', '.join(f'{c}=?' for c in cols)} WHERE task_id=?",
         *cols.values(), task.task_id)
-    assert row is not None
+    assert changed == 1
+    # The row now reads as this (the changes are named after Task's fields).
+    after = replace(task, last_seq=seq, first_seq=first_seq, state=t.state, stage=t.stage,
+                    updated_at=now, **t.changes)
     ev = TaskEvent(task_id=task.task_id, seq=seq, kind=t.kind, time=now, state=t.state,
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
@@ -83,7 +87,7 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
         # archive of the session, or work an identity cap held back).
         tx.announce.work = await tx.fetchval(
             "SELECT 1 FROM tasks WHERE state=? LIMIT 1", TaskState.PENDING.value) is not None
-    return ev, tx.d.rows.task(row)
+    return ev, after
 
 
 async def get(tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
