@@ -17,7 +17,7 @@ from sessiond.server.domain.values import Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
-from sessiond.server.store.base import Store, background_writes
+from sessiond.server.store.base import Store, background_writes, relaxed_commits
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,16 @@ class Phase2Worker:
     def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
                  secrets: tuple[str, ...] = (), worker_id: str | None = None,
-                 embedder: Embedder | None = None, per_identity: int = 0) -> None:
+                 embedder: Embedder | None = None, per_identity: int = 0,
+                 relaxed: bool = True) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
         # Tasks one identity may run at once (0: no cap); see Store.claim_task.
         self.per_identity = per_identity
+        # Whether the worker's writes may commit before they reach the disk (a power
+        # loss can undo the last of them, and they are redone; store.base.RELAXED).
+        self.relaxed = relaxed
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()
@@ -60,6 +64,10 @@ class Phase2Worker:
         self._loop_task = asyncio.create_task(self._loop(), name="phase2-worker")
 
     async def _loop(self) -> None:
+        with relaxed_commits(self.relaxed):  # the claims; tasks inherit the context
+            await self._claim_loop()
+
+    async def _claim_loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:

@@ -82,6 +82,26 @@ def background_writes(key: str) -> Iterator[None]:
         WRITE_KEY.reset(token)
 
 
+# Writes made in a `relaxed_commits()` context (the Phase 2 worker's, by default) may
+# be acknowledged before they are flushed to disk: a power loss or OS crash (not a
+# process crash) can undo the last of them, which Phase 2 then simply redoes (its
+# stages are idempotent). Bounded: SQLite flushes them within RELAXED_FLUSH_SECONDS,
+# PostgreSQL (synchronous_commit=off) within 3 x wal_writer_delay. Writes made for a
+# call are always durable when acknowledged.
+RELAXED: ContextVar[bool] = ContextVar("sessiond_relaxed_commits", default=False)
+RELAXED_FLUSH_SECONDS = 0.2
+
+
+@contextlib.contextmanager
+def relaxed_commits(on: bool = True) -> Iterator[None]:
+    """Store writes made in this context may commit without waiting for the disk."""
+    token = RELAXED.set(on)
+    try:
+        yield
+    finally:
+        RELAXED.reset(token)
+
+
 class Store(abc.ABC):
     """Durable state of sessiond: sessions, messages, usage, archives, tasks, task
     events, memories, relations, active counts and idempotency keys."""
