@@ -85,7 +85,7 @@ def test_two_quick_commits_are_ordered_and_threaded(server: Running) -> None:
     t2 = wait_task(server.tasks, second.task_id)
     t1 = server.tasks.GetTask(task_pb2.GetTaskRequest(task_id=first.task_id))
     assert t1.state == t2.state == task_pb2.TASK_STATE_COMPLETED
-    assert t1.finished_at.ToNanoseconds() <= t2.started_at.ToNanoseconds()
+    assert t1.finished_at.ToNanoseconds() <= t2.started_at.ToNanoseconds(), (t1, t2)
     a1 = server.sessions.GetArchive(session_pb2.GetArchiveRequest(session_id="q", index=1))
     a2 = server.sessions.GetArchive(session_pb2.GetArchiveRequest(session_id="q", index=2))
     first_line = a1.overview.split("## Overview\n", 1)[1].splitlines()[0]

@@ -375,3 +375,27 @@ def test_missing_database_is_a_failed_precondition(db: str, run: Runner) -> None
     with pytest.raises(FailedPrecondition) as exc2:
         run(migrations.migrate_url(missing))
     assert exc2.value.reason == "DATABASE_REJECTED"
+
+
+def test_relaxed_writes_commit_without_waiting_for_the_wal_flush(
+        replicas: StoreMaker, run: Runner) -> None:
+    """Phase 2's writes (made under relaxed_commits) run with synchronous_commit off,
+    for their own transaction only; every other write keeps the server's setting."""
+    from sessiond.server.store.base import relaxed_commits
+    from sessiond.server.store.sql.tx import Tx
+
+    store = replicas()
+
+    async def setting(tx: Tx) -> str:
+        return str(await tx.fetchval("SELECT current_setting('synchronous_commit')"))
+
+    async def body() -> tuple[str, str, str]:
+        before = await store._write(setting)
+        with relaxed_commits():
+            relaxed = await store._write(setting)
+        after = await store._write(setting)
+        return before, relaxed, after
+
+    before, relaxed, after = run(body())
+    assert relaxed == "off"
+    assert before == after == "on"

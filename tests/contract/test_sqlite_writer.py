@@ -130,3 +130,90 @@ def test_writes_after_close_fail_unavailable(tmp_path: Path) -> None:
             await db.write(_insert("after"))
 
     asyncio.run(body())
+
+
+def test_burst_counts_only_calls_taken_while_background_waits() -> None:
+    """Calls taken while no background write waited do not use up the burst: a
+    background write arriving later still queues behind a call that came first."""
+    from sessiond.server.store.sqlite.db import FOREGROUND_BURST, _FairQueue, _Op
+
+    loop = asyncio.new_event_loop()
+    try:
+        def op(key: str = "") -> _Op[int]:
+            return _Op(fn=lambda _c, _a: 0, future=loop.create_future(), loop=loop, key=key)
+
+        q = _FairQueue()
+        for _ in range(FOREGROUND_BURST * 3):  # a long stream of calls, nothing else
+            q.put(op())
+            assert q.pop() is not None
+        first_call, background = op(), op("tenant")
+        q.put(first_call)
+        q.put(background)
+        assert q.pop() is first_call
+        assert q.pop() is background
+        # While background writes wait, at most FOREGROUND_BURST calls go first.
+        calls = [op() for _ in range(FOREGROUND_BURST + 2)]
+        waiting = op("tenant")
+        q.put(waiting)
+        for c in calls:
+            q.put(c)
+        order = [q.pop() for _ in range(len(calls) + 1)]
+        assert order.index(waiting) == FOREGROUND_BURST
+    finally:
+        loop.close()
+
+
+def test_relaxed_writes_skip_the_flush_and_are_flushed_soon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With synchronous=FULL a call's write is on disk (the log fsynced) before it is
+    acknowledged; a relaxed write (Phase 2's) is acknowledged without the fsync and
+    flushed once the writer idles, within RELAXED_FLUSH_SECONDS; a later durable
+    write flushes the earlier relaxed ones with it."""
+    import os
+
+    from sessiond.server.store import base
+    from sessiond.server.store.sqlite import db as dbmod
+
+    wal = f"{tmp_path / 'w.sqlite3'}-wal"
+    synced: list[float] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(wal):
+            synced.append(time.monotonic())
+        real_fsync(fd)
+
+    monkeypatch.setattr(dbmod.os, "fsync", fsync)
+    db = SqliteDatabase(tmp_path / "w.sqlite3", synchronous="FULL")
+    db.init_sync(_schema)
+    db.start(lambda _a: None)
+
+    async def body() -> None:
+        await db.write(_insert("call"))
+        assert len(synced) == 1  # flushed before the call was acknowledged
+        with base.relaxed_commits():
+            t0 = time.monotonic()
+            await db.write(_insert("phase2"))
+            assert len(synced) == 1  # acknowledged without waiting for the disk
+        await asyncio.sleep(base.RELAXED_FLUSH_SECONDS + 0.3)
+        assert len(synced) == 2  # the idle writer flushed it
+        assert synced[1] - t0 < base.RELAXED_FLUSH_SECONDS + 0.2
+        await asyncio.sleep(0.3)
+        assert len(synced) == 2  # nothing left to flush: no more fsyncs
+        with base.relaxed_commits():
+            await db.write(_insert("phase2 again"))
+        await db.write(_insert("call again"))
+        assert len(synced) == 3  # the call's flush covered the relaxed write too
+        await asyncio.sleep(base.RELAXED_FLUSH_SECONDS + 0.3)
+        assert len(synced) == 3
+
+    try:
+        asyncio.run(body())
+    finally:
+        db.close()
+    conn = sqlite3.connect(tmp_path / "w.sqlite3")
+    try:
+        rows = [r[0] for r in conn.execute("SELECT who FROM log ORDER BY id")]
+    finally:
+        conn.close()
+    assert rows == ["call", "phase2", "phase2 again", "call again"]

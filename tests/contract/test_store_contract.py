@@ -20,6 +20,7 @@ from sessiond.server.domain.commands import (
     IndexOutput,
     RelationsOutput,
     RequestKey,
+    StageOutput,
     SummaryResponse,
 )
 from sessiond.server.domain.errors import (
@@ -944,7 +945,7 @@ def test_event_listeners_run_after_commit(store: Store, run: Runner) -> None:
         assert [e.seq for e in seen] == list(range(1, 9))
         final = seen[-1]
         assert final.kind is EventKind.COMPLETED and final.result is not None
-        assert len(work) >= 2  # the finished task may unblock more work
+        assert len(work) == 1  # nothing else is pending: finishing announces no work
         for c in checks:
             assert (await c)[-1] >= 1
         assert await checks[-1] == list(range(1, 9))
@@ -1236,5 +1237,101 @@ def test_live_and_session_quotas(store: Store, run: Runner) -> None:
             await store.create_session(OTHER_USER, "qc", at(3))
         finally:
             store.limits = Limits()
+
+    run(body())
+
+
+def test_finishing_announces_work_only_when_some_waits(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        work: list[int] = []
+        store.add_work_listener(lambda: work.append(1))
+        await committed(store, "s1", "t1", 1)
+        await committed(store, "s1", "t2", 2)  # waits for t1 (archive order)
+        assert len(work) == 2
+        first, more = await store.claim_next_task("w", at(3), at(3 + LEASE))
+        assert first is not None and first.task_id == "t1" and more  # t2 is pending
+        nothing, more = await store.claim_next_task("w", at(3), at(3 + LEASE))
+        assert nothing is None and not more
+        await run_pipeline(store, "t1", "w", 4)
+        assert len(work) == 3  # t2 may run now
+        second, more = await store.claim_next_task("w", at(5), at(5 + LEASE))
+        assert second is not None and second.task_id == "t2" and not more
+        await run_pipeline(store, "t2", "w", 6)
+        assert len(work) == 3  # nothing waits
+
+    run(body())
+
+
+def test_complete_stages_in_one_call_writes_the_same_journal(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "a", "ta", 1, n=2)
+        await committed(store, "b", "tb", 1, n=2)
+        await claim(store, "w", 2)
+        await claim(store, "w", 2)
+        cand = (CandidateMemory(MemoryCategory.PREFERENCES, "tea", "likes green tea",
+                                ("m",)),)
+        def outputs_of(task_id: str) -> list[tuple[Stage, StageOutput]]:
+            return [
+                (Stage.SUMMARIZE, SummaryResponse(f"overview {task_id}", "abstract", NO_USAGE)),
+                (Stage.EXTRACT, ExtractionResponse(cand)),
+                (Stage.RELATIONS, RelationsOutput(("ctx://x",))),
+                (Stage.ACTIVE_COUNTS, ActiveCountsOutput(("ctx://x",))),
+                (Stage.INDEX, IndexOutput(())),
+            ]
+
+        # The reference: one transaction per stage, each crossing into the next.
+        stages = outputs_of("ta")
+        for i, (stage, out) in enumerate(stages):
+            following = stages[i + 1][0] if i + 1 < len(stages) else Stage.FINALIZE
+            await store.complete_stage("ta", "w", stage, out, at(3), next_stage=following)
+        await store.finalize_task("ta", "w", at(3))
+        outputs = outputs_of("tb")
+        last = await store.complete_stages("tb", "w", outputs, at(3), next_stage=Stage.FINALIZE,
+                                           finalize=True)
+        assert last.kind is EventKind.COMPLETED
+        one = [(e.seq, e.kind, e.stage, e.state, e.message.replace("task ta", "task tb"))
+               for e in await store.list_events("ta", 0)]
+        many = [(e.seq, e.kind, e.stage, e.state, e.message)
+                for e in await store.list_events("tb", 0)]
+        assert many == one and len(many) == 13
+        ta, tb = await store.get_task("ta"), await store.get_task("tb")
+        assert ta is not None and tb is not None
+        assert tb.state is TaskState.COMPLETED and tb.memory_counts == ta.memory_counts
+        arch = await store.get_archive(ID, "b", 1)
+        assert arch is not None and arch.overview == "overview tb"
+        assert await store.active_count("ctx://x") == 2
+        with pytest.raises(LeaseLost):  # finished: nothing more is written
+            await store.complete_stages("tb", "w", outputs[:2], at(4))
+
+    run(body())
+
+
+def test_complete_stages_stops_at_a_cancelled_boundary(store: Store, run: Runner) -> None:
+    async def body() -> None:
+        await committed(store, "a", "ta", 1)
+        await claim(store, "w", 2)
+        await store.request_cancel("ta", at(2.5))
+        last = await store.complete_stages(
+            "ta", "w", [(Stage.SUMMARIZE, SummaryResponse("o", "a", NO_USAGE)),
+                        (Stage.EXTRACT, ExtractionResponse(()))], at(3),
+            next_stage=Stage.RELATIONS)
+        assert last.kind is EventKind.CANCELLED and "after summarize" in last.message
+        task = await store.get_task("ta")
+        assert task is not None and task.state is TaskState.CANCELLED
+        assert task.done_stage is Stage.SUMMARIZE
+
+        # Stages already done are skipped (a redo after a crash), the rest applied.
+        await committed(store, "b", "tb", 4)
+        await claim(store, "w", 5)
+        await store.complete_stage("tb", "w", Stage.SUMMARIZE,
+                                   SummaryResponse("o", "a", NO_USAGE), at(5),
+                                   next_stage=Stage.EXTRACT)
+        before = (await store.get_task("tb"))
+        assert before is not None
+        last = await store.complete_stages(
+            "tb", "w", [(Stage.SUMMARIZE, SummaryResponse("o", "a", NO_USAGE)),
+                        (Stage.EXTRACT, ExtractionResponse(()))], at(6),
+            next_stage=Stage.RELATIONS)
+        assert last.seq == before.last_seq + 2 and last.stage is Stage.RELATIONS
 
     run(body())

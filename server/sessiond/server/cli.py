@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="Phase 2 tasks run at once by this process")
     serve.add_argument("--workers-per-identity", type=int, default=env.worker_per_identity,
                        help="Phase 2 tasks one identity may run at once (0: no cap)")
+    serve.add_argument("--phase2-sync", default=env.phase2_sync, choices=["relaxed", "durable"],
+                       help="relaxed: Phase 2 writes are acknowledged before the disk flush "
+                       "(a power loss may undo the last ~0.2 s of them, which are redone); "
+                       "calls' writes are always durable")
     serve.add_argument("--lease-seconds", type=float, default=env.lease_seconds)
     serve.add_argument("--poll-seconds", type=float, default=env.poll_seconds)
     serve.add_argument("--heartbeat-seconds", type=float, default=env.heartbeat_seconds)
@@ -130,7 +134,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.llm.max_concurrency, s.llm.max_retries = ns.llm_max_concurrency, ns.llm_max_retries
     s.llm.json_mode = ns.llm_json_mode
     s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
-    s.worker_per_identity = ns.workers_per_identity
+    s.worker_per_identity, s.phase2_sync = ns.workers_per_identity, ns.phase2_sync
     s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
     s.shutdown_grace_seconds = ns.shutdown_grace
     s.completed_retention_hours = ns.completed_retention_hours

@@ -101,6 +101,10 @@ class Settings:
     worker_concurrency: int = 16
     # Phase 2 tasks one identity may run at once across the store (0: no cap).
     worker_per_identity: int = 4
+    # "relaxed": Phase 2's writes may be acknowledged before they reach the disk (a
+    # power loss can undo the last ~0.2 s of them; they are redone); "durable": each
+    # is flushed like a call's. Calls' writes are always durable.
+    phase2_sync: str = "relaxed"
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
@@ -146,6 +150,7 @@ class Settings:
         emb.api_key_env = _env("EMBEDDER_API_KEY_ENV", emb.api_key_env)
         emb.api_key_file = _env("EMBEDDER_API_KEY_FILE", emb.api_key_file)
         s.worker_per_identity = int(_env("WORKERS_PER_IDENTITY", str(s.worker_per_identity)))
+        s.phase2_sync = _env("PHASE2_SYNC", s.phase2_sync)
         rl = s.rate_limits
         for name in ("read", "write", "commit"):
             setattr(rl, name, float(_env(f"RATE_LIMIT_{name.upper()}", "0")))

@@ -18,6 +18,7 @@ from sessiond.server.domain.values import (
     Role,
     Task,
     TokenUsage,
+    UsageRecord,
 )
 
 
@@ -122,6 +123,16 @@ class IndexOutput:
 
 StageOutput = (SummaryResponse | ExtractionResponse | RelationsOutput | ActiveCountsOutput
                | IndexOutput)
+
+
+@dataclass(frozen=True, slots=True)
+class Phase2Inputs:
+    """What a Phase 2 run reads before its stages, in one read: the archive's
+    messages and usage records, and the overview of the newest earlier archive done."""
+
+    messages: list[Message]
+    usage: list[UsageRecord]
+    previous_overview: str
 
 
 @dataclass(frozen=True, slots=True)

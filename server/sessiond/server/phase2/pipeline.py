@@ -2,7 +2,10 @@
 active counts, each made durable with its own stage-completed event.
 
 A stage's writes and the mark that it is done commit together, so a task resumed
-after a crash starts at the first stage not done and counts nothing twice.
+after a crash starts at the first stage not done and counts nothing twice. Stages
+that are cheap to redo (made in under `HOLD_SECONDS`, no engine tokens) are held and
+commit together with the next checkpoint, so the offline engine's whole pipeline
+after the claim is one transaction; an LLM stage commits as soon as it is made.
 Shutdown is honoured at stage boundaries. A cancel is honoured at stage boundaries
 and also interrupts an engine call in flight (an HTTP attempt, a retry's backoff
 sleep): nothing of that stage is written and the task ends CANCELLED.
@@ -13,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sessiond.server import failpoints
@@ -72,6 +76,11 @@ INDEX_BATCH = 200
 EMBED_BATCH = 64
 # Memories the extract stage merges per transaction, for the same reason.
 MEMORY_BATCH = 200
+# A stage's output that took less than this to make (and used no engine tokens) does
+# not commit on its own: it is held and commits with the next checkpoint, at the
+# latest with finalize (one transaction instead of one per stage; a crash redoes at
+# most this much work). The journal reads the same either way.
+HOLD_SECONDS = 0.1
 
 
 def used_uris(messages: list[Message], usage: list[UsageRecord]) -> tuple[str, ...]:
@@ -113,6 +122,22 @@ def archive_entries_of(owner: Identity, session_id: str, archive_index: int,
 
 
 @dataclass
+class _Run:
+    """One attempt at a task: its inputs, what it made so far, and the stages whose
+    output is held (made, not yet committed) since the last checkpoint."""
+
+    task: Task
+    messages: list[Message]
+    usage: list[UsageRecord]
+    prev_overview: str
+    uris: tuple[str, ...]  # what relations and active_counts both write
+    overview: str = ""
+    abstract: str = ""
+    held: list[tuple[Stage, StageOutput]] = field(default_factory=list)
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class RunOutcome:
     finished: bool  # reached a terminal state (or lost the lease)
 
@@ -138,6 +163,7 @@ class Phase2Pipeline:
         # (a cancel made through this process is seen at once, through its event).
         self.cancel_poll_seconds = cancel_poll_seconds
         self._cancel_signals: dict[str, asyncio.Event] = {}
+        self._held: dict[str, _Run] = {}  # running tasks by id
         store.add_event_listener(self._on_events)
         store.add_remote_event_listener(self._on_remote_event)
 
@@ -254,15 +280,20 @@ class Phase2Pipeline:
 
     async def _run(self, task: Task, announced: bool) -> RunOutcome:
         store, ident = self.store, task.identity
-        messages = await store.archive_messages(ident, task.session_id, task.archive_index)
-        if not messages:
+        inputs = await store.phase2_inputs(ident, task.session_id, task.archive_index)
+        if not inputs.messages:
             raise NotFound(f"archive {task.archive_uri} has no messages (session deleted?)",
                            reason="ARCHIVE_NOT_FOUND")
-        usage = await store.archive_usage(ident, task.session_id, task.archive_index)
-        previous = await store.latest_done_archive(ident, task.session_id, task.archive_index)
-        prev_overview = previous.overview if previous is not None else ""
-        uris = used_uris(messages, usage)  # what relations and active_counts both write
-        overview = abstract = ""
+        run = _Run(task, inputs.messages, inputs.usage, inputs.previous_overview,
+                   used_uris(inputs.messages, inputs.usage))
+        self._held[task.task_id] = run
+        try:
+            return await self._stages(run, announced)
+        finally:
+            self._held.pop(task.task_id, None)
+
+    async def _stages(self, run: _Run, announced: bool) -> RunOutcome:
+        store, task = self.store, run.task
         # Whether this stage was already announced (by the claim or the previous stage).
         started = announced and not task.cancel_requested
         for i, stage in enumerate(PIPELINE):
@@ -270,11 +301,15 @@ class Phase2Pipeline:
                 continue
             if not started and task.cancel_requested:
                 # Requested before this attempt started; later requests are honoured by
-                # complete_stage at the boundary it crosses (no extra read per stage).
+                # complete_stages at the boundary it crosses (no extra read per stage).
                 await store.cancel_task(task.task_id, self.worker_id, utcnow())
                 metrics.record_task_finished("cancelled")
                 return RunOutcome(True)
             if self.should_stop():
+                # Keep what was made: held stages commit before the task is handed back.
+                if run.held and (await self._flush(run, stage)).state.terminal:
+                    metrics.record_task_finished("cancelled")
+                    return RunOutcome(True)
                 return RunOutcome(False)
             if not started:
                 await store.append_event(task.task_id, self.worker_id,
@@ -284,53 +319,110 @@ class Phase2Pipeline:
                     tracing.span(f"stage {stage.value}", {"sessiond.stage": stage.value}):
                 failpoints.hit(f"phase2.{stage.value}.before")
                 if stage is Stage.FINALIZE:
-                    await store.finalize_task(task.task_id, self.worker_id, utcnow())
+                    flushed = [s for s, _ in run.held]
+                    last = await store.complete_stages(task.task_id, self.worker_id, run.held,
+                                                       utcnow(), next_stage=Stage.FINALIZE,
+                                                       finalize=True)
+                    run.held = []
+                    self._hit_after(flushed)
+                    if last.kind is not EventKind.COMPLETED:  # cancelled at a boundary
+                        metrics.record_task_finished("cancelled")
+                        return RunOutcome(True)
                     metrics.record_task_finished("completed")
                     failpoints.hit("phase2.finalize.after")
                     return RunOutcome(True)
-                reporter = self._reporter(task, stage)
-                engine_attrs = {"sessiond.engine": self.engine.name}
-                output: StageOutput
-                if stage is Stage.SUMMARIZE:
-                    with metrics.engine_call(self.engine.name, "summarize") as tokens, \
-                            tracing.span("engine summarize", engine_attrs):
-                        output = await self._interruptible(task, self.engine.summarize(
-                            SummaryRequest(session_id=task.session_id,
-                                           archive_index=task.archive_index,
-                                           messages=messages, previous_overview=prev_overview,
-                                           usage=usage), reporter))
-                        tokens(output.usage.prompt_tokens, output.usage.completion_tokens)
-                    overview, abstract = output.overview, output.abstract
-                elif stage is Stage.EXTRACT:
-                    if not overview:
-                        overview, abstract = await self._saved_summary(task)
-                    with metrics.engine_call(self.engine.name, "extract") as tokens, \
-                            tracing.span("engine extract", engine_attrs):
-                        extracted = await self._interruptible(task, self.engine.extract(
-                            ExtractionRequest(session_id=task.session_id,
-                                              archive_uri=task.archive_uri, messages=messages,
-                                              previous_overview=prev_overview,
-                                              overview=overview, usage=usage), reporter))
-                        tokens(extracted.usage.prompt_tokens,
-                               extracted.usage.completion_tokens)
-                    output = await self._upsert_batches(task, extracted)
-                elif stage is Stage.INDEX:
-                    if not overview:
-                        overview, abstract = await self._saved_summary(task)
-                    output = await self._index(task, messages, overview, abstract)
-                elif stage is Stage.RELATIONS:
-                    output = RelationsOutput(uris)
-                else:
-                    output = ActiveCountsOutput(uris)
-                following = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
-                last = await store.complete_stage(task.task_id, self.worker_id, stage, output,
-                                                  utcnow(), next_stage=following)
-                if last.state.terminal:  # cancelled at this boundary
-                    metrics.record_task_finished("cancelled")
-                    return RunOutcome(True)
+                try:
+                    output = await self._output(run, stage)
+                except _Interrupted:
+                    # Cancelled: held stages commit first, and the boundary they cross
+                    # ends the task (the journal says after which stage).
+                    if run.held and (await self._flush(run, stage)).state.terminal:
+                        metrics.record_task_finished("cancelled")
+                        return RunOutcome(True)
+                    raise
+                except (EngineError, NotFound):
+                    # The failure is this stage's: held stages commit before it is told.
+                    with contextlib.suppress(Exception):
+                        await self._flush(run, stage)
+                    raise
+                run.held.append((stage, output))
+                following = PIPELINE[i + 1]
+                if self._checkpoint_due(run, output, following):
+                    if (await self._flush(run, following)).state.terminal:
+                        metrics.record_task_finished("cancelled")  # at this boundary
+                        return RunOutcome(True)
                 started = True
-                failpoints.hit(f"phase2.{stage.value}.after")
         return RunOutcome(True)
+
+    def _checkpoint_due(self, run: _Run, output: StageOutput, following: Stage) -> bool:
+        """Whether the held stages must commit now rather than with the next stage's:
+        when they took `HOLD_SECONDS` or more to make, when this one used engine tokens
+        (paid work is never redone), or when the next stage embeds the archive's
+        memories (it reads them from the store)."""
+        usage = getattr(output, "usage", None)
+        return (time.monotonic() - run.since >= HOLD_SECONDS
+                or (usage is not None and usage.total_tokens > 0)
+                or (following is Stage.INDEX and self.embedder is not None))
+
+    async def _flush(self, run: _Run, following: Stage) -> TaskEvent:
+        """Commit the held stages' writes and events in one transaction, crossing into
+        `following`; their `after` failpoints are hit once they are durable."""
+        flushed = [s for s, _ in run.held]
+        last = await self.store.complete_stages(run.task.task_id, self.worker_id, run.held,
+                                                utcnow(), next_stage=following)
+        run.held = []
+        run.since = time.monotonic()
+        self._hit_after(flushed)
+        return last
+
+    @staticmethod
+    def _hit_after(stages: list[Stage]) -> None:
+        for s in stages:
+            failpoints.hit(f"phase2.{s.value}.after")
+
+    async def flush_held(self, task_id: str, following: Stage) -> None:
+        """Commit what a running task holds before an event of `following` (a retry's)
+        is appended to its journal, so the journal stays in stage order."""
+        run = self._held.get(task_id)
+        if run is not None and run.held:
+            await self._flush(run, following)
+
+    async def _output(self, run: _Run, stage: Stage) -> StageOutput:
+        """Make one stage's output (engine calls, entries, vectors); nothing of it is
+        written here but the early batches of a large extraction or index."""
+        task = run.task
+        reporter = self._reporter(task, stage)
+        engine_attrs = {"sessiond.engine": self.engine.name}
+        if stage is Stage.SUMMARIZE:
+            with metrics.engine_call(self.engine.name, "summarize") as tokens, \
+                    tracing.span("engine summarize", engine_attrs):
+                summary = await self._interruptible(task, self.engine.summarize(
+                    SummaryRequest(session_id=task.session_id,
+                                   archive_index=task.archive_index,
+                                   messages=run.messages, previous_overview=run.prev_overview,
+                                   usage=run.usage), reporter))
+                tokens(summary.usage.prompt_tokens, summary.usage.completion_tokens)
+            run.overview, run.abstract = summary.overview, summary.abstract
+            return summary
+        if stage is Stage.EXTRACT:
+            if not run.overview:
+                run.overview, run.abstract = await self._saved_summary(task)
+            with metrics.engine_call(self.engine.name, "extract") as tokens, \
+                    tracing.span("engine extract", engine_attrs):
+                extracted = await self._interruptible(task, self.engine.extract(
+                    ExtractionRequest(session_id=task.session_id,
+                                      archive_uri=task.archive_uri, messages=run.messages,
+                                      previous_overview=run.prev_overview,
+                                      overview=run.overview, usage=run.usage), reporter))
+                tokens(extracted.usage.prompt_tokens, extracted.usage.completion_tokens)
+            return await self._upsert_batches(task, extracted)
+        if stage is Stage.INDEX:
+            if not run.overview:
+                run.overview, run.abstract = await self._saved_summary(task)
+            return await self._index(task, run.messages, run.overview, run.abstract)
+        if stage is Stage.RELATIONS:
+            return RelationsOutput(run.uris)
+        return ActiveCountsOutput(run.uris)
 
     async def _upsert_batches(self, task: Task, out: ExtractionResponse) -> ExtractionResponse:
         """All but the last MEMORY_BATCH candidates (one per memory key, in key order)
@@ -414,6 +506,7 @@ class RetryReporterImpl:
                                     "sessiond.reason": safe})
         msg = (f"retrying {self.stage.value}, attempt {attempt} of {max_attempts}, after "
                f"{safe}")
+        await self.pipeline.flush_held(self.task.task_id, self.stage)
         await self.pipeline.store.append_event(
             self.task.task_id, self.pipeline.worker_id,
             NewEvent(EventKind.RETRYING, msg, attempt=attempt), self.stage, utcnow())

@@ -18,7 +18,7 @@ from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.pipeline import Phase2Pipeline
 from sessiond.server.phase2.revert import ArchiveReverter
-from sessiond.server.store.base import Store, background_writes
+from sessiond.server.store.base import Store, background_writes, relaxed_commits
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,16 @@ class Phase2Worker:
     def __init__(self, store: Store, engine: Phase2Engine, *, concurrency: int = 4,
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
                  secrets: tuple[str, ...] = (), worker_id: str | None = None,
-                 embedder: Embedder | None = None, per_identity: int = 0) -> None:
+                 embedder: Embedder | None = None, per_identity: int = 0,
+                 relaxed: bool = True) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
         # Tasks one identity may run at once (0: no cap); see Store.claim_task.
         self.per_identity = per_identity
+        # Whether the worker's writes may commit before they reach the disk (a power
+        # loss can undo the last of them, and they are redone; store.base.RELAXED).
+        self.relaxed = relaxed
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()
@@ -62,18 +66,23 @@ class Phase2Worker:
         self._loop_task = asyncio.create_task(self._loop(), name="phase2-worker")
 
     async def _loop(self) -> None:
+        with relaxed_commits(self.relaxed):  # the claims; tasks inherit the context
+            await self._claim_loop()
+
+    async def _claim_loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
                 while len(self._running) < self.concurrency and not self._stopping:
                     now = utcnow()
-                    task = await self.store.claim_task(
+                    task, more = await self.store.claim_next_task(
                         self.worker_id, now, now + self.lease, announce=True,
                         max_running_per_identity=self.per_identity)
-                    if task is None:
-                        break
-                    self._running[task.task_id] = asyncio.create_task(
-                        self._run(task), name=f"phase2-{task.task_id}")
+                    if task is not None:
+                        self._running[task.task_id] = asyncio.create_task(
+                            self._run(task), name=f"phase2-{task.task_id}")
+                    if not more:
+                        break  # new work wakes the loop (or the poll finds it)
             except SessiondError as exc:
                 log.warning("claiming Phase 2 work failed: %s", exc)
             except Exception:
@@ -106,8 +115,10 @@ class Phase2Worker:
                     await self.store.renew_lease(task.task_id, self.worker_id,
                                                  utcnow() - timedelta(seconds=1))
         finally:
+            full = len(self._running) >= self.concurrency
             self._running.pop(task.task_id, None)
-            self._wake.set()
+            if full:
+                self._wake.set()  # a slot is free: claim what waited for one
 
     async def _renew(self, task_id: str) -> None:
         interval = max(self.lease.total_seconds() / 3, 0.05)

@@ -22,6 +22,7 @@ from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
     CommitPlan,
+    Phase2Inputs,
     RequestKey,
     StageOutput,
     SweepResult,
@@ -86,6 +87,26 @@ def background_writes(key: str) -> Iterator[None]:
         yield
     finally:
         WRITE_KEY.reset(token)
+
+
+# Writes made in a `relaxed_commits()` context (the Phase 2 worker's, by default) may
+# be acknowledged before they are flushed to disk: a power loss or OS crash (not a
+# process crash) can undo the last of them, which Phase 2 then simply redoes (its
+# stages are idempotent). Bounded: SQLite flushes them within RELAXED_FLUSH_SECONDS,
+# PostgreSQL (synchronous_commit=off) within 3 x wal_writer_delay. Writes made for a
+# call are always durable when acknowledged.
+RELAXED: ContextVar[bool] = ContextVar("sessiond_relaxed_commits", default=False)
+RELAXED_FLUSH_SECONDS = 0.2
+
+
+@contextlib.contextmanager
+def relaxed_commits(on: bool = True) -> Iterator[None]:
+    """Store writes made in this context may commit without waiting for the disk."""
+    token = RELAXED.set(on)
+    try:
+        yield
+    finally:
+        RELAXED.reset(token)
 
 
 class Store(abc.ABC):
@@ -245,6 +266,12 @@ class Store(abc.ABC):
                                   before_index: int | None = None) -> Archive | None:
         """Newest archive in state DONE (with index < before_index when given)."""
 
+    @abc.abstractmethod
+    async def phase2_inputs(self, identity: Identity, session_id: str,
+                            index: int) -> Phase2Inputs:
+        """Archive `index`'s messages and usage and the overview of the newest archive
+        DONE before it, read together (one round trip)."""
+
     # -- tasks: reading ----------------------------------------------------------------
     @abc.abstractmethod
     async def get_task(self, task_id: str) -> Task | None: ...
@@ -300,6 +327,13 @@ class Store(abc.ABC):
         nothing is runnable."""
 
     @abc.abstractmethod
+    async def claim_next_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                              announce: bool = False, max_running_per_identity: int = 0
+                              ) -> tuple[Task | None, bool]:
+        """`claim_task`, and whether another task was runnable besides the one
+        claimed (a hint: claiming again may still find none)."""
+
+    @abc.abstractmethod
     async def queue_stats(self) -> tuple[int, datetime | None]:
         """(PENDING tasks, created_at of the oldest of them or None): the queue gauges."""
 
@@ -336,6 +370,17 @@ class Store(abc.ABC):
         cancel was requested the task ends CANCELLED (terminal event), otherwise
         STAGE_STARTED is appended for `next_stage`; the last event appended is
         returned. A stage already done is not applied again (returns the journal tail)."""
+
+    @abc.abstractmethod
+    async def complete_stages(self, task_id: str, worker_id: str,
+                              outputs: Sequence[tuple[Stage, StageOutput]], now: datetime,
+                              next_stage: Stage | None = None,
+                              finalize: bool = False) -> TaskEvent:
+        """`complete_stage` for several consecutive stages in one transaction, each
+        crossing into the next (`next_stage` after the last), then with `finalize`
+        `finalize_task`; stops at the first boundary where a cancel ends the task.
+        The journal is the same as with one call per stage. Returns the last event
+        appended (the journal tail when there was nothing to do)."""
 
     @abc.abstractmethod
     async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:

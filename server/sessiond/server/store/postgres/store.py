@@ -52,6 +52,7 @@ from sessiond.server.domain.errors import (
 from sessiond.server.domain.values import Identity, Message
 from sessiond.server.redact import redact_text
 from sessiond.server.store import codec
+from sessiond.server.store.base import RELAXED
 from sessiond.server.store.postgres import migrations
 from sessiond.server.store.postgres.dialect import DIALECT, PgTx
 from sessiond.server.store.sql import messages
@@ -313,6 +314,9 @@ class PostgresStore(SqlStore):
                         result = await op(tx)
                     else:
                         async with conn.transaction():
+                            if RELAXED.get():
+                                # Acknowledged before the WAL is flushed (store.base).
+                                await conn.execute("SET LOCAL synchronous_commit TO OFF")
                             result = await op(tx)
                             await self._notify(conn, tx.announce)
             except SessiondError:

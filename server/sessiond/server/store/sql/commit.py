@@ -4,7 +4,7 @@ PENDING task and its CREATED event) and the archives it writes."""
 from __future__ import annotations
 
 from sessiond.server.domain import transitions
-from sessiond.server.domain.commands import CommitOutcome, CommitPlan, RequestKey
+from sessiond.server.domain.commands import CommitOutcome, CommitPlan, Phase2Inputs, RequestKey
 from sessiond.server.domain.errors import Aborted, NotFound
 from sessiond.server.domain.pages import Page, index_cursor, page_of
 from sessiond.server.domain.values import (
@@ -147,3 +147,11 @@ async def latest_done(tx: Tx, identity: Identity, session_id: str,
         args.append(before_index)
     row = await tx.fetchrow(sql + " ORDER BY idx DESC LIMIT 1", *args)
     return None if row is None else tx.d.rows.archive(row)
+
+
+async def phase2_inputs(tx: Tx, identity: Identity, session_id: str,
+                        index: int) -> Phase2Inputs:
+    previous = await latest_done(tx, identity, session_id, index)
+    return Phase2Inputs(await messages(tx, identity, session_id, index),
+                        await usage(tx, identity, session_id, index),
+                        previous.overview if previous is not None else "")

@@ -22,6 +22,7 @@ from sessiond.server.domain.values import (
     Identity,
     MemoryCounts,
     Stage,
+    Task,
     TaskEvent,
 )
 from sessiond.server.store import codec
@@ -34,6 +35,31 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
     task = await tasks.leased(tx, task_id, worker_id)
     if tr.already_done(task, stage):
         return await tasks.last_event(tx, task_id)
+    return (await _complete(tx, task, stage, output, now, next_stage))[0]
+
+
+async def complete_many(tx: Tx, task_id: str, worker_id: str,
+                        outputs: Sequence[tuple[Stage, StageOutput]], now: datetime,
+                        next_stage: Stage | None, finalize_after: bool) -> TaskEvent:
+    """Several consecutive stages' writes and events in one transaction, as if each
+    had been completed on its own (`complete`), then, with `finalize_after`, the task
+    finalized. Stops at a boundary where a cancel ends the task."""
+    task = await tasks.leased(tx, task_id, worker_id)
+    ev: TaskEvent | None = None
+    for i, (stage, output) in enumerate(outputs):
+        following = outputs[i + 1][0] if i + 1 < len(outputs) else next_stage
+        if tr.already_done(task, stage):
+            continue
+        ev, task = await _complete(tx, task, stage, output, now, following)
+        if task.state.terminal:
+            return ev
+    if finalize_after:
+        return await _finalize(tx, task, now)
+    return ev if ev is not None else await tasks.last_event(tx, task_id)
+
+
+async def _complete(tx: Tx, task: Task, stage: Stage, output: StageOutput, now: datetime,
+                    next_stage: Stage | None) -> tuple[TaskEvent, Task]:
     skey, d = codec.session_key(task.identity, task.session_id), tx.d
     counts: MemoryCounts | None = None
     if isinstance(output, SummaryResponse):
@@ -59,7 +85,7 @@ async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: S
     if next_stage is not None:
         ev, task = await tasks.apply(tx, task, tr.cross_boundary(task, stage, next_stage, now),
                                      now)
-    return ev
+    return ev, task
 
 
 async def upsert_memories(tx: Tx, task_id: str, worker_id: str,
@@ -73,7 +99,10 @@ async def upsert_memories(tx: Tx, task_id: str, worker_id: str,
 
 
 async def finalize(tx: Tx, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
-    task = await tasks.leased(tx, task_id, worker_id)
+    return await _finalize(tx, await tasks.leased(tx, task_id, worker_id), now)
+
+
+async def _finalize(tx: Tx, task: Task, now: datetime) -> TaskEvent:
     skey, d = codec.session_key(task.identity, task.session_id), tx.d
     changed = await tx.execute(
         "UPDATE archives SET state=?, completed_at=? WHERE skey=? AND idx=? AND state=?",

@@ -16,6 +16,7 @@ from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
     CommitPlan,
+    Phase2Inputs,
     RequestKey,
     StageOutput,
     SweepResult,
@@ -176,6 +177,11 @@ class SqlStore(Store):
         return await self._read(lambda tx: commit.latest_done(tx, identity, session_id,
                                                               before_index))
 
+    async def phase2_inputs(self, identity: Identity, session_id: str,
+                            index: int) -> Phase2Inputs:
+        return await self._read(lambda tx: commit.phase2_inputs(tx, identity, session_id,
+                                                                index))
+
     # -- tasks
     async def get_task(self, task_id: str) -> Task | None:
         return await self._read(lambda tx: tasks.get(tx, task_id))
@@ -208,6 +214,12 @@ class SqlStore(Store):
         return await self._write(lambda tx: tasks.claim(tx, worker_id, now, lease_until,
                                                         announce, max_running_per_identity))
 
+    async def claim_next_task(self, worker_id: str, now: datetime, lease_until: datetime,
+                              announce: bool = False, max_running_per_identity: int = 0
+                              ) -> tuple[Task | None, bool]:
+        return await self._write(lambda tx: tasks.claim_next(
+            tx, worker_id, now, lease_until, announce, max_running_per_identity))
+
     async def queue_stats(self) -> tuple[int, datetime | None]:
         return await self._read(tasks.queue_stats)
 
@@ -234,6 +246,13 @@ class SqlStore(Store):
                              next_stage: Stage | None = None) -> TaskEvent:
         return await self._write(lambda tx: stages.complete(tx, task_id, worker_id, stage,
                                                             output, now, next_stage))
+
+    async def complete_stages(self, task_id: str, worker_id: str,
+                              outputs: Sequence[tuple[Stage, StageOutput]], now: datetime,
+                              next_stage: Stage | None = None,
+                              finalize: bool = False) -> TaskEvent:
+        return await self._write(lambda tx: stages.complete_many(
+            tx, task_id, worker_id, outputs, now, next_stage, finalize))
 
     async def finalize_task(self, task_id: str, worker_id: str, now: datetime) -> TaskEvent:
         return await self._write(lambda tx: stages.finalize(tx, task_id, worker_id, now))

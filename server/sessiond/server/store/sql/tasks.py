@@ -4,6 +4,7 @@ control transitions (cancel, fail). The decisions are `domain/transitions.py`'s.
 from __future__ import annotations
 
 import enum
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -71,17 +72,23 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
                          task.task_id, first_seq)
     cols = {"last_seq": seq, "first_seq": first_seq, "state": t.state.value,
             "stage": t.stage.value, "updated_at": tx.d.ts(now), **_columns(tx, dict(t.changes))}
-    row = await tx.fetchrow(
-        f"UPDATE tasks SET {', '.join(f'{c}=?' for c in cols)} WHERE task_id=? RETURNING *",
+    changed = await tx.execute(
+        f"UPDATE tasks SET {', '.join(f'{c}=?' for c in cols)} WHERE task_id=?",
         *cols.values(), task.task_id)
-    assert row is not None
+    assert changed == 1
+    # The row now reads as this (the changes are named after Task's fields).
+    after = replace(task, last_seq=seq, first_seq=first_seq, state=t.state, stage=t.stage,
+                    updated_at=now, **t.changes)
     ev = TaskEvent(task_id=task.task_id, seq=seq, kind=t.kind, time=now, state=t.state,
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
     tx.announce.events.append(ev)
-    if t.frees_work:
-        tx.announce.work = True
-    return ev, tx.d.rows.task(row)
+    if t.frees_work and not tx.announce.work:
+        # Workers are woken only when there is something they may now claim (a later
+        # archive of the session, or work an identity cap held back).
+        tx.announce.work = await tx.fetchval(
+            "SELECT 1 FROM tasks WHERE state=? LIMIT 1", TaskState.PENDING.value) is not None
+    return ev, after
 
 
 async def get(tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
@@ -152,7 +159,16 @@ async def request_cancel(tx: Tx, task_id: str, now: datetime) -> Task:
 
 async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
                 announce: bool, max_running_per_identity: int = 0) -> Task | None:
-    """Fair claim: among runnable tasks (per-session archive order kept), those of the
+    return (await claim_next(tx, worker_id, now, lease_until, announce,
+                             max_running_per_identity))[0]
+
+
+async def claim_next(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
+                     announce: bool, max_running_per_identity: int = 0
+                     ) -> tuple[Task | None, bool]:
+    """The claimed task (None: nothing runnable) and whether another task was
+    runnable besides it (so a worker with room claims again, and otherwise waits to
+    be woken). Fair claim: among runnable tasks (per-session archive order kept), those of the
     identity with the fewest tasks running under a live lease come first, then the
     oldest; an identity already running `max_running_per_identity` (0: no cap) gets
     none. So one identity's backlog cannot starve another's. A task is runnable only
@@ -178,13 +194,17 @@ async def claim(tx: Tx, worker_id: str, now: datetime, lease_until: datetime,
         " ORDER BY COALESCE(b.n, 0), t.created_at, t.task_id LIMIT 1" + tx.d.claim_lock("t"),
         *args)
     if row is None:
-        return None
+        return None, False
     task = tx.d.rows.task(row)
     _, task = await apply(tx, task, tr.claim(task, worker_id, now, lease_until), now)
     first = tr.first_stage(task) if announce else None
     if first is not None:
         _, task = await apply(tx, task, first, now)
-    return task
+    # Only the claimed row is locked (SKIP LOCKED claimers must not miss the others);
+    # "more" is a hint from any other pending task.
+    more = await tx.fetchval("SELECT 1 FROM tasks WHERE state=? AND task_id<>? LIMIT 1",
+                             TaskState.PENDING.value, task.task_id)
+    return task, more is not None
 
 
 async def queue_stats(tx: Tx) -> tuple[int, datetime | None]:

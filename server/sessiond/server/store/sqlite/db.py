@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sessiond.server.domain.errors import Unavailable
-from sessiond.server.store.base import WRITE_KEY
+from sessiond.server.store.base import RELAXED, RELAXED_FLUSH_SECONDS, WRITE_KEY
 from sessiond.server.store.sql.tx import Announce
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class _Op(Generic[T]):
     loop: asyncio.AbstractEventLoop
     ctx: Announce = field(default_factory=Announce)
     key: str = ""
+    relaxed: bool = False  # may commit without waiting for the disk (store.base.RELAXED)
 
 
 class _FairQueue:
@@ -77,7 +79,9 @@ class _FairQueue:
 
     def pop(self) -> _Op[Any] | None:
         if self.fg and (not self.bg or self._fg_run < FOREGROUND_BURST):
-            self._fg_run += 1
+            # Only foreground operations taken while background ones wait count
+            # towards the burst; with none waiting, arrival order is kept.
+            self._fg_run = self._fg_run + 1 if self.bg else 0
             self._size -= 1
             return self.fg.popleft()
         if not self.bg:
@@ -120,10 +124,19 @@ class SqliteDatabase:
         self._after_commit: AfterCommit | None = None
         self._closed = False
         self._failed = ""  # why the writer thread stopped, when it did
+        # When the oldest commit not yet flushed to disk was made (relaxed batches).
+        self._unsynced_since: float | None = None
+        self._explicit_sync = False
 
     def start(self, after_commit: AfterCommit) -> None:
         self._after_commit = after_commit
-        self._write_conn = connect(self.path, self.synchronous)
+        # synchronous=FULL is kept by the writer itself: its connection commits with
+        # NORMAL and it fsyncs the log after each batch that must be durable, so that
+        # batches of relaxed writes alone can skip the fsync (a pragma cannot change
+        # inside a transaction, and a batch's make-up is known only at its end).
+        self._explicit_sync = self.synchronous.upper() == "FULL"
+        self._write_conn = connect(self.path,
+                                   "NORMAL" if self._explicit_sync else self.synchronous)
         self._writer = threading.Thread(target=self._run_writer, name="sqlite-writer",
                                         daemon=True)
         self._writer.start()
@@ -141,7 +154,8 @@ class SqliteDatabase:
             raise Unavailable(self._failed or "store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn=fn, future=fut, loop=loop, key=WRITE_KEY.get()))
+        self._queue.put(_Op(fn=fn, future=fut, loop=loop, key=WRITE_KEY.get(),
+                            relaxed=RELAXED.get()))
         return await fut
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -191,13 +205,44 @@ class SqliteDatabase:
         stop = False
         while not stop or len(pending):
             if not len(pending) and not stop:
-                first = self._queue.get()
+                try:
+                    first = self._queue.get(timeout=self._flush_wait())
+                except queue.Empty:
+                    try:
+                        self._flush_wal()  # idle with relaxed commits not on disk yet
+                    except OSError as exc:
+                        log.warning("flushing the SQLite log failed: %s", exc)
+                    continue
                 if first is None:
                     stop = True
                     continue
                 pending.put(first)
             stop = self._drain(pending) or stop
             self._apply(conn, pending)
+        if self._unsynced_since is not None:
+            try:
+                self._flush_wal()
+            except OSError as exc:
+                log.warning("flushing the SQLite log at close failed: %s", exc)
+
+    def _flush_wait(self) -> float | None:
+        """How long the idle writer may wait before relaxed commits must be flushed."""
+        if self._unsynced_since is None:
+            return None
+        return max(RELAXED_FLUSH_SECONDS - (time.monotonic() - self._unsynced_since), 0.0)
+
+    def _flush_wal(self) -> None:
+        """fsync the write-ahead log: every commit so far is then on disk."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            self._unsynced_since = None  # checkpointed (and synced) meanwhile
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._unsynced_since = None
 
     def _drain(self, pending: _FairQueue) -> bool:
         """Move what was queued meanwhile into `pending`; True when close() asked to stop."""
@@ -250,6 +295,25 @@ class SqliteDatabase:
             for op, _, _ in outcomes:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
+        if self._explicit_sync:
+            # A batch of relaxed operations only is not flushed now (it is atomic and
+            # consistent without; see store.base.RELAXED), unless relaxed commits have
+            # waited RELAXED_FLUSH_SECONDS already. A flush makes every commit so far
+            # durable, the earlier relaxed ones with it.
+            now = time.monotonic()
+            if (all(op.relaxed for op, _, _ in outcomes)
+                    and (self._unsynced_since is None
+                         or now - self._unsynced_since < RELAXED_FLUSH_SECONDS)):
+                if self._unsynced_since is None:
+                    self._unsynced_since = now
+            else:
+                try:
+                    self._flush_wal()
+                except OSError as sync_exc:
+                    err = Unavailable(f"sqlite: flushing the log failed: {sync_exc}")
+                    for op, _, _ in outcomes:
+                        op.loop.call_soon_threadsafe(_settle, op, None, err, None)
+                    return
         # One wake-up of each event loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op[Any], Any, BaseException | None]]]
         by_loop = {}
