@@ -172,7 +172,6 @@ def test_relaxed_writes_skip_the_flush_and_are_flushed_soon(
     import os
 
     from sessiond.server.store import base
-    from sessiond.server.store.sqlite import db as dbmod
 
     wal = f"{tmp_path / 'w.sqlite3'}-wal"
     synced: list[float] = []
@@ -183,7 +182,7 @@ def test_relaxed_writes_skip_the_flush_and_are_flushed_soon(
             synced.append(time.monotonic())
         real_fsync(fd)
 
-    monkeypatch.setattr(dbmod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     db = SqliteDatabase(tmp_path / "w.sqlite3", synchronous="FULL")
     db.init_sync(_schema)
     db.start(lambda _a: None)

@@ -77,8 +77,9 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
         *cols.values(), task.task_id)
     assert changed == 1
     # The row now reads as this (the changes are named after Task's fields).
+    changes: dict[str, Any] = dict(t.changes)
     after = replace(task, last_seq=seq, first_seq=first_seq, state=t.state, stage=t.stage,
-                    updated_at=now, **t.changes)
+                    updated_at=now, **changes)
     ev = TaskEvent(task_id=task.task_id, seq=seq, kind=t.kind, time=now, state=t.state,
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
