@@ -128,6 +128,12 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: e.SessiondErro
 
 
 async def abort_internal(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if context.done():
+        # The call is over (the client went away, or the server closed it): there is
+        # nobody to answer, and nothing went wrong in sessiond (e.g. grpc's
+        # ExecuteBatchError when a status cannot be sent any more).
+        log.debug("call ended before its answer could be sent: %s", type(exc).__name__)
+        return
     log.exception("unhandled error", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
@@ -148,6 +154,7 @@ def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable
             raise
         except Exception as exc:
             await abort_internal(context, exc)
+            raise  # reached only when the call was over already
         raise AssertionError("unreachable")
 
     return wrapper
