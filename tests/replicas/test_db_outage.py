@@ -307,7 +307,7 @@ def test_connection_reset_mid_stage_does_not_fail_the_task(tmp_path: Path) -> No
             def stage_writing() -> bool:
                 writing[:] = sql(url, "SELECT pid FROM pg_stat_activity WHERE datname = "
                                       "current_database() AND application_name = 'sessiond' "
-                                      "AND xact_start IS NOT NULL AND query ILIKE '%memories%'")
+                                      "AND xact_start IS NOT NULL AND query ILIKE '%memor%'")
                 return bool(writing)
 
             wait_until(stage_writing, 20.0, "the extract stage writing", interval=0.01)
