@@ -121,6 +121,15 @@ def archive_entries_of(owner: Identity, session_id: str, archive_index: int,
     return tuple(out)
 
 
+async def fail_task(store: Store, worker_id: str, task: Task, error: TaskError) -> None:
+    """End `task` FAILED with `error` (a worker that lost its lease only says so)."""
+    try:
+        await store.fail_task(task.task_id, worker_id, error, utcnow())
+        metrics.record_task_finished("failed")
+    except LeaseLost:
+        log.warning("could not fail %s: lease lost", task.task_id)
+
+
 @dataclass
 class _Run:
     """One attempt at a task: its inputs, what it made so far, and the stages whose
@@ -272,11 +281,7 @@ class Phase2Pipeline:
                         task_id)
 
     async def _fail(self, task: Task, error: TaskError) -> None:
-        try:
-            await self.store.fail_task(task.task_id, self.worker_id, error, utcnow())
-            metrics.record_task_finished("failed")
-        except LeaseLost:
-            log.warning("could not fail %s: lease lost", task.task_id)
+        await fail_task(self.store, self.worker_id, task, error)
 
     async def _run(self, task: Task, announced: bool) -> RunOutcome:
         store, ident = self.store, task.identity

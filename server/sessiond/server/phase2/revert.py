@@ -20,7 +20,7 @@ from sessiond.server.domain.values import Task, TaskError
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.observability import logs, metrics
 from sessiond.server.phase2.engines.base import EngineError
-from sessiond.server.phase2.pipeline import engine_code
+from sessiond.server.phase2.pipeline import engine_code, fail_task
 from sessiond.server.phase2.sanitize import sanitize
 from sessiond.server.store.base import Store
 
@@ -93,8 +93,4 @@ class ArchiveReverter:
         return out
 
     async def _fail(self, task: Task, error: TaskError) -> None:
-        try:
-            await self.store.fail_task(task.task_id, self.worker_id, error, utcnow())
-            metrics.record_task_finished("failed")
-        except LeaseLost:
-            log.warning("could not fail %s: lease lost", task.task_id)
+        await fail_task(self.store, self.worker_id, task, error)
