@@ -16,6 +16,7 @@ from sessiond.server.config import Settings
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.memories import MemoryManager
 from sessiond.server.services.recall import RecallService
+from sessiond.server.services.session_watch import SessionWatcher
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
@@ -78,7 +79,7 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
     server = grpc.aio.server(interceptors=[*interceptors, security.interceptor, DecodeGuard()],
                              options=server_options(settings))
     session_pb2_grpc.add_SessionServiceServicer_to_server(
-        SessionServicer(sessions, commits), server)
+        SessionServicer(sessions, commits, SessionWatcher(sessions, tasks)), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(memories, recall), server)
     if info is not None:

@@ -86,10 +86,7 @@ class TaskManager:
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
-        open_now = self._watching.get(identity, 0)
-        if open_now >= self.limits.watch_streams_per_identity:
-            raise watches_exceeded(self.limits)
-        self._watching[identity] = open_now + 1
+        self.acquire_watch(identity)
         sub = self.hub.subscribe(task_id)
         metrics.WATCHERS.inc()
         try:
@@ -151,8 +148,19 @@ class TaskManager:
         finally:
             metrics.WATCHERS.dec()
             sub.close()
-            left = self._watching.get(identity, 1) - 1
-            if left:
-                self._watching[identity] = left
-            else:
-                self._watching.pop(identity, None)
+            self.release_watch(identity)
+
+    def acquire_watch(self, identity: Identity) -> None:
+        """Count one more open watch stream (WatchTask or WatchSession) of `identity`;
+        RESOURCE_EXHAUSTED beyond `watch_streams_per_identity`."""
+        open_now = self._watching.get(identity, 0)
+        if open_now >= self.limits.watch_streams_per_identity:
+            raise watches_exceeded(self.limits)
+        self._watching[identity] = open_now + 1
+
+    def release_watch(self, identity: Identity) -> None:
+        left = self._watching.get(identity, 1) - 1
+        if left:
+            self._watching[identity] = left
+        else:
+            self._watching.pop(identity, None)

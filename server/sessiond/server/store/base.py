@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 
+from sessiond.server.domain.autocommit import OFF, AutoCommitPolicy, SessionEvent
 from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
@@ -89,6 +90,8 @@ class Store(abc.ABC):
         # The quotas the store enforces inside its transactions (live messages and
         # bytes per session, sessions per identity); the App sets the configured ones.
         self.limits: Limits = DEFAULT_LIMITS
+        # The auto-commit policy of sessions without their own (`--auto-commit-*`).
+        self.auto_commit_default: AutoCommitPolicy = OFF
         self._event_listeners: list[EventListener] = []
         self._work_listeners: list[WorkListener] = []
         self._remote_listeners: list[RemoteEventListener] = []
@@ -197,6 +200,37 @@ class Store(abc.ABC):
     async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
                            request: RequestKey | None = None) -> int:
         """Persist usage for the next commit; returns pending usage records."""
+
+    # -- auto-commit and the session feed ---------------------------------------------
+    @abc.abstractmethod
+    async def update_session_config(self, identity: Identity, session_id: str,
+                                    policy: AutoCommitPolicy | None,
+                                    now: datetime) -> SessionMeta:
+        """Set the session's own auto-commit policy (None: back to
+        `auto_commit_default`), record CONFIG_CHANGED and re-arm the idle trigger; a
+        live buffer that already passes a count trigger is committed in the same
+        transaction. `NotFound` when the session does not exist."""
+
+    @abc.abstractmethod
+    async def idle_due_sessions(self, now: datetime, limit: int = 100
+                                ) -> list[tuple[Identity, str]]:
+        """Sessions whose idle auto-commit is due at `now`."""
+
+    @abc.abstractmethod
+    async def idle_commit(self, identity: Identity, session_id: str,
+                          now: datetime) -> CommitOutcome | None:
+        """Fire the idle auto-commit of the session when it is still due: exactly once
+        whichever process calls (the claim and the commit are one transaction).
+        None when not due (any more) or nothing to archive."""
+
+    @abc.abstractmethod
+    async def list_session_events(self, identity: Identity, session_id: str,
+                                  after_seq: int, limit: int = 1000) -> list[SessionEvent]:
+        """The session feed's events with seq > after_seq, oldest first."""
+
+    @abc.abstractmethod
+    async def session_events_first_seq(self, identity: Identity, session_id: str) -> int:
+        """The oldest kept number of the session's feed (0 when empty)."""
 
     # -- commit (Phase 1) ------------------------------------------------------------
     @abc.abstractmethod

@@ -26,7 +26,7 @@ from sessiond.server.domain.values import (
     TokenUsage,
 )
 from sessiond.server.store import codec
-from sessiond.server.store.sql import requests
+from sessiond.server.store.sql import requests, session_events
 from sessiond.server.store.sql.tx import Tx
 
 OPEN = (TaskState.PENDING.value, TaskState.RUNNING.value)
@@ -78,6 +78,8 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
     tx.announce.events.append(ev)
+    await session_events.append(tx, codec.session_key(task.identity, task.session_id),
+                                [session_events.task_item(ev)])
     if t.frees_work:
         tx.announce.work = True
     return ev, tx.d.rows.task(row)
