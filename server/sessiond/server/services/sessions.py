@@ -122,8 +122,8 @@ class SessionManager:
         msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
                       created_at=created_at or now, client_message_id=client_message_id)
         if client_message_id:
-            return (await self.store.add_messages(identity, session_id, [msg], req))[0]
-        return AddedMessage(await self.store.add_message(identity, session_id, msg, req))
+            return (await self.store.add_messages(identity, session_id, [msg], req, now))[0]
+        return AddedMessage(await self.store.add_message(identity, session_id, msg, req, now))
 
     async def add_messages(self, identity: Identity, session_id: str,
                            batch: Sequence[NewMessage], request_id: str = "",
@@ -150,7 +150,7 @@ class SessionManager:
         msgs = [Message(id=rules.new_message_id(), role=m.role, parts=tuple(m.parts),
                         created_at=m.created_at or now, client_message_id=m.client_message_id)
                 for m in batch]
-        return await self.store.add_messages(identity, session_id, msgs, req)
+        return await self.store.add_messages(identity, session_id, msgs, req, now)
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus) -> Message:

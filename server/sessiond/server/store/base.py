@@ -166,21 +166,28 @@ class Store(abc.ABC):
     # -- messages and usage ----------------------------------------------------------
     @abc.abstractmethod
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         """Append to the live buffer; the returned message carries its `seq`.
         A replayed request returns the originally stored message. `QuotaExceeded`
         when the live buffer holds `limits.live_messages_per_session` messages or
-        would exceed `limits.live_bytes_per_session` bytes."""
+        would exceed `limits.live_bytes_per_session` bytes. `now` (default: the
+        message's created_at, which a client may set) is when the append happens:
+        updated_at, the idle auto-commit trigger, the feed event. A live buffer that
+        passes a count trigger of the session's auto-commit policy (else
+        `auto_commit_default`) is committed in the same transaction."""
 
     @abc.abstractmethod
     async def add_messages(self, identity: Identity, session_id: str,
                            messages: Sequence[Message],
-                           request: RequestKey | None = None) -> list[AddedMessage]:
+                           request: RequestKey | None = None,
+                           now: datetime | None = None) -> list[AddedMessage]:
         """Append `messages` in order in one transaction (all or none), one result per
         message. A `client_message_id` is unique per session: a message whose client id
         is already stored (or appears earlier in the batch) is not stored again; its
         result is the stored message with `duplicate`. A replayed request returns the
-        original results. `NotFound` when the session is absent."""
+        original results. `NotFound` when the session is absent. `now` and auto-commit
+        as in `add_message` (default `now`: the last message's created_at)."""
 
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,

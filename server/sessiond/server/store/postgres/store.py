@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -362,17 +363,18 @@ class PostgresStore(SqlStore):
 
     # ------------------------------------------------------------------ AddMessage
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         """Without a request id, AddMessage is one statement (a CTE), which PostgreSQL
         makes atomic by itself: no BEGIN/COMMIT round trips (measured in bench/). The
         statement changes nothing when the append would pass a count trigger of the
         session's auto-commit policy or a quota: then the full transaction runs (it
         commits, or says which quota)."""
         if request is not None:
-            return await super().add_message(identity, session_id, message, request)
+            return await super().add_message(identity, session_id, message, request, now)
         skey = codec.session_key(identity, session_id)
         auto = self.auto_commit_default
-        now = rules.utcnow()
+        now = now or message.created_at
         ms = messages.epoch_ms(now)
         event = session_events.message_item(message, now)[4]
 
@@ -392,7 +394,7 @@ class PostgresStore(SqlStore):
 
         stored = await self._write(op, single_statement=True)
         if stored is None:
-            return await super().add_message(identity, session_id, message, request)
+            return await super().add_message(identity, session_id, message, request, now)
         return stored
 
 

@@ -83,7 +83,9 @@ async def quota_refusal(tx: Tx, identity: Identity, session_id: str,
 
 async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
               request: RequestKey | None, limits: Limits = DEFAULT_LIMITS,
-              auto: AutoCommitPolicy = OFF) -> Message:
+              auto: AutoCommitPolicy = OFF, now: datetime | None = None) -> Message:
+    """Append one message. `now` (default: the message's created_at) is the time of
+    the append: updated_at, the idle trigger, the feed event."""
     skey = codec.session_key(identity, session_id)
     previous = await requests.replay(tx, request)
     if previous is not None:
@@ -94,7 +96,7 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
                            reason="MESSAGE_NOT_FOUND")
         return tx.d.rows.message(row)
     size = rules.message_bytes(message.parts)
-    now = rules.utcnow()
+    now = now or message.created_at
     srow = await tx.fetchrow(_BUMP, *bump_args(tx, skey, 1, size, now, auto, limits))
     if srow is None:
         raise await quota_refusal(tx, identity, session_id, limits)
@@ -110,8 +112,8 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
 
 async def add_batch(tx: Tx, identity: Identity, session_id: str,
                     batch: Sequence[Message], request: RequestKey | None,
-                    limits: Limits = DEFAULT_LIMITS,
-                    auto: AutoCommitPolicy = OFF) -> list[AddedMessage]:
+                    limits: Limits = DEFAULT_LIMITS, auto: AutoCommitPolicy = OFF,
+                    now: datetime | None = None) -> list[AddedMessage]:
     """Append `batch` in order, all or nothing. A message whose client id is already
     stored in the session (or earlier in the batch) is not stored again: its result
     is the stored message, marked duplicate. The live quotas count every message
@@ -122,7 +124,7 @@ async def add_batch(tx: Tx, identity: Identity, session_id: str,
         return await _replayed(tx, skey, previous)
     # The session row lock serializes appends that check client ids across replicas.
     await sessions.require(tx, identity, session_id, lock=True)
-    now = rules.utcnow()
+    now = now or batch[-1].created_at
     cids = list(dict.fromkeys(m.client_message_id for m in batch if m.client_message_id))
     known: dict[str, Message] = {}
     for chunk in range(0, len(cids), 500):

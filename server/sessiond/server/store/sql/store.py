@@ -112,17 +112,19 @@ class SqlStore(Store):
 
     # -- messages and usage
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
                                                          request, self.limits,
-                                                         self.auto_commit_default))
+                                                         self.auto_commit_default, now))
 
     async def add_messages(self, identity: Identity, session_id: str,
                            messages: Sequence[Message],
-                           request: RequestKey | None = None) -> list[AddedMessage]:
+                           request: RequestKey | None = None,
+                           now: datetime | None = None) -> list[AddedMessage]:
         return await self._write(lambda tx: msgs.add_batch(tx, identity, session_id, messages,
                                                            request, self.limits,
-                                                           self.auto_commit_default))
+                                                           self.auto_commit_default, now))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
