@@ -31,9 +31,16 @@ def start(request: pytest.FixtureRequest, server_factory: ServerFactory,
     """`start(**settings)`: a server on the backend under test."""
     with (temporary_database("sessiond_autocommit") if request.param == "postgres"
           else _NoDatabase()) as url:
+        made: list[Running] = []
+
         def make(**overrides: Any) -> Running:
             store: Store | None = PostgresStore(url, min_size=1, max_size=4) if url else None
             overrides.setdefault("auto_commit_scan_seconds", 0.2)
-            return server_factory(store=store, data_dir=tmp_path / "data", **overrides)
+            made.append(server_factory(store=store, data_dir=tmp_path / "data", **overrides))
+            return made[-1]
 
         yield make
+        for r in made:  # before the database is dropped
+            if not getattr(r.app, "_stopped_by_test", False):
+                r.loop.run(r.app.stop(0.5))
+                r.app._stopped_by_test = True  # type: ignore[attr-defined]
