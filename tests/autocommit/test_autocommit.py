@@ -55,7 +55,7 @@ def test_commit_by_message_count_keeps_the_newest(start: Start) -> None:
     done = wait_task(r.tasks, task.task_id)
     assert done.state == K.TASK_STATE_COMPLETED  # an ordinary Phase 2
     first = r.tasks.WatchTask(K.WatchTaskRequest(task_id=task.task_id))
-    created = [i.event for i in first if i.WhichOneof("kind") == "event"][0]
+    created = next(i.event for i in first if i.WhichOneof("kind") == "event")
     assert "auto-commit: messages" in created.message
     # 1 kept + 3 more: the next commit, and again only one
     for i in range(4, 7):

@@ -69,8 +69,10 @@ def test_watch_session_live_then_resume(start: Start) -> None:
     evs = feed(got)
     assert [e.seq for e in evs] == list(range(1, len(evs) + 1))
     kinds = [e.kind for e in evs]
-    assert kinds[:4] == [E.SESSION_EVENT_KIND_CONFIG_CHANGED, E.SESSION_EVENT_KIND_MESSAGE_APPENDED,
-                         E.SESSION_EVENT_KIND_MESSAGE_APPENDED, E.SESSION_EVENT_KIND_COMMIT_ACCEPTED]
+    assert kinds[:4] == [E.SESSION_EVENT_KIND_CONFIG_CHANGED,
+                         E.SESSION_EVENT_KIND_MESSAGE_APPENDED,
+                         E.SESSION_EVENT_KIND_MESSAGE_APPENDED,
+                         E.SESSION_EVENT_KIND_COMMIT_ACCEPTED]
     assert evs[0].auto_commit.max_messages == 2 and not evs[0].auto_commit_inherited
     assert (evs[1].message_id, evs[1].message_seq, evs[1].role) == (m1.id, 1, S.ROLE_USER)
     commit = evs[3]
