@@ -190,9 +190,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     time=cv.ts(item.time), last_seq=item.last_seq))
             else:
                 yield session_pb2.WatchSessionResponse(event=cv.session_event_out(item))
-        if self.watcher.tasks.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server is shutting down; resume the watch with after_seq")
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
@@ -238,9 +235,6 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     time=cv.ts(item.time), last_seq=item.last_seq))
             else:
                 yield self._event_response(item)
-        if self.tasks.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server is shutting down; resume the watch with after_seq")
 
     @unary
     async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: Ctx

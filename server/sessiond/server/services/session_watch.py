@@ -18,7 +18,7 @@ from sessiond.server.domain.errors import FieldViolation, InvalidArgument, OutOf
 from sessiond.server.domain.values import Identity, SessionMeta
 from sessiond.server.observability import metrics
 from sessiond.server.services.sessions import SessionManager
-from sessiond.server.services.tasks import Heartbeat, TaskManager
+from sessiond.server.services.tasks import Heartbeat, TaskManager, shutting_down
 from sessiond.server.store import codec
 from sessiond.server.store.sql.session_events import poke_key
 
@@ -34,7 +34,7 @@ class SessionWatcher:
                     ) -> AsyncIterator[SessionWatchItem]:
         """Snapshot (the session, with its last_event_seq), then every event with
         seq > after_seq in order, heartbeats while idle, until the client goes away
-        or the server shuts down (`TaskManager.closing`). Raises before yielding
+        or the server shuts down (`Unavailable`, `TaskManager.closing`). Raises before yielding
         anything when the session is unknown or after_seq is not a position of its
         feed; NOT_FOUND mid-stream when the session is deleted."""
         rules.check_session_id(session_id)
@@ -73,10 +73,10 @@ class SessionWatcher:
                             break
                     need_read = False
                 if tm.closing:
-                    return
+                    raise shutting_down()
                 woke = await sub.wait(tm.poll_seconds)
                 if tm.closing:
-                    return
+                    raise shutting_down()
                 sub.drain()
                 need_read = True
                 if not woke and time.monotonic() - last_sent >= tm.heartbeat_seconds:

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sessiond.server.domain import rules
-from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from sessiond.server.domain.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo, watches_exceeded
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
@@ -17,6 +23,13 @@ from sessiond.server.observability import metrics
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.sessions import request_key
 from sessiond.server.store.base import Store
+
+
+def shutting_down() -> Unavailable:
+    """How an open watch ends when the server shuts down (a watch that reached its
+    terminal event just before ends OK)."""
+    return Unavailable("server is shutting down; resume the watch with after_seq",
+                       reason="SHUTTING_DOWN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +93,8 @@ class TaskManager:
                     ) -> AsyncIterator[WatchItem]:
         """Snapshot, then every event with seq > after_seq in order, heartbeats while
         idle; returns after a terminal event that is the newest of the journal (one
-        followed by RETRIED, from a retry, does not end the stream). Raises before
+        followed by RETRIED, from a retry, does not end the stream); `Unavailable`
+        when the server shuts down first. Raises before
         yielding anything when the task is unknown or after_seq is not a position of
         its journal."""
         if after_seq < 0:
@@ -121,10 +135,10 @@ class TaskManager:
                             return
                     need_read = False
                 if self._closing.is_set():
-                    return
+                    raise shutting_down()
                 woke = await sub.wait(self.poll_seconds)
                 if self._closing.is_set():
-                    return
+                    raise shutting_down()
                 if not woke:
                     need_read = True  # polling fallback: a missed wake-up only delays
                     if time.monotonic() - last_sent >= self.heartbeat_seconds:
