@@ -64,11 +64,23 @@ def test_idle_commit_fires_once_and_is_re_armed_by_appends(store: Store, run: Ru
         assert len(fired) == 1 and fired[0].archived and fired[0].task is not None
         assert fired[0].task.trigger is CommitTrigger.IDLE
         assert await store.idle_due_sessions(at(100)) == []
-        # a manual commit first: the idle trigger then finds nothing and disarms
+        # a manual commit that empties the buffer disarms the trigger
         await store.add_message(ID, "s1", msg("c", 20))
         await store.commit(plan("s1", "task_manual", 21))
-        assert await store.idle_due_sessions(at(31)) == [(ID, "s1")]
-        assert await store.idle_commit(ID, "s1", at(31)) is None
+        assert await store.idle_due_sessions(at(100)) == []
+        # one that keeps messages live does not: the idle commit takes the rest
+        await store.add_message(ID, "s1", msg("d", 40))
+        await store.add_message(ID, "s1", msg("e", 41))
+        await store.commit(plan("s1", "task_manual_2", 42, keep=1))
+        assert await store.idle_due_sessions(at(51)) == [(ID, "s1")]
+        out = await store.idle_commit(ID, "s1", at(51))
+        assert out is not None and out.archive is not None and out.archive.message_count == 1
+        # nothing live beyond keep_recent_count: disarmed without a commit
+        await store.update_session_config(ID, "s1", AutoCommitPolicy(idle_seconds=10,
+                                                                      keep_recent_count=1),
+                                          at(60))
+        await store.add_message(ID, "s1", msg("f", 61))
+        assert await store.idle_commit(ID, "s1", at(71)) is None
         assert await store.idle_due_sessions(at(100)) == []
 
     run(body())

@@ -67,10 +67,12 @@ async def commit(tx: Tx, plan: CommitPlan, request: RequestKey | None) -> Commit
         "first_message_id, last_message_id, created_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING *",
         skey, index, sid, plan.task_id, ArchiveState.PENDING.value, len(to_archive),
         to_archive[0]["message_id"], to_archive[-1]["message_id"], d.ts(now))
+    # An emptied live buffer also disarms the idle auto-commit (nothing left to commit).
     await tx.execute("UPDATE sessions SET archive_count=?, live_count=live_count-?, "
                      "live_bytes=(SELECT COALESCE(SUM(size), 0) FROM messages WHERE skey=? "
-                     "AND archive_index IS NULL), updated_at=? WHERE skey=?",
-                     index, len(to_archive), skey, d.ts(now), skey)
+                     "AND archive_index IS NULL), updated_at=?, "
+                     "idle_due_ms=CASE WHEN live_count-?>0 THEN idle_due_ms END WHERE skey=?",
+                     index, len(to_archive), skey, d.ts(now), len(to_archive), skey)
     trow = await tx.fetchrow(
         "INSERT INTO tasks (task_id, skey, account, user_id, agent, session_id, archive_index, "
         "task_type, state, stage, done_stage, created_at, updated_at, trace_context, "
