@@ -143,6 +143,14 @@ class FloorSessions(session_pb2_grpc.SessionServiceServicer):
                               ) -> session_pb2.SessionUsage:
         return session_pb2.SessionUsage(session_id=request.session_id)
 
+    async def UpdateSessionConfig(self, request: session_pb2.UpdateSessionConfigRequest,
+                                  context: Ctx) -> session_pb2.Session:
+        return session_pb2.Session(session_id="floor")
+
+    async def WatchSession(self, request: session_pb2.WatchSessionRequest, context: Ctx
+                           ) -> AsyncIterator[session_pb2.WatchSessionResponse]:
+        yield session_pb2.WatchSessionResponse(snapshot=session_pb2.Session(session_id="floor"))
+
 
 class FloorTasks(task_pb2_grpc.TaskServiceServicer):
     def __init__(self) -> None:

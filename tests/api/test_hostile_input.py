@@ -80,7 +80,7 @@ def all_methods() -> list[tuple[str, bool]]:
 def test_undecodable_bytes_are_invalid_argument_on_every_rpc(
         server: Running, caplog: pytest.LogCaptureFixture) -> None:
     methods = all_methods()
-    assert len(methods) == 25  # 14 session, 5 task, 6 memory RPCs
+    assert len(methods) == 27  # 16 session, 5 task, 6 memory RPCs
     garbage = b"\n\xff\xff\xff\xff\x0f"
     caplog.set_level(logging.INFO)
     for method, streaming in methods:

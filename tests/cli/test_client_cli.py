@@ -251,7 +251,7 @@ def test_info_reports_the_server_version(server: Running,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     got = js(capsys, "info", "--address", server.target)
     assert got["client"] == {"version": "0.1.0"}
-    assert got["server"] == {"version": "0.1.0", "api": "sessiond.v1", "schema_version": 9,
+    assert got["server"] == {"version": "0.1.0", "api": "sessiond.v1", "schema_version": 10,
                              "engine": "offline", "store": "sqlite"}
     code, out, _ = sd(capsys, "info", "--address", server.target)
     assert code == EXIT_OK and "sessiond 0.1.0" in out and "sqlite" in out

@@ -17,6 +17,13 @@ acknowledged before B was sent" is also a fact about the server's order; usage a
 message placement across archives is checked against it. With engine="openai" Phase 2
 talks to a fake model (tests/faults/fake_llm.py) and token usage is traced to replies.
 
+Auto-commit: the first new session of every episode gets its own auto-commit policy
+(UpdateSessionConfig: commit at M messages, after 1 s idle) and is never committed by
+hand; clients leave it quiet for 1.6 s now and then, so idle commits happen under load
+too. Its invariants replace the commit ones: every archive's task says MESSAGES (then
+exactly M messages) or IDLE (fewer), the live buffer drains by itself after the
+restart, and every acknowledged message is in exactly one place.
+
 Used by `tools/crashtest.py` (long runs, replayable by seed) and
 `tests/faults/test_crash.py` (a short run).
 """
@@ -54,6 +61,8 @@ TERM_KILL = "term-kill"  # SIGTERM, then SIGKILL in the middle of the graceful s
 RECOVERY_KILL = "recovery-kill"
 EPISODE_KINDS = (RANDOM, TERM, TERM_KILL, RECOVERY_KILL, *ALL_POINTS)
 CALL_TIMEOUT = 10.0
+AUTO_IDLE_SECONDS = 1
+AUTO_QUIET_SECONDS = 1.6
 LLM_KEY_ENV = "SESSIOND_CRASH_LLM_KEY"
 GRACE_LIMIT = 3.0 + 2.0  # the harness' --shutdown-grace plus process teardown
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -133,6 +142,11 @@ class SessionModel:
     msgs_by_client: dict[str, list[MsgAck]] = field(default_factory=dict)
     usage: list[UsageAck] = field(default_factory=list)
     commits: list[CommitAck] = field(default_factory=list)
+    # Auto-commit sessions: the policy's max_messages (0: a session committed by hand),
+    # whether the policy was acknowledged, and until when clients leave it quiet.
+    auto_max: int = 0
+    configured: bool = False
+    quiet_until: float = 0.0
 
 
 @dataclass
@@ -152,7 +166,7 @@ class WatchRecord:
 class Op:
     """One call, kept until it is acknowledged (the request is reused on retry)."""
 
-    kind: str  # create | add | usage | commit
+    kind: str  # create | config | add | usage | commit
     session_id: str
     client: str
     request: Any
@@ -203,8 +217,14 @@ class Model:
             return next(self._ticks)
 
     def created_sessions(self, among: Iterable[str]) -> list[str]:
+        """Sessions clients may write to now (created; auto ones configured, not quiet)."""
+        now = time.monotonic()
         with self.lock:
-            return [s for s in among if s in self.sessions and self.sessions[s].created]
+            return [s for s in among if s in self.sessions and self._ready(self.sessions[s], now)]
+
+    @staticmethod
+    def _ready(sm: SessionModel, now: float) -> bool:
+        return sm.created and (not sm.auto_max or (sm.configured and sm.quiet_until <= now))
 
     def all_msgs(self, session_id: str) -> list[MsgAck]:
         sm = self.sessions[session_id]
@@ -289,6 +309,12 @@ def new_commit(rng: random.Random, session_id: str, client: str) -> Op:
     return Op("commit", session_id, client, req)
 
 
+def new_config(session_id: str, client: str, max_messages: int) -> Op:
+    return Op("config", session_id, client, session_pb2.UpdateSessionConfigRequest(
+        session_id=session_id, auto_commit=session_pb2.AutoCommitPolicy(
+            max_messages=max_messages, idle_seconds=AUTO_IDLE_SECONDS)))
+
+
 def new_create(session_id: str, client: str) -> Op:
     return Op("create", session_id, client,
               session_pb2.CreateSessionRequest(session_id=session_id, request_id=_rid("create")))
@@ -298,6 +324,8 @@ def send(stubs: Stubs, op: Op) -> Any:
     svc = stubs.sessions
     if op.kind == "create":
         return svc.CreateSession(op.request, timeout=CALL_TIMEOUT)
+    if op.kind == "config":  # idempotent: the same policy again changes nothing
+        return svc.UpdateSessionConfig(op.request, timeout=CALL_TIMEOUT)
     if op.kind == "add":
         return svc.AddMessage(op.request, timeout=CALL_TIMEOUT)
     if op.kind == "usage":
@@ -391,7 +419,10 @@ class CrashRun:
         self.stats.episodes += 1
         armed = ""
         if kind not in (RANDOM, TERM, TERM_KILL, RECOVERY_KILL):
-            nth = rng.randint(1, 8) if kind.startswith("commit.") else rng.randint(1, 5)
+            nth = (rng.randint(1, 8) if kind.startswith("commit.")
+                   else rng.randint(1, 2) if kind.startswith("autocommit.idle")
+                   else rng.randint(1, 3) if kind.startswith("autocommit.")
+                   else rng.randint(1, 5))
             armed = f"{kind}@{nth}"
         self.srv.start(armed)
         n_new = (self.clients + 1) // 2
@@ -401,6 +432,7 @@ class CrashRun:
         with self.model.lock:
             for sid in new_ids:
                 self.model.sessions[sid] = SessionModel(sid)
+            self.model.sessions[new_ids[0]].auto_max = rng.randint(3, 6)
         self._touched = set(sessions)
         stop = threading.Event()
         pending: list[Op] = []
@@ -510,6 +542,12 @@ class CrashRun:
                     self.violation(f"CreateSession returned {resp.session_id}")
                 sm.created = True
                 sm.create_request_id = req.request_id
+            elif op.kind == "config":
+                if (resp.auto_commit.max_messages, resp.auto_commit_inherited) != \
+                        (sm.auto_max, False):
+                    self.violation(f"UpdateSessionConfig of {op.session_id} returned "
+                                   f"{one_line(resp.auto_commit)}")
+                sm.configured = True
             elif op.kind == "add":
                 msg = resp.message
                 sm.msgs_by_client.setdefault(op.client, []).append(MsgAck(
@@ -535,15 +573,24 @@ class CrashRun:
                 if stop.is_set() or self._call(stubs, new_create(sid, client), pending,
                                                plock) is None:
                     return
+                auto_max = self.model.sessions[sid].auto_max
+                if auto_max and self._call(stubs, new_config(sid, client, auto_max), pending,
+                                           plock) is None:
+                    return
             while not stop.is_set():
                 ready = self.model.created_sessions(sessions)
                 if not ready:
                     time.sleep(0.01)
                     continue
                 sid = rng.choice(ready)
+                auto = self.model.sessions[sid].auto_max > 0
                 r = rng.random()
-                if r < 0.80:
+                if r < 0.80 or (auto and 0.92 <= r < 0.99):  # auto sessions: no Commit
                     op = new_add(rng, sid, client, self.heavy)
+                    if auto and rng.random() < 0.25:  # let its idle trigger fire
+                        with self.model.lock:
+                            self.model.sessions[sid].quiet_until = (time.monotonic()
+                                                                    + AUTO_QUIET_SECONDS)
                 elif r < 0.92:
                     op = new_usage(rng, sid, client)
                 elif r < 0.99:
@@ -640,6 +687,7 @@ class CrashRun:
                     with self.model.lock:
                         self.model.watches.setdefault(resp.task_id, WatchRecord(resp.task_id))
             self._replay_sample(stubs)
+            self.drain_auto(stubs, self._touched)
             self.settle(stubs, self._touched)
             with self.model.lock:
                 recs = [r for r in self.model.watches.values() if not r.done]
@@ -701,6 +749,24 @@ class CrashRun:
         if key(resp) != expected:
             self.violation(f"replay of acked {kind} {req.request_id} returned a different "
                            f"result: {one_line(resp)}")
+
+    def drain_auto(self, stubs: Stubs, sessions: Iterable[str], timeout: float = 20.0) -> None:
+        """Auto-commit sessions empty their live buffers by themselves (idle trigger)."""
+        with self.model.lock:
+            auto = [s for s in sessions if self.model.sessions[s].auto_max
+                    and self.model.sessions[s].created]
+        deadline = time.monotonic() + timeout
+        for sid in auto:
+            while True:
+                meta = stubs.sessions.GetSession(session_pb2.GetSessionRequest(session_id=sid),
+                                                 timeout=CALL_TIMEOUT)
+                if meta.live_message_count == 0:
+                    break
+                if time.monotonic() > deadline:
+                    self.violation(f"{sid}: {meta.live_message_count} live message(s) not "
+                                   f"auto-committed {AUTO_IDLE_SECONDS} s after the last append")
+                    break
+                time.sleep(0.1)
 
     def settle(self, stubs: Stubs, sessions: Iterable[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -827,8 +893,11 @@ class CrashRun:
                         and not 0 < idx <= c.index):
                     v(f"{sid}: message {m.message_id} acked before commit {c.index} "
                       f"(keep 0) was sent is {'live' if idx == 0 else f'in archive {idx}'}")
+        tasks = {t.task_id: t for t in self.list_tasks(stubs, sid)}
+        if sm.auto_max:
+            self._verify_auto(sm, archives, tasks, live)
         # Commits <-> archives <-> tasks.
-        if len(archived) != len(archives):
+        elif len(archived) != len(archives):
             v(f"{sid}: {len(archived)} archived commits acknowledged but {len(archives)} "
               f"archives stored")
         by_uri = {a.archive_uri: a for a in archives}
@@ -841,7 +910,6 @@ class CrashRun:
                   f"{c.task_id}")
         if len({c.archive_uri for c in archived}) != len(archived):
             v(f"{sid}: two acknowledged commits got the same archive")
-        tasks = {t.task_id: t for t in self.list_tasks(stubs, sid)}
         if set(tasks) != {a.task_id for a in archives}:
             v(f"{sid}: tasks {sorted(tasks)} != archive tasks {[a.task_id for a in archives]}")
         done = 0
@@ -905,6 +973,30 @@ class CrashRun:
         u = meta.llm_token_usage
         if (u.prompt_tokens, u.completion_tokens) != tuple(tok) or u.total_tokens != sum(tok):
             v(f"{sid}: llm_token_usage {u} != sum over completed tasks {tok}")
+
+    def _verify_auto(self, sm: SessionModel, archives: Sequence[session_pb2.Archive],
+                     tasks: dict[str, task_pb2.Task], live: Sequence[session_pb2.Message]
+                     ) -> None:
+        """An auto-commit session: each archive came from exactly one trigger firing once
+        (MESSAGES: exactly max_messages messages; IDLE: fewer), and nothing stays live."""
+        sid, v = sm.session_id, self.violation
+        for a in archives:
+            t = tasks.get(a.task_id)
+            if t is None:
+                continue
+            if t.commit_trigger == task_pb2.COMMIT_TRIGGER_MESSAGES:
+                if a.message_count != sm.auto_max:
+                    v(f"{sid}: archive {a.index} (MESSAGES) has {a.message_count} messages, "
+                      f"policy {sm.auto_max}")
+            elif t.commit_trigger == task_pb2.COMMIT_TRIGGER_IDLE:
+                if not 0 < a.message_count < sm.auto_max:
+                    v(f"{sid}: archive {a.index} (IDLE) has {a.message_count} messages, "
+                      f"policy {sm.auto_max}")
+            else:
+                v(f"{sid}: archive {a.index} of an auto-commit session has trigger "
+                  f"{task_pb2.CommitTrigger.Name(t.commit_trigger)}")
+        if live:
+            v(f"{sid}: {len(live)} message(s) still live in an auto-commit session")
 
     def _check_tokens(self, sid: str, index: int, task_id: str, used: tuple[int, int],
                       message_ids: set[str]) -> None:
@@ -1064,6 +1156,7 @@ class CrashRun:
         """Everything, all sessions, on a fresh start."""
         self.srv.start()
         with Stubs(self.srv.target) as stubs:
+            self.drain_auto(stubs, sorted(self.model.sessions))
             self.settle(stubs, sorted(self.model.sessions))
             self.verify_api(stubs, sorted(self.model.sessions))
         rc = self.srv.terminate()

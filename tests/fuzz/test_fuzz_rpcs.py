@@ -48,6 +48,8 @@ DOCUMENTED: dict[str, set[C]] = {
     "GetSessionContext": {C.OK, C.NOT_FOUND},
     "ListArchives": {C.OK, C.NOT_FOUND},
     "GetArchive": {C.OK, C.NOT_FOUND},
+    "UpdateSessionConfig": {C.OK, C.NOT_FOUND},
+    "WatchSession": {C.OK, C.NOT_FOUND, C.OUT_OF_RANGE, C.RESOURCE_EXHAUSTED},
     "GetTask": {C.OK, C.NOT_FOUND},
     "ListTasks": {C.OK},
     "WatchTask": {C.OK, C.NOT_FOUND, C.OUT_OF_RANGE, C.RESOURCE_EXHAUSTED},

@@ -99,6 +99,17 @@ def test_scopes_map_rpcs(hs_server: Running) -> None:
                            timeout=20))
     fails(lambda: list(s.tasks.WatchTask(task_pb2.WatchTaskRequest(task_id=reply.task_id),
                                          metadata=wo, timeout=20)), DENIED, "SCOPE_MISSING")
+    # UpdateSessionConfig writes; WatchSession reads
+    policy = session_pb2.UpdateSessionConfigRequest(
+        session_id="s", auto_commit=session_pb2.AutoCommitPolicy(max_messages=9))
+    fails(lambda: s.sessions.UpdateSessionConfig(policy, metadata=ro), DENIED, "SCOPE_MISSING")
+    assert s.sessions.UpdateSessionConfig(policy, metadata=rw).auto_commit.max_messages == 9
+    watch = s.sessions.WatchSession(session_pb2.WatchSessionRequest(session_id="s"),
+                                    metadata=ro, timeout=20)
+    assert next(iter(watch)).snapshot.auto_commit.max_messages == 9
+    watch.cancel()
+    fails(lambda: next(iter(s.sessions.WatchSession(session_pb2.WatchSessionRequest(
+        session_id="s"), metadata=wo, timeout=20))), DENIED, "SCOPE_MISSING")
     # unknown sessions stay NOT_FOUND for an authorized caller
     fails(lambda: get_session(s, "nope", ro, auto_create=False), grpc.StatusCode.NOT_FOUND)
 

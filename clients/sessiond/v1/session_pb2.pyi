@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sessiond.v1 import common_pb2 as _common_pb2
+from sessiond.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -117,6 +118,35 @@ ARCHIVE_STATE_PENDING: ArchiveState.ValueType  # 1
 ARCHIVE_STATE_DONE: ArchiveState.ValueType  # 2
 """Phase 2 finished: overview, abstract and memories are final."""
 Global___ArchiveState: _TypeAlias = ArchiveState  # noqa: Y015
+
+class _SessionEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_EVENT_KIND_UNSPECIFIED: _SessionEventKind.ValueType  # 0
+    SESSION_EVENT_KIND_MESSAGE_APPENDED: _SessionEventKind.ValueType  # 1
+    """A message was appended to the live buffer (AddMessage, AddMessages)."""
+    SESSION_EVENT_KIND_COMMIT_ACCEPTED: _SessionEventKind.ValueType  # 2
+    """Phase 1 of a commit (a Commit call or an auto-commit) archived messages."""
+    SESSION_EVENT_KIND_TASK_EVENT: _SessionEventKind.ValueType  # 3
+    """An event of the journal of one of the session's Phase 2 tasks."""
+    SESSION_EVENT_KIND_CONFIG_CHANGED: _SessionEventKind.ValueType  # 4
+    """The session's auto-commit policy was changed (UpdateSessionConfig)."""
+
+class SessionEventKind(_SessionEventKind, metaclass=_SessionEventKindEnumTypeWrapper): ...
+
+SESSION_EVENT_KIND_UNSPECIFIED: SessionEventKind.ValueType  # 0
+SESSION_EVENT_KIND_MESSAGE_APPENDED: SessionEventKind.ValueType  # 1
+"""A message was appended to the live buffer (AddMessage, AddMessages)."""
+SESSION_EVENT_KIND_COMMIT_ACCEPTED: SessionEventKind.ValueType  # 2
+"""Phase 1 of a commit (a Commit call or an auto-commit) archived messages."""
+SESSION_EVENT_KIND_TASK_EVENT: SessionEventKind.ValueType  # 3
+"""An event of the journal of one of the session's Phase 2 tasks."""
+SESSION_EVENT_KIND_CONFIG_CHANGED: SessionEventKind.ValueType  # 4
+"""The session's auto-commit policy was changed (UpdateSessionConfig)."""
+Global___SessionEventKind: _TypeAlias = SessionEventKind  # noqa: Y015
 
 @_typing.final
 class TextPart(_message.Message):
@@ -297,6 +327,9 @@ class Session(_message.Message):
     LLM_TOKEN_USAGE_FIELD_NUMBER: _builtins.int
     LIVE_MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     ARCHIVE_COUNT_FIELD_NUMBER: _builtins.int
+    AUTO_COMMIT_FIELD_NUMBER: _builtins.int
+    AUTO_COMMIT_INHERITED_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     message_count: _builtins.int
     """Messages ever appended to the session."""
@@ -306,6 +339,10 @@ class Session(_message.Message):
     """Messages currently in the live buffer."""
     archive_count: _builtins.int
     """Archives created (including those whose Phase 2 has not finished)."""
+    auto_commit_inherited: _builtins.bool
+    """True when `auto_commit` is the server default (the session has none of its own)."""
+    last_event_seq: _builtins.int
+    """Newest number of the session's event feed (WatchSession)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -316,6 +353,10 @@ class Session(_message.Message):
     def last_commit_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def llm_token_usage(self) -> _common_pb2.TokenUsage: ...
+    @_builtins.property
+    def auto_commit(self) -> Global___AutoCommitPolicy:
+        """The auto-commit policy in force for the session (its own, or the server's)."""
+
     def __init__(
         self,
         *,
@@ -329,10 +370,13 @@ class Session(_message.Message):
         llm_token_usage: _common_pb2.TokenUsage | None = ...,
         live_message_count: _builtins.int = ...,
         archive_count: _builtins.int = ...,
+        auto_commit: Global___AutoCommitPolicy | None = ...,
+        auto_commit_inherited: _builtins.bool = ...,
+        last_event_seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_commit_at", b"last_commit_at", "llm_token_usage", b"llm_token_usage", "memories_extracted", b"memories_extracted", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_commit", b"auto_commit", "created_at", b"created_at", "last_commit_at", b"last_commit_at", "llm_token_usage", b"llm_token_usage", "memories_extracted", b"memories_extracted", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_count", b"archive_count", "commit_count", b"commit_count", "created_at", b"created_at", "last_commit_at", b"last_commit_at", "live_message_count", b"live_message_count", "llm_token_usage", b"llm_token_usage", "memories_extracted", b"memories_extracted", "message_count", b"message_count", "session_id", b"session_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_count", b"archive_count", "auto_commit", b"auto_commit", "auto_commit_inherited", b"auto_commit_inherited", "commit_count", b"commit_count", "created_at", b"created_at", "last_commit_at", b"last_commit_at", "last_event_seq", b"last_event_seq", "live_message_count", b"live_message_count", "llm_token_usage", b"llm_token_usage", "memories_extracted", b"memories_extracted", "message_count", b"message_count", "session_id", b"session_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,6 +519,7 @@ class AddMessageRequest(_message.Message):
     PARTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     role: Global___Role.ValueType
     request_id: _builtins.str
@@ -485,6 +530,12 @@ class AddMessageRequest(_message.Message):
     """
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Part]: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """The message's own time (imports, replays); unset: the server's time. Not before
+        1970, not more than 5 minutes ahead of the server's clock.
+        """
+
     def __init__(
         self,
         *,
@@ -493,10 +544,11 @@ class AddMessageRequest(_message.Message):
         parts: _abc.Iterable[Global___Part] | None = ...,
         request_id: _builtins.str = ...,
         client_message_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "parts", b"parts", "request_id", b"request_id", "role", b"role", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "created_at", b"created_at", "parts", b"parts", "request_id", b"request_id", "role", b"role", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,20 +587,28 @@ class NewMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     client_message_id: _builtins.str
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Part]: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """As AddMessageRequest.created_at; within a batch the times must not decrease
+        (an unset one counts as the server's time).
+        """
+
     def __init__(
         self,
         *,
         role: Global___Role.ValueType = ...,
         parts: _abc.Iterable[Global___Part] | None = ...,
         client_message_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "parts", b"parts", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "created_at", b"created_at", "parts", b"parts", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1126,3 +1186,208 @@ class SessionUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionUsage: _TypeAlias = SessionUsage  # noqa: Y015
+
+@_typing.final
+class AutoCommitPolicy(_message.Message):
+    """When a session commits by itself. 0 turns a trigger off; all 0: auto-commit off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    KEEP_RECENT_COUNT_FIELD_NUMBER: _builtins.int
+    max_messages: _builtins.int
+    """Commit when the live buffer holds at least this many messages after an append."""
+    max_tokens: _builtins.int
+    """Commit when the live buffer holds at least this many estimated tokens (its
+    message bytes / 4, rounded up) after an append.
+    """
+    idle_seconds: _builtins.int
+    """Commit when no message was appended for this many seconds."""
+    keep_recent_count: _builtins.int
+    """The newest this many messages stay live (below max_messages when that is set)."""
+    def __init__(
+        self,
+        *,
+        max_messages: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        idle_seconds: _builtins.int = ...,
+        keep_recent_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_seconds", b"idle_seconds", "keep_recent_count", b"keep_recent_count", "max_messages", b"max_messages", "max_tokens", b"max_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoCommitPolicy: _TypeAlias = AutoCommitPolicy  # noqa: Y015
+
+@_typing.final
+class UpdateSessionConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AUTO_COMMIT_FIELD_NUMBER: _builtins.int
+    RESET_AUTO_COMMIT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    reset_auto_commit: _builtins.bool
+    """Drop the session's own policy: the server default applies again. Exactly one of
+    `auto_commit` and `reset_auto_commit` must be set.
+    """
+    @_builtins.property
+    def auto_commit(self) -> Global___AutoCommitPolicy:
+        """The session's own policy (all zero: auto-commit off for this session)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        auto_commit: Global___AutoCommitPolicy | None = ...,
+        reset_auto_commit: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_commit", b"auto_commit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_commit", b"auto_commit", "reset_auto_commit", b"reset_auto_commit", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSessionConfigRequest: _TypeAlias = UpdateSessionConfigRequest  # noqa: Y015
+
+@_typing.final
+class WatchSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    after_seq: _builtins.int
+    """Events with seq > after_seq (0: from the oldest kept)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSessionRequest: _TypeAlias = WatchSessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionEvent(_message.Message):
+    """One numbered event of a session's feed: seq = 1, 2, 3, ... per session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_SEQ_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_URI_FIELD_NUMBER: _builtins.int
+    ARCHIVE_INDEX_FIELD_NUMBER: _builtins.int
+    ARCHIVED_MESSAGES_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    TASK_EVENT_FIELD_NUMBER: _builtins.int
+    TASK_SEQ_FIELD_NUMBER: _builtins.int
+    AUTO_COMMIT_FIELD_NUMBER: _builtins.int
+    AUTO_COMMIT_INHERITED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    seq: _builtins.int
+    kind: Global___SessionEventKind.ValueType
+    message_id: _builtins.str
+    """MESSAGE_APPENDED: the message (its content is read with GetSessionContext or
+    GetArchive).
+    """
+    message_seq: _builtins.int
+    role: Global___Role.ValueType
+    client_message_id: _builtins.str
+    task_id: _builtins.str
+    """COMMIT_ACCEPTED and TASK_EVENT: the Phase 2 task."""
+    archive_uri: _builtins.str
+    """COMMIT_ACCEPTED: the new archive, how many messages it holds, and why."""
+    archive_index: _builtins.int
+    archived_messages: _builtins.int
+    trigger: _task_pb2.CommitTrigger.ValueType
+    task_seq: _builtins.int
+    auto_commit_inherited: _builtins.bool
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def task_event(self) -> _task_pb2.TaskEvent:
+        """TASK_EVENT: the task's journal event (task_event.seq numbers the task's
+        journal); unset when the task's journal no longer keeps it.
+        """
+
+    @_builtins.property
+    def auto_commit(self) -> Global___AutoCommitPolicy:
+        """CONFIG_CHANGED: the policy now in force and whether it is the server's."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        kind: Global___SessionEventKind.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        message_id: _builtins.str = ...,
+        message_seq: _builtins.int = ...,
+        role: Global___Role.ValueType = ...,
+        client_message_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        archive_uri: _builtins.str = ...,
+        archive_index: _builtins.int = ...,
+        archived_messages: _builtins.int = ...,
+        trigger: _task_pb2.CommitTrigger.ValueType = ...,
+        task_event: _task_pb2.TaskEvent | None = ...,
+        task_seq: _builtins.int = ...,
+        auto_commit: Global___AutoCommitPolicy | None = ...,
+        auto_commit_inherited: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_commit", b"auto_commit", "task_event", b"task_event", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_index", b"archive_index", "archive_uri", b"archive_uri", "archived_messages", b"archived_messages", "auto_commit", b"auto_commit", "auto_commit_inherited", b"auto_commit_inherited", "client_message_id", b"client_message_id", "kind", b"kind", "message_id", b"message_id", "message_seq", b"message_seq", "role", b"role", "seq", b"seq", "session_id", b"session_id", "task_event", b"task_event", "task_id", b"task_id", "task_seq", b"task_seq", "time", b"time", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEvent: _TypeAlias = SessionEvent  # noqa: Y015
+
+@_typing.final
+class WatchSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___Session:
+        """First: the session now (its last_event_seq)."""
+
+    @_builtins.property
+    def event(self) -> Global___SessionEvent: ...
+    @_builtins.property
+    def heartbeat(self) -> _task_pb2.Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        snapshot: Global___Session | None = ...,
+        event: Global___SessionEvent | None = ...,
+        heartbeat: _task_pb2.Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "kind", b"kind", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "kind", b"kind", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["snapshot", "event", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchSessionResponse: _TypeAlias = WatchSessionResponse  # noqa: Y015

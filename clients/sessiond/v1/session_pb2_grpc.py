@@ -110,6 +110,16 @@ class SessionServiceStub:
                 request_serializer=sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.SerializeToString,
                 response_deserializer=sessiond_dot_v1_dot_session__pb2.SessionUsage.FromString,
                 _registered_method=True)
+        self.UpdateSessionConfig = channel.unary_unary(
+                '/sessiond.v1.SessionService/UpdateSessionConfig',
+                request_serializer=sessiond_dot_v1_dot_session__pb2.UpdateSessionConfigRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
+        self.WatchSession = channel.unary_stream(
+                '/sessiond.v1.SessionService/WatchSession',
+                request_serializer=sessiond_dot_v1_dot_session__pb2.WatchSessionRequest.SerializeToString,
+                response_deserializer=sessiond_dot_v1_dot_session__pb2.WatchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -225,6 +235,22 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSessionConfig(self, request, context):
+        """Sets the session's configuration (its auto-commit policy); returns the session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSession(self, request, context):
+        """The session's events (messages appended, commits accepted, each event of their
+        Phase 2 tasks, config changes), live: a snapshot, then every event with
+        seq > after_seq in order, heartbeats while idle. Resume with the last seq seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +323,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.GetSessionUsage,
                     request_deserializer=sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.FromString,
                     response_serializer=sessiond_dot_v1_dot_session__pb2.SessionUsage.SerializeToString,
+            ),
+            'UpdateSessionConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSessionConfig,
+                    request_deserializer=sessiond_dot_v1_dot_session__pb2.UpdateSessionConfigRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'WatchSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSession,
+                    request_deserializer=sessiond_dot_v1_dot_session__pb2.WatchSessionRequest.FromString,
+                    response_serializer=sessiond_dot_v1_dot_session__pb2.WatchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -682,6 +718,60 @@ class SessionService:
             '/sessiond.v1.SessionService/GetSessionUsage',
             sessiond_dot_v1_dot_session__pb2.GetSessionUsageRequest.SerializeToString,
             sessiond_dot_v1_dot_session__pb2.SessionUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSessionConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiond.v1.SessionService/UpdateSessionConfig',
+            sessiond_dot_v1_dot_session__pb2.UpdateSessionConfigRequest.SerializeToString,
+            sessiond_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sessiond.v1.SessionService/WatchSession',
+            sessiond_dot_v1_dot_session__pb2.WatchSessionRequest.SerializeToString,
+            sessiond_dot_v1_dot_session__pb2.WatchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,13 @@ class SessionServiceStub:
     """
     GetSessionUsage: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionUsageRequest, _session_pb2.SessionUsage]
     """Which uris a session (or one archive of it) used, with their active counts."""
+    UpdateSessionConfig: _grpc.UnaryUnaryMultiCallable[_session_pb2.UpdateSessionConfigRequest, _session_pb2.Session]
+    """Sets the session's configuration (its auto-commit policy); returns the session."""
+    WatchSession: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]
+    """The session's events (messages appended, commits accepted, each event of their
+    Phase 2 tasks, config changes), live: a snapshot, then every event with
+    seq > after_seq in order, heartbeats while idle. Resume with the last seq seen.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -126,6 +133,13 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     GetSessionUsage: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionUsageRequest, _session_pb2.SessionUsage]  # type: ignore[assignment]
     """Which uris a session (or one archive of it) used, with their active counts."""
+    UpdateSessionConfig: _aio.UnaryUnaryMultiCallable[_session_pb2.UpdateSessionConfigRequest, _session_pb2.Session]  # type: ignore[assignment]
+    """Sets the session's configuration (its auto-commit policy); returns the session."""
+    WatchSession: _aio.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]  # type: ignore[assignment]
+    """The session's events (messages appended, commits accepted, each event of their
+    Phase 2 tasks, config changes), live: a snapshot, then every event with
+    seq > after_seq in order, heartbeats while idle. Resume with the last seq seen.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService keeps the conversation sessions of AI agents.
@@ -256,5 +270,24 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.SessionUsage, _abc.Awaitable[_session_pb2.SessionUsage]]:
         """Which uris a session (or one archive of it) used, with their active counts."""
+
+    @_abc_1.abstractmethod
+    def UpdateSessionConfig(
+        self,
+        request: _session_pb2.UpdateSessionConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
+        """Sets the session's configuration (its auto-commit policy); returns the session."""
+
+    @_abc_1.abstractmethod
+    def WatchSession(
+        self,
+        request: _session_pb2.WatchSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_pb2.WatchSessionResponse], _abc.AsyncIterator[_session_pb2.WatchSessionResponse]]:
+        """The session's events (messages appended, commits accepted, each event of their
+        Phase 2 tasks, config changes), live: a snapshot, then every event with
+        seq > after_seq in order, heartbeats while idle. Resume with the last seq seen.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

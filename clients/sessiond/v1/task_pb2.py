@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from sessiond.v1 import common_pb2 as sessiond_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sessiond/v1/task.proto\x12\x0bsessiond.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x18sessiond/v1/common.proto\"\xd1\x01\n\x0c\x43ommitResult\x12\x35\n\x12memories_extracted\x18\x01 \x01(\x0b\x32\x19.sessiond.v1.MemoryCounts\x12\x1c\n\x14\x61\x63tive_count_updated\x18\x02 \x01(\x03\x12,\n\x0btoken_usage\x18\x03 \x01(\x0b\x32\x17.sessiond.v1.TokenUsage\x12\x13\n\x0b\x61rchive_uri\x18\x04 \x01(\t\x12)\n\x06revert\x18\x05 \x01(\x0b\x32\x19.sessiond.v1.RevertResult\"\xe7\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x13\n\x0b\x61rchive_uri\x18\x04 \x01(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\r\n\x05stage\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06result\x18\x0b \x01(\x0b\x32\x19.sessiond.v1.CommitResult\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x10\n\x08last_seq\x18\x0e \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x0f\n\x07retries\x18\x10 \x01(\x05\"\xa3\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.sessiond.v1.TaskEventKind\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\r\n\x05stage\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12)\n\x06result\x18\t \x01(\x0b\x32\x19.sessiond.v1.CommitResult\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.Status\"G\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x87\x01\n\x10ListTasksRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.sessiond.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x98\x01\n\x11WatchTaskResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x11.sessiond.v1.TaskH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.sessiond.v1.TaskEventH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.sessiond.v1.HeartbeatH\x00\x42\x06\n\x04kind\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"7\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"u\n\x0cRevertResult\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x10\n\x08restored\x18\x02 \x01(\x05\x12\x11\n\trecreated\x18\x03 \x01(\x05\x12\x11\n\tunchanged\x18\x04 \x01(\x05\x12\x1c\n\x14\x63onflicts_overridden\x18\x05 \x01(\x05*\xa2\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*\xed\x02\n\rTaskEventKind\x12\x1f\n\x1bTASK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_KIND_CREATED\x10\x01\x12\x1b\n\x17TASK_EVENT_KIND_STARTED\x10\x02\x12!\n\x1dTASK_EVENT_KIND_STAGE_STARTED\x10\x03\x12#\n\x1fTASK_EVENT_KIND_STAGE_COMPLETED\x10\x04\x12\x1c\n\x18TASK_EVENT_KIND_RETRYING\x10\x05\x12$\n TASK_EVENT_KIND_CANCEL_REQUESTED\x10\x06\x12\x1d\n\x19TASK_EVENT_KIND_COMPLETED\x10\x07\x12\x1a\n\x16TASK_EVENT_KIND_FAILED\x10\x08\x12\x1d\n\x19TASK_EVENT_KIND_CANCELLED\x10\t\x12\x1b\n\x17TASK_EVENT_KIND_RETRIED\x10\n2\xe2\x02\n\x0bTaskService\x12\x39\n\x07GetTask\x12\x1b.sessiond.v1.GetTaskRequest\x1a\x11.sessiond.v1.Task\x12J\n\tListTasks\x12\x1d.sessiond.v1.ListTasksRequest\x1a\x1e.sessiond.v1.ListTasksResponse\x12L\n\tWatchTask\x12\x1d.sessiond.v1.WatchTaskRequest\x1a\x1e.sessiond.v1.WatchTaskResponse0\x01\x12?\n\nCancelTask\x12\x1e.sessiond.v1.CancelTaskRequest\x1a\x11.sessiond.v1.Task\x12=\n\tRetryTask\x12\x1d.sessiond.v1.RetryTaskRequest\x1a\x11.sessiond.v1.TaskB\x8b\x01\n\x0f\x64\x65v.sessiond.v1B\tTaskProtoP\x01Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\xa2\x02\x03SDX\xaa\x02\x0bSessiond.V1\xca\x02\x0bSessiond\\V1\xea\x02\x0cSessiond::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sessiond/v1/task.proto\x12\x0bsessiond.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x18sessiond/v1/common.proto\"\xd1\x01\n\x0c\x43ommitResult\x12\x35\n\x12memories_extracted\x18\x01 \x01(\x0b\x32\x19.sessiond.v1.MemoryCounts\x12\x1c\n\x14\x61\x63tive_count_updated\x18\x02 \x01(\x03\x12,\n\x0btoken_usage\x18\x03 \x01(\x0b\x32\x17.sessiond.v1.TokenUsage\x12\x13\n\x0b\x61rchive_uri\x18\x04 \x01(\t\x12)\n\x06revert\x18\x05 \x01(\x0b\x32\x19.sessiond.v1.RevertResult\"\x9b\x04\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x13\n\x0b\x61rchive_uri\x18\x04 \x01(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\r\n\x05stage\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06result\x18\x0b \x01(\x0b\x32\x19.sessiond.v1.CommitResult\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x10\n\x08last_seq\x18\x0e \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x0f\n\x07retries\x18\x10 \x01(\x05\x12\x32\n\x0e\x63ommit_trigger\x18\x11 \x01(\x0e\x32\x1a.sessiond.v1.CommitTrigger\"\xa3\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.sessiond.v1.TaskEventKind\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\r\n\x05stage\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12)\n\x06result\x18\t \x01(\x0b\x32\x19.sessiond.v1.CommitResult\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.Status\"G\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x87\x01\n\x10ListTasksRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sessiond.v1.TaskState\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.sessiond.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x98\x01\n\x11WatchTaskResponse\x12%\n\x08snapshot\x18\x01 \x01(\x0b\x32\x11.sessiond.v1.TaskH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.sessiond.v1.TaskEventH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.sessiond.v1.HeartbeatH\x00\x42\x06\n\x04kind\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"7\n\x10RetryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"u\n\x0cRevertResult\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x10\n\x08restored\x18\x02 \x01(\x05\x12\x11\n\trecreated\x18\x03 \x01(\x05\x12\x11\n\tunchanged\x18\x04 \x01(\x05\x12\x1c\n\x14\x63onflicts_overridden\x18\x05 \x01(\x05*\xa2\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*\xed\x02\n\rTaskEventKind\x12\x1f\n\x1bTASK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_KIND_CREATED\x10\x01\x12\x1b\n\x17TASK_EVENT_KIND_STARTED\x10\x02\x12!\n\x1dTASK_EVENT_KIND_STAGE_STARTED\x10\x03\x12#\n\x1fTASK_EVENT_KIND_STAGE_COMPLETED\x10\x04\x12\x1c\n\x18TASK_EVENT_KIND_RETRYING\x10\x05\x12$\n TASK_EVENT_KIND_CANCEL_REQUESTED\x10\x06\x12\x1d\n\x19TASK_EVENT_KIND_COMPLETED\x10\x07\x12\x1a\n\x16TASK_EVENT_KIND_FAILED\x10\x08\x12\x1d\n\x19TASK_EVENT_KIND_CANCELLED\x10\t\x12\x1b\n\x17TASK_EVENT_KIND_RETRIED\x10\n*\x9b\x01\n\rCommitTrigger\x12\x1e\n\x1a\x43OMMIT_TRIGGER_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMIT_TRIGGER_MANUAL\x10\x01\x12\x1b\n\x17\x43OMMIT_TRIGGER_MESSAGES\x10\x02\x12\x19\n\x15\x43OMMIT_TRIGGER_TOKENS\x10\x03\x12\x17\n\x13\x43OMMIT_TRIGGER_IDLE\x10\x04\x32\xe2\x02\n\x0bTaskService\x12\x39\n\x07GetTask\x12\x1b.sessiond.v1.GetTaskRequest\x1a\x11.sessiond.v1.Task\x12J\n\tListTasks\x12\x1d.sessiond.v1.ListTasksRequest\x1a\x1e.sessiond.v1.ListTasksResponse\x12L\n\tWatchTask\x12\x1d.sessiond.v1.WatchTaskRequest\x1a\x1e.sessiond.v1.WatchTaskResponse0\x01\x12?\n\nCancelTask\x12\x1e.sessiond.v1.CancelTaskRequest\x1a\x11.sessiond.v1.Task\x12=\n\tRetryTask\x12\x1d.sessiond.v1.RetryTaskRequest\x1a\x11.sessiond.v1.TaskB\x8b\x01\n\x0f\x64\x65v.sessiond.v1B\tTaskProtoP\x01Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\xa2\x02\x03SDX\xaa\x02\x0bSessiond.V1\xca\x02\x0bSessiond\\V1\xea\x02\x0cSessiond::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessiond.v1.task_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.sessiond.v1B\tTaskProtoP\001Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\242\002\003SDX\252\002\013Sessiond.V1\312\002\013Sessiond\\V1\352\002\014Sessiond::V1'
-  _globals['_TASKSTATE']._serialized_start=1871
-  _globals['_TASKSTATE']._serialized_end=2033
-  _globals['_TASKEVENTKIND']._serialized_start=2036
-  _globals['_TASKEVENTKIND']._serialized_end=2401
+  _globals['_TASKSTATE']._serialized_start=1923
+  _globals['_TASKSTATE']._serialized_end=2085
+  _globals['_TASKEVENTKIND']._serialized_start=2088
+  _globals['_TASKEVENTKIND']._serialized_end=2453
+  _globals['_COMMITTRIGGER']._serialized_start=2456
+  _globals['_COMMITTRIGGER']._serialized_end=2611
   _globals['_COMMITRESULT']._serialized_start=124
   _globals['_COMMITRESULT']._serialized_end=333
   _globals['_TASK']._serialized_start=336
-  _globals['_TASK']._serialized_end=823
-  _globals['_TASKEVENT']._serialized_start=826
-  _globals['_TASKEVENT']._serialized_end=1117
-  _globals['_HEARTBEAT']._serialized_start=1119
-  _globals['_HEARTBEAT']._serialized_end=1190
-  _globals['_GETTASKREQUEST']._serialized_start=1192
-  _globals['_GETTASKREQUEST']._serialized_end=1225
-  _globals['_LISTTASKSREQUEST']._serialized_start=1228
-  _globals['_LISTTASKSREQUEST']._serialized_end=1363
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1365
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1443
-  _globals['_WATCHTASKREQUEST']._serialized_start=1445
-  _globals['_WATCHTASKREQUEST']._serialized_end=1499
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1502
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1654
-  _globals['_CANCELTASKREQUEST']._serialized_start=1656
-  _globals['_CANCELTASKREQUEST']._serialized_end=1692
-  _globals['_RETRYTASKREQUEST']._serialized_start=1694
-  _globals['_RETRYTASKREQUEST']._serialized_end=1749
-  _globals['_REVERTRESULT']._serialized_start=1751
-  _globals['_REVERTRESULT']._serialized_end=1868
-  _globals['_TASKSERVICE']._serialized_start=2404
-  _globals['_TASKSERVICE']._serialized_end=2758
+  _globals['_TASK']._serialized_end=875
+  _globals['_TASKEVENT']._serialized_start=878
+  _globals['_TASKEVENT']._serialized_end=1169
+  _globals['_HEARTBEAT']._serialized_start=1171
+  _globals['_HEARTBEAT']._serialized_end=1242
+  _globals['_GETTASKREQUEST']._serialized_start=1244
+  _globals['_GETTASKREQUEST']._serialized_end=1277
+  _globals['_LISTTASKSREQUEST']._serialized_start=1280
+  _globals['_LISTTASKSREQUEST']._serialized_end=1415
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1417
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1495
+  _globals['_WATCHTASKREQUEST']._serialized_start=1497
+  _globals['_WATCHTASKREQUEST']._serialized_end=1551
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1554
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1706
+  _globals['_CANCELTASKREQUEST']._serialized_start=1708
+  _globals['_CANCELTASKREQUEST']._serialized_end=1744
+  _globals['_RETRYTASKREQUEST']._serialized_start=1746
+  _globals['_RETRYTASKREQUEST']._serialized_end=1801
+  _globals['_REVERTRESULT']._serialized_start=1803
+  _globals['_REVERTRESULT']._serialized_end=1920
+  _globals['_TASKSERVICE']._serialized_start=2614
+  _globals['_TASKSERVICE']._serialized_end=2968
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,36 @@ retry); `attempt` is the retry number. Not terminal: the journal goes on.
 """
 Global___TaskEventKind: _TypeAlias = TaskEventKind  # noqa: Y015
 
+class _CommitTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CommitTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommitTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMMIT_TRIGGER_UNSPECIFIED: _CommitTrigger.ValueType  # 0
+    COMMIT_TRIGGER_MANUAL: _CommitTrigger.ValueType  # 1
+    """A Commit call."""
+    COMMIT_TRIGGER_MESSAGES: _CommitTrigger.ValueType  # 2
+    """Auto-commit: the live buffer reached the policy's max_messages."""
+    COMMIT_TRIGGER_TOKENS: _CommitTrigger.ValueType  # 3
+    """Auto-commit: the live buffer reached the policy's max_tokens (estimated)."""
+    COMMIT_TRIGGER_IDLE: _CommitTrigger.ValueType  # 4
+    """Auto-commit: no message was appended for the policy's idle_seconds."""
+
+class CommitTrigger(_CommitTrigger, metaclass=_CommitTriggerEnumTypeWrapper):
+    """Why a commit happened."""
+
+COMMIT_TRIGGER_UNSPECIFIED: CommitTrigger.ValueType  # 0
+COMMIT_TRIGGER_MANUAL: CommitTrigger.ValueType  # 1
+"""A Commit call."""
+COMMIT_TRIGGER_MESSAGES: CommitTrigger.ValueType  # 2
+"""Auto-commit: the live buffer reached the policy's max_messages."""
+COMMIT_TRIGGER_TOKENS: CommitTrigger.ValueType  # 3
+"""Auto-commit: the live buffer reached the policy's max_tokens (estimated)."""
+COMMIT_TRIGGER_IDLE: CommitTrigger.ValueType  # 4
+"""Auto-commit: no message was appended for the policy's idle_seconds."""
+Global___CommitTrigger: _TypeAlias = CommitTrigger  # noqa: Y015
+
 @_typing.final
 class CommitResult(_message.Message):
     """Outcome of a completed session_commit task."""
@@ -142,6 +172,7 @@ class Task(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
+    COMMIT_TRIGGER_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     task_type: _builtins.str
     """"session_commit" or "archive_revert" (SessionService.RevertArchive)."""
@@ -161,6 +192,8 @@ class Task(_message.Message):
     """How many times the task was put back to PENDING by RetryTask or by the
     server's automatic retry.
     """
+    commit_trigger: Global___CommitTrigger.ValueType
+    """What made the commit: a Commit call (MANUAL) or an auto-commit condition."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -196,10 +229,11 @@ class Task(_message.Message):
         last_seq: _builtins.int = ...,
         cancel_requested: _builtins.bool = ...,
         retries: _builtins.int = ...,
+        commit_trigger: Global___CommitTrigger.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_uri", b"archive_uri", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "result", b"result", "retries", b"retries", "session_id", b"session_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_uri", b"archive_uri", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "commit_trigger", b"commit_trigger", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "result", b"result", "retries", b"retries", "session_id", b"session_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,7 @@ from sessiond.server.phase2.engines.base import Phase2Engine
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.worker import Phase2Worker
 from sessiond.server.redact import redact_text, redact_url
+from sessiond.server.services.autocommit import IdleCommitter
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.memories import MemoryManager
@@ -80,6 +81,7 @@ class App:
         self.settings = settings
         self.store = store if store is not None else build_store(settings)
         self._store_kind = type(self.store).__name__
+        self.store.auto_commit_default = settings.auto_commit
         if isinstance(self.store, SqlStore):
             self.store.vector_cache_bytes = settings.embedder.cache_mb * 1024 * 1024
         if settings.observe.metrics_address:
@@ -122,6 +124,8 @@ class App:
                                      backoff_max_seconds=settings.auto_retry_backoff_max_seconds,
                                      interval_seconds=settings.auto_retry_interval_seconds)
                            if settings.auto_retry_failed else None)
+        self.idle_commits = IdleCommitter(self.store,
+                                          interval_seconds=settings.auto_commit_scan_seconds)
         self.security = Security(settings, self.store)
         self.health = Health()
         self.server: grpc.aio.Server | None = None
@@ -154,6 +158,8 @@ class App:
         if self._metrics_http is not None:
             self._background.append(asyncio.create_task(self._queue_gauges_loop(),
                                                         name="queue-gauges"))
+        self._background.append(asyncio.create_task(self.idle_commits.run(),
+                                                    name="idle-auto-commit"))
         if self.auto_retry is not None:
             self._background.append(asyncio.create_task(self.auto_retry.run(),
                                                         name="auto-retry"))

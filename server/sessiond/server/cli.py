@@ -25,7 +25,8 @@ from sessiond.server.cli_recall import (
     reindex_main,
 )
 from sessiond.server.config import Settings
-from sessiond.server.domain.errors import SessiondError
+from sessiond.server.domain.autocommit import AutoCommitPolicy
+from sessiond.server.domain.errors import InvalidArgument, SessiondError
 from sessiond.server.domain.limits import Limits
 from sessiond.server.observability import logs
 from sessiond.server.observability.settings import (
@@ -113,6 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--auto-retry-backoff-max", type=float,
                        default=env.auto_retry_backoff_max_seconds,
                        help="longest wait between automatic retries, seconds")
+    for name, attr, what in (
+            ("messages", "max_messages", "live messages"),
+            ("tokens", "max_tokens", "estimated tokens (message bytes / 4) of the live buffer"),
+            ("idle", "idle_seconds", "seconds without a new message"),
+            ("keep-recent", "keep_recent_count", "")):
+        serve.add_argument(f"--auto-commit-{name}", type=int,
+                           default=getattr(env.auto_commit, attr),
+                           help=(f"server default auto-commit: commit at this many {what} "
+                                 "(0: off; a session's UpdateSessionConfig overrides)"
+                                 if what else "server default auto-commit: the newest this "
+                                 "many messages stay live"))
     add_security_flags(serve, env)
     add_embedder_flags(serve, env)
     add_observability_flags(serve, env.observe)
@@ -151,6 +163,16 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.auto_retry_failed, s.auto_retry_max = ns.auto_retry_failed, ns.auto_retry_max
     s.auto_retry_backoff_seconds = ns.auto_retry_backoff
     s.auto_retry_backoff_max_seconds = ns.auto_retry_backoff_max
+    s.auto_commit = AutoCommitPolicy(ns.auto_commit_messages, ns.auto_commit_tokens,
+                                     ns.auto_commit_idle, ns.auto_commit_keep_recent)
+    try:
+        s.auto_commit.validate(prefix="")
+    except InvalidArgument as exc:
+        flags = {".max_messages": "--auto-commit-messages", ".max_tokens": "--auto-commit-tokens",
+                 ".idle_seconds": "--auto-commit-idle",
+                 ".keep_recent_count": "--auto-commit-keep-recent"}
+        raise ValueError("; ".join(f"{flags[v.field]} {v.description}"
+                                   for v in exc.violations)) from None
     apply_security_flags(ns, s)
     apply_embedder_flags(ns, s)
     apply_observability_flags(ns, s.observe)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from sessiond.server.auth.policy import AuthSettings
+from sessiond.server.domain.autocommit import AutoCommitPolicy
 from sessiond.server.domain.limits import Limits
 from sessiond.server.observability.settings import ObservabilitySettings
 
@@ -123,6 +124,10 @@ class Settings:
     auto_retry_backoff_seconds: float = 30.0
     auto_retry_backoff_max_seconds: float = 900.0
     auto_retry_interval_seconds: float = 5.0
+    # Auto-commit policy of sessions without their own (UpdateSessionConfig): off.
+    auto_commit: AutoCommitPolicy = field(default_factory=AutoCommitPolicy)
+    # How often each process looks for sessions whose idle auto-commit is due.
+    auto_commit_scan_seconds: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -164,6 +169,9 @@ class Settings:
         jwt.issuer, jwt.audience = _env("JWT_ISSUER", jwt.issuer), _env("JWT_AUDIENCE",
                                                                          jwt.audience)
         s.limits = limits_from_env(s.limits)
+        s.auto_commit = AutoCommitPolicy(
+            int(_env("AUTO_COMMIT_MESSAGES", "0")), int(_env("AUTO_COMMIT_TOKENS", "0")),
+            int(_env("AUTO_COMMIT_IDLE", "0")), int(_env("AUTO_COMMIT_KEEP_RECENT", "0")))
         return s
 
 

@@ -5,7 +5,11 @@ listed point the process exits at once with status 137 (no cleanup, no flush), a
 SIGKILL would. `name@N` fires on the N-th hit only. Unset, a check is one frozenset
 lookup.
 
-Points: commit.before_write, commit.after_write (Phase 1 in the RPC), and for each
+Points: commit.before_write, commit.after_write (Phase 1 in the RPC);
+autocommit.count (in an append's transaction, the live buffer past a count trigger,
+before its archive is written), autocommit.idle.before_write, autocommit.idle.write
+(in the idle commit's transaction, the claim made, before the archive is written),
+autocommit.idle.after_write (idle commit durable); and for each
 Phase 2 stage S in summarize, extract, relations, active_counts, index, finalize:
 phase2.S.before (stage started, nothing written) and phase2.S.after (stage
 durable, next not started). Archive reverts: revert.before (claimed, nothing read),
@@ -25,6 +29,10 @@ ENV = "SESSIOND_FAILPOINTS"
 ALL_POINTS: tuple[str, ...] = (
     "commit.before_write",
     "commit.after_write",
+    "autocommit.count",
+    "autocommit.idle.before_write",
+    "autocommit.idle.write",
+    "autocommit.idle.after_write",
     *(f"phase2.{s}.{w}" for s in ("summarize", "extract", "relations", "active_counts", "index",
                                   "finalize") for w in ("before", "after")),
 )

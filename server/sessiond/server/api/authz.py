@@ -62,6 +62,8 @@ SCOPES: dict[str, Scope] = {
     "/sessiond.v1.SessionService/GetSessionContext": _R,
     "/sessiond.v1.SessionService/ListArchives": _R,
     "/sessiond.v1.SessionService/GetArchive": _R,
+    "/sessiond.v1.SessionService/UpdateSessionConfig": _W,
+    "/sessiond.v1.SessionService/WatchSession": _R,
     "/sessiond.v1.TaskService/GetTask": _R,
     "/sessiond.v1.TaskService/ListTasks": _R,
     "/sessiond.v1.TaskService/WatchTask": _R,

@@ -9,6 +9,12 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sessiond.server.domain import rules
+from sessiond.server.domain.autocommit import (
+    AutoCommitPolicy,
+    CommitTrigger,
+    SessionEvent,
+    SessionEventKind,
+)
 from sessiond.server.domain.commands import AddedMessage, NewMessage
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.history import ChangeOp, MemoryChange
@@ -36,6 +42,7 @@ from sessiond.server.domain.values import (
     TokenUsage,
     ToolPart,
     ToolStatus,
+    archive_uri,
 )
 from sessiond.v1 import common_pb2, memory_pb2, session_pb2, task_pb2
 
@@ -77,6 +84,15 @@ _CAT_IN: dict[int, MemoryCategory] = {memory_pb2.MEMORY_CATEGORY_PROFILE: Memory
            memory_pb2.MEMORY_CATEGORY_TOOLS: MemoryCategory.TOOLS,
            memory_pb2.MEMORY_CATEGORY_SKILLS: MemoryCategory.SKILLS}
 _CAT_OUT: dict[MemoryCategory, Any] = {v: k for k, v in _CAT_IN.items()}
+_TRIGGER_OUT: dict[CommitTrigger, Any] = {CommitTrigger.MANUAL: task_pb2.COMMIT_TRIGGER_MANUAL,
+                CommitTrigger.MESSAGES: task_pb2.COMMIT_TRIGGER_MESSAGES,
+                CommitTrigger.TOKENS: task_pb2.COMMIT_TRIGGER_TOKENS,
+                CommitTrigger.IDLE: task_pb2.COMMIT_TRIGGER_IDLE}
+_SKIND_OUT: dict[SessionEventKind, Any] = {
+    SessionEventKind.MESSAGE_APPENDED: session_pb2.SESSION_EVENT_KIND_MESSAGE_APPENDED,
+    SessionEventKind.COMMIT_ACCEPTED: session_pb2.SESSION_EVENT_KIND_COMMIT_ACCEPTED,
+    SessionEventKind.TASK_EVENT: session_pb2.SESSION_EVENT_KIND_TASK_EVENT,
+    SessionEventKind.CONFIG_CHANGED: session_pb2.SESSION_EVENT_KIND_CONFIG_CHANGED}
 
 
 def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -101,6 +117,27 @@ def ts_in(value: timestamp_pb2.Timestamp, field: str = "time") -> datetime:
     except (ValueError, OverflowError) as exc:
         raise InvalidArgument(f"{field} is not a valid timestamp", violations=[
             FieldViolation(field, "seconds and nanos out of the Timestamp range")]) from exc
+
+
+def created_at_in(holder: Any, field: str = "created_at") -> datetime | None:
+    """A message's own created_at, None when unset."""
+    return ts_in(holder.created_at, field) if holder.HasField("created_at") else None
+
+
+def policy_in(p: session_pb2.AutoCommitPolicy) -> AutoCommitPolicy:
+    return AutoCommitPolicy(max_messages=p.max_messages, max_tokens=p.max_tokens,
+                            idle_seconds=p.idle_seconds, keep_recent_count=p.keep_recent_count)
+
+
+def config_in(req: session_pb2.UpdateSessionConfigRequest) -> AutoCommitPolicy | None:
+    """The session's new own policy, or None for reset_auto_commit."""
+    given = req.HasField("auto_commit")
+    if given == req.reset_auto_commit:
+        raise InvalidArgument("set exactly one of auto_commit and reset_auto_commit",
+                              violations=[FieldViolation(
+                                  "auto_commit", "give a policy, or set reset_auto_commit "
+                                  "to use the server default (not both)")])
+    return policy_in(req.auto_commit) if given else None
 
 
 def recall_kinds_in(values: Sequence[int]) -> tuple[RecallKind, ...]:
@@ -199,13 +236,46 @@ def usage_out(u: TokenUsage) -> common_pb2.TokenUsage:
                                  total_tokens=u.total_tokens)
 
 
+def policy_out(p: AutoCommitPolicy | None) -> session_pb2.AutoCommitPolicy:
+    p = p or AutoCommitPolicy()
+    return session_pb2.AutoCommitPolicy(max_messages=p.max_messages, max_tokens=p.max_tokens,
+                                        idle_seconds=p.idle_seconds,
+                                        keep_recent_count=p.keep_recent_count)
+
+
 def session_out(m: SessionMeta) -> session_pb2.Session:
     return session_pb2.Session(
         session_id=m.session_id, created_at=ts(m.created_at), updated_at=ts(m.updated_at),
         message_count=m.message_count, commit_count=m.commit_count,
         memories_extracted=counts_out(m.memories_extracted),
         last_commit_at=ts(m.last_commit_at), llm_token_usage=usage_out(m.llm_token_usage),
-        live_message_count=m.live_message_count, archive_count=m.archive_count)
+        live_message_count=m.live_message_count, archive_count=m.archive_count,
+        auto_commit=policy_out(m.auto_commit), auto_commit_inherited=m.auto_commit_inherited,
+        last_event_seq=m.last_event_seq)
+
+
+def session_event_out(e: SessionEvent) -> session_pb2.SessionEvent:
+    out = session_pb2.SessionEvent(session_id=e.session_id, seq=e.seq, kind=_SKIND_OUT[e.kind],
+                                   time=ts(e.time))
+    if e.kind is SessionEventKind.MESSAGE_APPENDED:
+        out.message_id, out.message_seq = e.message_id, e.message_seq
+        out.client_message_id = e.client_message_id
+        if e.role is not None:
+            out.role = _ROLE_OUT[e.role]
+    elif e.kind is SessionEventKind.COMMIT_ACCEPTED:
+        out.task_id, out.archive_index = e.task_id, e.archive_index
+        out.archive_uri = archive_uri(e.session_id, e.archive_index)
+        out.archived_messages = e.archived_messages
+        if e.trigger is not None:
+            out.trigger = _TRIGGER_OUT[e.trigger]
+    elif e.kind is SessionEventKind.TASK_EVENT:
+        out.task_id, out.task_seq = e.task_id, e.task_seq
+        if e.task_event is not None:
+            out.task_event.CopyFrom(event_out(e.task_event))
+    else:
+        out.auto_commit.CopyFrom(policy_out(e.auto_commit))
+        out.auto_commit_inherited = e.auto_commit_inherited
+    return out
 
 
 def part_out(p: Part) -> session_pb2.Part:
@@ -233,7 +303,7 @@ def new_messages_in(items: list[session_pb2.NewMessage]) -> list[NewMessage]:
     for i, m in enumerate(items):
         try:
             out.append(NewMessage(role_in(m.role), tuple(parts_in(list(m.parts))),
-                                  m.client_message_id))
+                                  m.client_message_id, created_at_in(m)))
         except InvalidArgument as exc:
             raise rules.at_index(f"messages[{i}]", exc) from None
     return out
@@ -283,7 +353,7 @@ def task_out(t: Task) -> task_pb2.Task:
         created_at=ts(t.created_at), started_at=ts(t.started_at), updated_at=ts(t.updated_at),
         finished_at=ts(t.finished_at), result=result_out(t.result), error=error_out(t.error),
         attempts=t.attempts, last_seq=t.last_seq, cancel_requested=t.cancel_requested,
-        retries=t.retries)
+        retries=t.retries, commit_trigger=_TRIGGER_OUT[t.trigger])
 
 
 def event_out(e: TaskEvent) -> task_pb2.TaskEvent:

@@ -17,6 +17,7 @@ from sessiond.server.services.commit import CommitService
 from sessiond.server.services.history import HistoryService
 from sessiond.server.services.memories import MemoryManager
 from sessiond.server.services.recall import RecallService
+from sessiond.server.services.session_watch import SessionWatcher
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import TaskManager
 from sessiond.v1 import (
@@ -81,7 +82,7 @@ def build_server(settings: Settings, sessions: SessionManager, commits: CommitSe
                              options=server_options(settings))
     history = history or HistoryService(sessions.store, sessions.limits)
     session_pb2_grpc.add_SessionServiceServicer_to_server(
-        SessionServicer(sessions, commits, history), server)
+        SessionServicer(sessions, commits, SessionWatcher(sessions, tasks), history), server)
     task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(
         MemoryServicer(memories, recall, history), server)

@@ -14,11 +14,12 @@ from sessiond.server.api import converters as cv
 from sessiond.server.api.errors import stream, unary
 from sessiond.server.api.identity import identity_of
 from sessiond.server.domain.pages import MAX_TOKEN_CHARS, bad_token, check_token
-from sessiond.server.domain.values import Task, TaskEvent
+from sessiond.server.domain.values import SessionMeta, Task, TaskEvent
 from sessiond.server.services.commit import CommitService
 from sessiond.server.services.history import HistoryService
 from sessiond.server.services.memories import MemoryManager
 from sessiond.server.services.recall import RecallService
+from sessiond.server.services.session_watch import SessionWatcher
 from sessiond.server.services.sessions import SessionManager
 from sessiond.server.services.tasks import Heartbeat, TaskManager
 from sessiond.v1 import (
@@ -62,9 +63,10 @@ def decode_token(token: str) -> str:
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, sessions: SessionManager, commits: CommitService,
-                 history: HistoryService | None = None) -> None:
+                 watcher: SessionWatcher, history: HistoryService | None = None) -> None:
         self.sessions = sessions
         self.commits = commits
+        self.watcher = watcher
         self.history = history or HistoryService(sessions.store, sessions.limits)
 
     @unary
@@ -100,7 +102,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         added = await self.sessions.add_message(
             identity_of(context), request.session_id, cv.role_in(request.role),
             cv.parts_in(list(request.parts)), request.request_id, fingerprint(request),
-            request.client_message_id)
+            request.client_message_id, cv.created_at_in(request))
         return session_pb2.AddMessageResponse(message=cv.message_out(added.message),
                                               duplicate=added.duplicate)
 
@@ -190,6 +192,25 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             uris=[session_pb2.UsedUri(uri=u.uri, active_count=u.active_count)
                   for u in view.uris], next_page_token=encode_token(view.next_token))
 
+    @unary
+    async def UpdateSessionConfig(self, request: session_pb2.UpdateSessionConfigRequest,
+                                  context: Ctx) -> session_pb2.Session:
+        return cv.session_out(await self.sessions.update_config(
+            identity_of(context), request.session_id, cv.config_in(request)))
+
+    @stream
+    async def WatchSession(self, request: session_pb2.WatchSessionRequest, context: Ctx
+                           ) -> AsyncIterator[session_pb2.WatchSessionResponse]:
+        async for item in self.watcher.watch(identity_of(context), request.session_id,
+                                             request.after_seq):
+            if isinstance(item, SessionMeta):
+                yield session_pb2.WatchSessionResponse(snapshot=cv.session_out(item))
+            elif isinstance(item, Heartbeat):
+                yield session_pb2.WatchSessionResponse(heartbeat=task_pb2.Heartbeat(
+                    time=cv.ts(item.time), last_seq=item.last_seq))
+            else:
+                yield session_pb2.WatchSessionResponse(event=cv.session_event_out(item))
+
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     # Many watchers of one task receive the same events: convert each event once.
@@ -234,9 +255,6 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     time=cv.ts(item.time), last_seq=item.last_seq))
             else:
                 yield self._event_response(item)
-        if self.tasks.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server is shutting down; resume the watch with after_seq")
 
     @unary
     async def CancelTask(self, request: task_pb2.CancelTaskRequest, context: Ctx

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sessiond.server.domain.autocommit import CommitTrigger
 from sessiond.server.domain.recall import EntryVector, RecallEntry
 from sessiond.server.domain.values import (
     Archive,
@@ -47,6 +48,8 @@ class NewMessage:
     role: Role
     parts: tuple[Part, ...]
     client_message_id: str = ""
+    # The message's own time (imports, replays); None: the server's time.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class CommitPlan:
     # Opaque trace context of the Commit (W3C carrier as JSON; "" when tracing is off),
     # stored with the task so Phase 2 joins the same trace.
     trace_context: str = ""
+    # A Commit call, or the auto-commit condition that made this commit.
+    trigger: CommitTrigger = CommitTrigger.MANUAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,8 @@ def sessions_exceeded(limits: Limits) -> QuotaExceeded:
 
 def watches_exceeded(limits: Limits) -> QuotaExceeded:
     n = limits.watch_streams_per_identity
-    return QuotaExceeded(f"this identity has {n} WatchTask streams open on this server, its "
+    return QuotaExceeded(f"this identity has {n} watch streams (WatchTask, WatchSession) open "
+                         "on this server, its "
                          "quota; close one first", subject="identity",
                          limit=f"watch_streams_per_identity={n}", reason="WATCH_STREAMS_QUOTA")
 

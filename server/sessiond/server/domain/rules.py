@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo
@@ -141,6 +141,30 @@ def check_client_message_id(value: str, field: str = "client_message_id") -> Non
     if value and (value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
         raise InvalidArgument(f"{field} is not valid", violations=[
             FieldViolation(field, "no control characters, no leading or trailing spaces")])
+
+
+# How far ahead of the server's clock a message's own created_at may be.
+CREATED_AT_SKEW = timedelta(minutes=5)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def check_created_at(value: datetime | None, now: datetime,
+                     previous: datetime | None = None, field: str = "created_at") -> None:
+    """A client-given message time: not before 1970, at most `CREATED_AT_SKEW` after
+    `now`, and not before `previous` (the batch's message before it: times in one
+    AddMessages batch must not decrease). None (unset) is always valid."""
+    if value is None:
+        return
+    if value < EPOCH:
+        why = "must not be before 1970-01-01T00:00:00Z"
+    elif value > now + CREATED_AT_SKEW:
+        why = (f"must not be more than {int(CREATED_AT_SKEW.total_seconds())} s after "
+               "the server's time")
+    elif previous is not None and value < previous:
+        why = "must not be before the created_at of the batch's previous message"
+    else:
+        return
+    raise InvalidArgument(f"{field} is not valid", violations=[FieldViolation(field, why)])
 
 
 def at_index(prefix: str, error: InvalidArgument) -> InvalidArgument:

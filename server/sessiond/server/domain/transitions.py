@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sessiond.server.domain.autocommit import CommitTrigger
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
     ExtractionResponse,
@@ -69,9 +70,11 @@ def _ended(now: datetime, error: TaskError | None = None, **more: object) -> dic
     return out
 
 
-def created(archive_index: int, messages: int) -> Transition:
+def created(archive_index: int, messages: int,
+            trigger: CommitTrigger = CommitTrigger.MANUAL) -> Transition:
+    why = f" (auto-commit: {trigger.value})" if trigger.automatic else ""
     return Transition(EventKind.CREATED, TaskState.PENDING, Stage.QUEUED,
-                      f"archive {archive_index} of {messages} messages")
+                      f"archive {archive_index} of {messages} messages{why}")
 
 
 def claim(task: Task, worker_id: str, now: datetime, lease_until: datetime) -> Transition:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sessiond.server.domain.autocommit import AutoCommitPolicy, CommitTrigger
 from sessiond.server.domain.errors import ErrorCode
 
 TASK_TYPE_COMMIT = "session_commit"
@@ -200,6 +201,12 @@ class SessionMeta:
     memories_extracted: MemoryCounts = field(default_factory=MemoryCounts)
     last_commit_at: datetime | None = None
     llm_token_usage: TokenUsage = field(default_factory=TokenUsage)
+    # The session's own auto-commit policy; None: the server default applies
+    # (`SessionManager` fills in the effective one, see `auto_commit_inherited`).
+    auto_commit: AutoCommitPolicy | None = None
+    auto_commit_inherited: bool = True
+    # Newest number of the session's event feed (WatchSession).
+    last_event_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +417,8 @@ class Task:
     retries: int = 0
     # archive_revert: restore the before-images even over conflicting later changes.
     revert_force: bool = False
+    # What made the commit: a Commit call or an auto-commit condition.
+    trigger: CommitTrigger = CommitTrigger.MANUAL
 
     @property
     def archive_uri(self) -> str:

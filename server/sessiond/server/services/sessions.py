@@ -4,10 +4,13 @@ API layer converts protobuf to these calls and domain errors to status codes."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sessiond.server.domain import rules
+from sessiond.server.domain.autocommit import AutoCommitPolicy
 from sessiond.server.domain.commands import AddedMessage, NewMessage, RequestKey
 from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits
@@ -53,6 +56,22 @@ class SessionManager:
         self.store = store
         self.limits = limits
 
+    def _effective(self, meta: SessionMeta) -> SessionMeta:
+        """`meta` with the auto-commit policy in force (the server's when it has none)."""
+        if meta.auto_commit is not None:
+            return meta
+        return dataclasses.replace(meta, auto_commit=self.store.auto_commit_default,
+                                   auto_commit_inherited=True)
+
+    async def update_config(self, identity: Identity, session_id: str,
+                            policy: AutoCommitPolicy | None) -> SessionMeta:
+        """Set the session's own auto-commit policy, or (None) go back to the server's."""
+        rules.check_session_id(session_id)
+        if policy is not None:
+            policy.validate()
+        return self._effective(await self.store.update_session_config(
+            identity, session_id, policy, rules.utcnow()))
+
     async def create(self, identity: Identity, session_id: str, request_id: str = "",
                      fingerprint: bytes = b"") -> SessionMeta:
         if session_id:
@@ -65,22 +84,25 @@ class SessionManager:
                 # races the first call cannot create a second session.
                 seed = "\x1f".join((identity.account, identity.user, identity.agent, request_id))
                 session_id = f"ses_{RequestKey.fingerprint_of(seed.encode())[:32]}"
-        return await self.store.create_session(identity, session_id, rules.utcnow(), req)
+        return self._effective(await self.store.create_session(identity, session_id,
+                                                               rules.utcnow(), req))
 
     async def get(self, identity: Identity, session_id: str, auto_create: bool = False
                   ) -> SessionMeta:
         rules.check_session_id(session_id)
         if auto_create:
-            return await self.store.ensure_session(identity, session_id, rules.utcnow())
+            return self._effective(await self.store.ensure_session(identity, session_id,
+                                                                   rules.utcnow()))
         meta = await self.store.get_session(identity, session_id)
         if meta is None:
             raise _not_found(session_id)
-        return meta
+        return self._effective(meta)
 
     async def list_sessions(self, identity: Identity, page_size: int,
                             page_token: str) -> Page[SessionMeta]:
-        return await self.store.list_sessions(identity, rules.page_size(page_size, self.limits),
+        page = await self.store.list_sessions(identity, rules.page_size(page_size, self.limits),
                                               page_token)
+        return Page([self._effective(m) for m in page.items], page.next_token)
 
     async def delete(self, identity: Identity, session_id: str) -> None:
         rules.check_session_id(session_id)
@@ -89,17 +111,19 @@ class SessionManager:
 
     async def add_message(self, identity: Identity, session_id: str, role: Role,
                           parts: Sequence[Part], request_id: str = "",
-                          fingerprint: bytes = b"", client_message_id: str = ""
-                          ) -> AddedMessage:
+                          fingerprint: bytes = b"", client_message_id: str = "",
+                          created_at: datetime | None = None) -> AddedMessage:
         rules.check_session_id(session_id)
         rules.check_parts(parts, self.limits)
         rules.check_client_message_id(client_message_id)
+        now = rules.utcnow()
+        rules.check_created_at(created_at, now)
         req = request_key(identity, "AddMessage", request_id, fingerprint, self.limits)
         msg = Message(id=rules.new_message_id(), role=role, parts=tuple(parts),
-                      created_at=rules.utcnow(), client_message_id=client_message_id)
+                      created_at=created_at or now, client_message_id=client_message_id)
         if client_message_id:
-            return (await self.store.add_messages(identity, session_id, [msg], req))[0]
-        return AddedMessage(await self.store.add_message(identity, session_id, msg, req))
+            return (await self.store.add_messages(identity, session_id, [msg], req, now))[0]
+        return AddedMessage(await self.store.add_message(identity, session_id, msg, req, now))
 
     async def add_messages(self, identity: Identity, session_id: str,
                            batch: Sequence[NewMessage], request_id: str = "",
@@ -112,18 +136,21 @@ class SessionManager:
         if len(batch) > rules.MAX_BATCH_MESSAGES:
             raise InvalidArgument("too many messages", violations=[
                 FieldViolation("messages", f"at most {rules.MAX_BATCH_MESSAGES} per call")])
+        now = rules.utcnow()
+        previous: datetime | None = None
         for i, m in enumerate(batch):
             try:
                 rules.check_parts(m.parts, self.limits)
                 rules.check_client_message_id(m.client_message_id)
+                rules.check_created_at(m.created_at, now, previous)
             except InvalidArgument as exc:
                 raise rules.at_index(f"messages[{i}]", exc) from None
+            previous = m.created_at or now
         req = request_key(identity, "AddMessages", request_id, fingerprint, self.limits)
-        now = rules.utcnow()
         msgs = [Message(id=rules.new_message_id(), role=m.role, parts=tuple(m.parts),
-                        created_at=now, client_message_id=m.client_message_id)
+                        created_at=m.created_at or now, client_message_id=m.client_message_id)
                 for m in batch]
-        return await self.store.add_messages(identity, session_id, msgs, req)
+        return await self.store.add_messages(identity, session_id, msgs, req, now)
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus) -> Message:

@@ -10,7 +10,13 @@ from datetime import datetime
 
 from sessiond.server import failpoints
 from sessiond.server.domain import rules
-from sessiond.server.domain.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from sessiond.server.domain.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
 from sessiond.server.domain.limits import DEFAULT_LIMITS, Limits, clip_echo, watches_exceeded
 from sessiond.server.domain.pages import Page
 from sessiond.server.domain.values import Identity, Task, TaskEvent, TaskState
@@ -18,6 +24,13 @@ from sessiond.server.observability import metrics
 from sessiond.server.services.hub import EventHub
 from sessiond.server.services.sessions import request_key
 from sessiond.server.store.base import Store
+
+
+def shutting_down() -> Unavailable:
+    """How an open watch ends when the server shuts down (a watch that reached its
+    terminal event just before ends OK)."""
+    return Unavailable("server is shutting down; resume the watch with after_seq",
+                       reason="SHUTTING_DOWN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +97,14 @@ class TaskManager:
                     ) -> AsyncIterator[WatchItem]:
         """Snapshot, then every event with seq > after_seq in order, heartbeats while
         idle; returns after a terminal event that is the newest of the journal (one
-        followed by RETRIED, from a retry, does not end the stream). Raises before
+        followed by RETRIED, from a retry, does not end the stream); `Unavailable`
+        when the server shuts down first. Raises before
         yielding anything when the task is unknown or after_seq is not a position of
         its journal."""
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative", violations=[
                 FieldViolation("after_seq", "must be >= 0")])
-        open_now = self._watching.get(identity, 0)
-        if open_now >= self.limits.watch_streams_per_identity:
-            raise watches_exceeded(self.limits)
-        self._watching[identity] = open_now + 1
+        self.acquire_watch(identity)
         sub = self.hub.subscribe(task_id)
         metrics.WATCHERS.inc()
         try:
@@ -128,10 +139,10 @@ class TaskManager:
                             return
                     need_read = False
                 if self._closing.is_set():
-                    return
+                    raise shutting_down()
                 woke = await sub.wait(self.poll_seconds)
                 if self._closing.is_set():
-                    return
+                    raise shutting_down()
                 if not woke:
                     need_read = True  # polling fallback: a missed wake-up only delays
                     if time.monotonic() - last_sent >= self.heartbeat_seconds:
@@ -155,8 +166,19 @@ class TaskManager:
         finally:
             metrics.WATCHERS.dec()
             sub.close()
-            left = self._watching.get(identity, 1) - 1
-            if left:
-                self._watching[identity] = left
-            else:
-                self._watching.pop(identity, None)
+            self.release_watch(identity)
+
+    def acquire_watch(self, identity: Identity) -> None:
+        """Count one more open watch stream (WatchTask or WatchSession) of `identity`;
+        RESOURCE_EXHAUSTED beyond `watch_streams_per_identity`."""
+        open_now = self._watching.get(identity, 0)
+        if open_now >= self.limits.watch_streams_per_identity:
+            raise watches_exceeded(self.limits)
+        self._watching[identity] = open_now + 1
+
+    def release_watch(self, identity: Identity) -> None:
+        left = self._watching.get(identity, 1) - 1
+        if left:
+            self._watching[identity] = left
+        else:
+            self._watching.pop(identity, None)

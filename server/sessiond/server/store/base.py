@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 
+from sessiond.server.domain.autocommit import OFF, AutoCommitPolicy, SessionEvent
 from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
@@ -117,6 +118,8 @@ class Store(abc.ABC):
         # The quotas the store enforces inside its transactions (live messages and
         # bytes per session, sessions per identity); the App sets the configured ones.
         self.limits: Limits = DEFAULT_LIMITS
+        # The auto-commit policy of sessions without their own (`--auto-commit-*`).
+        self.auto_commit_default: AutoCommitPolicy = OFF
         self._event_listeners: list[EventListener] = []
         self._work_listeners: list[WorkListener] = []
         self._remote_listeners: list[RemoteEventListener] = []
@@ -191,21 +194,28 @@ class Store(abc.ABC):
     # -- messages and usage ----------------------------------------------------------
     @abc.abstractmethod
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         """Append to the live buffer; the returned message carries its `seq`.
         A replayed request returns the originally stored message. `QuotaExceeded`
         when the live buffer holds `limits.live_messages_per_session` messages or
-        would exceed `limits.live_bytes_per_session` bytes."""
+        would exceed `limits.live_bytes_per_session` bytes. `now` (default: the
+        message's created_at, which a client may set) is when the append happens:
+        updated_at, the idle auto-commit trigger, the feed event. A live buffer that
+        passes a count trigger of the session's auto-commit policy (else
+        `auto_commit_default`) is committed in the same transaction."""
 
     @abc.abstractmethod
     async def add_messages(self, identity: Identity, session_id: str,
                            messages: Sequence[Message],
-                           request: RequestKey | None = None) -> list[AddedMessage]:
+                           request: RequestKey | None = None,
+                           now: datetime | None = None) -> list[AddedMessage]:
         """Append `messages` in order in one transaction (all or none), one result per
         message. A `client_message_id` is unique per session: a message whose client id
         is already stored (or appears earlier in the batch) is not stored again; its
         result is the stored message with `duplicate`. A replayed request returns the
-        original results. `NotFound` when the session is absent."""
+        original results. `NotFound` when the session is absent. `now` and auto-commit
+        as in `add_message` (default `now`: the last message's created_at)."""
 
     @abc.abstractmethod
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
@@ -225,6 +235,37 @@ class Store(abc.ABC):
     async def record_usage(self, identity: Identity, session_id: str, usage: UsageRecord,
                            request: RequestKey | None = None) -> int:
         """Persist usage for the next commit; returns pending usage records."""
+
+    # -- auto-commit and the session feed ---------------------------------------------
+    @abc.abstractmethod
+    async def update_session_config(self, identity: Identity, session_id: str,
+                                    policy: AutoCommitPolicy | None,
+                                    now: datetime) -> SessionMeta:
+        """Set the session's own auto-commit policy (None: back to
+        `auto_commit_default`), record CONFIG_CHANGED and re-arm the idle trigger; a
+        live buffer that already passes a count trigger is committed in the same
+        transaction. `NotFound` when the session does not exist."""
+
+    @abc.abstractmethod
+    async def idle_due_sessions(self, now: datetime, limit: int = 100
+                                ) -> list[tuple[Identity, str]]:
+        """Sessions whose idle auto-commit is due at `now`."""
+
+    @abc.abstractmethod
+    async def idle_commit(self, identity: Identity, session_id: str,
+                          now: datetime) -> CommitOutcome | None:
+        """Fire the idle auto-commit of the session when it is still due: exactly once
+        whichever process calls (the claim and the commit are one transaction).
+        None when not due (any more) or nothing to archive."""
+
+    @abc.abstractmethod
+    async def list_session_events(self, identity: Identity, session_id: str,
+                                  after_seq: int, limit: int = 1000) -> list[SessionEvent]:
+        """The session feed's events with seq > after_seq, oldest first."""
+
+    @abc.abstractmethod
+    async def session_events_first_seq(self, identity: Identity, session_id: str) -> int:
+        """The oldest kept number of the session's feed (0 when empty)."""
 
     # -- commit (Phase 1) ------------------------------------------------------------
     @abc.abstractmethod

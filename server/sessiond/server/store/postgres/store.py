@@ -37,10 +37,12 @@ import contextlib
 import dataclasses
 import logging
 import random
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 from sessiond.server.domain import rules
+from sessiond.server.domain.autocommit import BYTES_PER_TOKEN
 from sessiond.server.domain.commands import RequestKey
 from sessiond.server.domain.errors import (
     Aborted,
@@ -55,7 +57,7 @@ from sessiond.server.store import codec
 from sessiond.server.store.base import RELAXED
 from sessiond.server.store.postgres import migrations
 from sessiond.server.store.postgres.dialect import DIALECT, PgTx
-from sessiond.server.store.sql import messages
+from sessiond.server.store.sql import messages, session_events
 from sessiond.server.store.sql.store import Op, SqlStore
 from sessiond.server.store.sql.tx import Announce, Tx
 
@@ -289,6 +291,7 @@ class PostgresStore(SqlStore):
 
     async def _notify(self, c: Conn, ctx: Announce) -> None:
         payloads = [EVENT_PREFIX + tid for tid in dict.fromkeys(e.task_id for e in ctx.events)]
+        payloads += [EVENT_PREFIX + key for key in sorted(ctx.pokes)]
         if ctx.work:
             payloads.append(WORK_PAYLOAD)
         if payloads:
@@ -364,35 +367,63 @@ class PostgresStore(SqlStore):
 
     # ------------------------------------------------------------------ AddMessage
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         """Without a request id, AddMessage is one statement (a CTE), which PostgreSQL
-        makes atomic by itself: no BEGIN/COMMIT round trips (measured in bench/)."""
+        makes atomic by itself: no BEGIN/COMMIT round trips (measured in bench/). The
+        statement changes nothing when the append would pass a count trigger of the
+        session's auto-commit policy or a quota: then the full transaction runs (it
+        commits, or says which quota)."""
         if request is not None:
-            return await super().add_message(identity, session_id, message, request)
+            return await super().add_message(identity, session_id, message, request, now)
         skey = codec.session_key(identity, session_id)
+        auto = self.auto_commit_default
+        now = now or message.created_at
+        ms = messages.epoch_ms(now)
+        event = session_events.message_item(message, now)[4]
 
-        async def op(tx: Tx) -> Message:
+        async def op(tx: Tx) -> Message | None:
             assert isinstance(tx, PgTx)
-            seq = await tx.conn.fetchval(_ADD_MESSAGE, skey, message.id, message.role.value,
-                                         codec.encode_parts(message.parts),
-                                         message.created_at, rules.message_bytes(message.parts),
-                                         self.limits.live_messages_per_session,
-                                         self.limits.live_bytes_per_session)
+            seq = await tx.conn.fetchval(
+                _ADD_MESSAGE, skey, message.id, message.role.value,
+                codec.encode_parts(message.parts), message.created_at,
+                rules.message_bytes(message.parts), self.limits.live_messages_per_session,
+                self.limits.live_bytes_per_session, now, ms, auto.idle_seconds,
+                auto.max_messages, auto.max_tokens, codec.dumps(event), self.channel,
+                EVENT_PREFIX + session_events.poke_key(skey))
             if seq is None:
-                raise await messages.quota_refusal(tx, identity, session_id, self.limits)
+                return None
+            tx.announce.pokes.add(session_events.poke_key(skey))
             return dataclasses.replace(message, seq=int(seq))
 
-        return await self._write(op, single_statement=True)
+        stored = await self._write(op, single_statement=True)
+        if stored is None:
+            return await super().add_message(identity, session_id, message, request, now)
+        return stored
 
 
-# messages.BUMP_SEQ and the INSERT of messages.add, as one statement.
+# messages.add as one statement, for an append that passes no quota and no count trigger
+# of auto-commit; with its feed event and the NOTIFY of it (sent on commit).
 _ADD_MESSAGE = (
     "WITH s AS (UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-    "live_count=live_count+1, live_bytes=live_bytes+$6, updated_at=$5 WHERE skey=$1 "
-    "AND live_count<$7 AND live_bytes+$6<=$8 RETURNING next_seq-1 AS seq) "
-    "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
+    "live_count=live_count+1, live_bytes=live_bytes+$6, updated_at=$9, "
+    "event_seq=event_seq+1, last_append_ms=$10, "
+    "idle_due_ms=CASE WHEN COALESCE(ac_idle, $11::bigint)>0 "
+    "THEN $10::bigint+COALESCE(ac_idle, $11::bigint)*1000 END "
+    "WHERE skey=$1 AND live_count<$7 AND live_bytes+$6<=$8 "
+    "AND NOT ((COALESCE(ac_messages, $12::bigint)>0 "
+    "AND live_count+1>=COALESCE(ac_messages, $12::bigint)) "
+    "OR (COALESCE(ac_tokens, $13::bigint)>0 "
+    f"AND (live_bytes+$6+{BYTES_PER_TOKEN - 1})/{BYTES_PER_TOKEN}"
+    ">=COALESCE(ac_tokens, $13::bigint))) "
+    "RETURNING next_seq-1 AS seq, event_seq), "
+    "m AS (INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
     "SELECT $1::text, s.seq, $2::text, $3::text, $4::text, $5::timestamptz, $6::bigint FROM s "
-    "RETURNING seq")
+    "RETURNING seq), "
+    "e AS (INSERT INTO session_events (skey, seq, kind, time, task_id, ref_seq, payload) "
+    "SELECT $1::text, s.event_seq, 'message_appended', $9::timestamptz, '', s.seq, $14::text "
+    "FROM s) "
+    "SELECT m.seq FROM m, LATERAL (SELECT pg_notify($15::text, $16::text)) AS n")
 
 
 __all__ = ["PostgresStore"]

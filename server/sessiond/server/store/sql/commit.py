@@ -3,7 +3,10 @@ PENDING task and its CREATED event) and the archives it writes."""
 
 from __future__ import annotations
 
-from sessiond.server.domain import transitions
+from datetime import datetime
+
+from sessiond.server.domain import rules, transitions
+from sessiond.server.domain.autocommit import AutoCommitPolicy, CommitTrigger
 from sessiond.server.domain.commands import CommitOutcome, CommitPlan, Phase2Inputs, RequestKey
 from sessiond.server.domain.errors import Aborted, NotFound
 from sessiond.server.domain.pages import Page, index_cursor, page_of
@@ -18,7 +21,7 @@ from sessiond.server.domain.values import (
     UsageRecord,
 )
 from sessiond.server.store import codec
-from sessiond.server.store.sql import requests, sessions, tasks
+from sessiond.server.store.sql import requests, session_events, sessions, tasks
 from sessiond.server.store.sql.tx import Row, Tx
 
 
@@ -64,23 +67,37 @@ async def commit(tx: Tx, plan: CommitPlan, request: RequestKey | None) -> Commit
         "first_message_id, last_message_id, created_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING *",
         skey, index, sid, plan.task_id, ArchiveState.PENDING.value, len(to_archive),
         to_archive[0]["message_id"], to_archive[-1]["message_id"], d.ts(now))
+    # An emptied live buffer also disarms the idle auto-commit (nothing left to commit).
     await tx.execute("UPDATE sessions SET archive_count=?, live_count=live_count-?, "
                      "live_bytes=(SELECT COALESCE(SUM(size), 0) FROM messages WHERE skey=? "
-                     "AND archive_index IS NULL), updated_at=? WHERE skey=?",
-                     index, len(to_archive), skey, d.ts(now), skey)
+                     "AND archive_index IS NULL), updated_at=?, "
+                     "idle_due_ms=CASE WHEN live_count-?>0 THEN idle_due_ms END WHERE skey=?",
+                     index, len(to_archive), skey, d.ts(now), len(to_archive), skey)
     trow = await tx.fetchrow(
         "INSERT INTO tasks (task_id, skey, account, user_id, agent, session_id, archive_index, "
-        "task_type, state, stage, done_stage, created_at, updated_at, trace_context) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
+        "task_type, state, stage, done_stage, created_at, updated_at, trace_context, "
+        "commit_trigger) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
         plan.task_id, skey, identity.account, identity.user, identity.agent, sid, index,
         TASK_TYPE_COMMIT, TaskState.PENDING.value, Stage.QUEUED.value, Stage.QUEUED.value,
-        d.ts(now), d.ts(now), plan.trace_context)
+        d.ts(now), d.ts(now), plan.trace_context, plan.trigger.value)
     assert arow is not None and trow is not None
+    await session_events.append(tx, skey, [session_events.commit_item(
+        plan.task_id, index, len(to_archive), plan.trigger, now)])
     _, task = await tasks.apply(tx, d.rows.task(trow),
-                                transitions.created(index, len(to_archive)), now)
+                                transitions.created(index, len(to_archive), plan.trigger), now)
     await requests.remember(tx, request, {"archived": True, "task_id": plan.task_id}, now)
     tx.announce.work = True
     return CommitOutcome(True, d.rows.archive(arow), task)
+
+
+async def auto_commit(tx: Tx, identity: Identity, session_id: str, policy: AutoCommitPolicy,
+                      trigger: CommitTrigger, now: datetime) -> CommitOutcome:
+    """An auto-commit: an ordinary Phase 1 (the same transaction as `commit`), made
+    by the server, keeping the policy's newest `keep_recent_count` messages live."""
+    plan = CommitPlan(identity=identity, session_id=session_id,
+                      keep_recent_count=policy.keep_recent_count, reject_if_running=False,
+                      task_id=rules.new_task_id(), now=now, trigger=trigger)
+    return await commit(tx, plan, None)
 
 
 async def list_page(tx: Tx, identity: Identity, session_id: str, page_size: int,

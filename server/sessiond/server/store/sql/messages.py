@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 
+from sessiond.server import failpoints
 from sessiond.server.domain import rules
+from sessiond.server.domain.autocommit import OFF, AutoCommitPolicy
 from sessiond.server.domain.commands import AddedMessage, RequestKey
 from sessiond.server.domain.errors import (
     FailedPrecondition,
@@ -25,13 +27,47 @@ from sessiond.server.domain.limits import (
 )
 from sessiond.server.domain.values import Identity, Message, ToolPart, ToolStatus, UsageRecord
 from sessiond.server.store import codec
-from sessiond.server.store.sql import requests, sessions
-from sessiond.server.store.sql.tx import Tx
+from sessiond.server.store.sql import commit, requests, session_events, sessions
+from sessiond.server.store.sql.rows import own_policy
+from sessiond.server.store.sql.tx import Row, Tx
 
-# Appends within the live quotas: (size, updated_at, skey, max count, size, max bytes).
-BUMP_SEQ = ("UPDATE sessions SET next_seq=next_seq+1, message_count=message_count+1, "
-            "live_count=live_count+1, live_bytes=live_bytes+?, updated_at=? "
-            "WHERE skey=? AND live_count<? AND live_bytes+?<=? RETURNING next_seq-1")
+# Appends within the live quotas. Also numbers the feed events, stamps the append time
+# and arms the idle trigger (the session's own idle seconds, else the server's). Args:
+# `bump_args`.
+_BUMP = ("UPDATE sessions SET next_seq=next_seq+?, message_count=message_count+?, "
+         "live_count=live_count+?, live_bytes=live_bytes+?, updated_at=?, "
+         "event_seq=event_seq+?, last_append_ms=?, "
+         "idle_due_ms=CASE WHEN COALESCE(ac_idle, ?)>0 THEN ?+COALESCE(ac_idle, ?)*1000 END "
+         "WHERE skey=? AND live_count+?<=? AND live_bytes+?<=? "
+         "RETURNING next_seq-? AS seq, event_seq-?+1 AS event_first, live_count, live_bytes, "
+         "ac_messages, ac_tokens, ac_idle, ac_keep")
+
+
+def bump_args(tx: Tx, skey: str, count: int, size: int, now: datetime,
+              auto: AutoCommitPolicy, limits: Limits) -> tuple[object, ...]:
+    ms = epoch_ms(now)
+    return (count, count, count, size, tx.d.ts(now), count, ms, auto.idle_seconds, ms,
+            auto.idle_seconds, skey, count, limits.live_messages_per_session, size,
+            limits.live_bytes_per_session, count, count)
+
+
+def epoch_ms(now: datetime) -> int:
+    return int(now.timestamp() * 1000)
+
+
+async def after_append(tx: Tx, identity: Identity, session_id: str, skey: str, srow: Row,
+                       stored: Sequence[Message], auto: AutoCommitPolicy,
+                       now: datetime) -> None:
+    """The feed events of the stored messages, then the count-triggered auto-commit
+    when the live buffer now passes the session's policy (same transaction: the
+    append and its commit are durable together, and exactly once)."""
+    await session_events.insert(tx, skey, int(srow["event_first"]),
+                                [session_events.message_item(m, now) for m in stored])
+    policy = own_policy(srow) or auto
+    trigger = policy.due(int(srow["live_count"]), int(srow["live_bytes"]))
+    if trigger is not None:
+        failpoints.hit("autocommit.count")
+        await commit.auto_commit(tx, identity, session_id, policy, trigger, now)
 
 
 async def quota_refusal(tx: Tx, identity: Identity, session_id: str,
@@ -46,7 +82,10 @@ async def quota_refusal(tx: Tx, identity: Identity, session_id: str,
 
 
 async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
-              request: RequestKey | None, limits: Limits = DEFAULT_LIMITS) -> Message:
+              request: RequestKey | None, limits: Limits = DEFAULT_LIMITS,
+              auto: AutoCommitPolicy = OFF, now: datetime | None = None) -> Message:
+    """Append one message. `now` (default: the message's created_at) is the time of
+    the append: updated_at, the idle trigger, the feed event."""
     skey = codec.session_key(identity, session_id)
     previous = await requests.replay(tx, request)
     if previous is not None:
@@ -57,22 +96,24 @@ async def add(tx: Tx, identity: Identity, session_id: str, message: Message,
                            reason="MESSAGE_NOT_FOUND")
         return tx.d.rows.message(row)
     size = rules.message_bytes(message.parts)
-    seq = await tx.fetchval(BUMP_SEQ, size, tx.d.ts(message.created_at), skey,
-                            limits.live_messages_per_session, size,
-                            limits.live_bytes_per_session)
-    if seq is None:
+    now = now or message.created_at
+    srow = await tx.fetchrow(_BUMP, *bump_args(tx, skey, 1, size, now, auto, limits))
+    if srow is None:
         raise await quota_refusal(tx, identity, session_id, limits)
+    stored = dataclasses.replace(message, seq=int(srow["seq"]))
     await tx.execute(
         "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size) "
-        "VALUES (?,?,?,?,?,?,?)", skey, seq, message.id, message.role.value,
+        "VALUES (?,?,?,?,?,?,?)", skey, stored.seq, message.id, message.role.value,
         codec.encode_parts(message.parts), tx.d.ts(message.created_at), size)
-    await requests.remember(tx, request, {"message_id": message.id}, message.created_at)
-    return dataclasses.replace(message, seq=int(seq))
+    await requests.remember(tx, request, {"message_id": message.id}, now)
+    await after_append(tx, identity, session_id, skey, srow, [stored], auto, now)
+    return stored
 
 
 async def add_batch(tx: Tx, identity: Identity, session_id: str,
                     batch: Sequence[Message], request: RequestKey | None,
-                    limits: Limits = DEFAULT_LIMITS) -> list[AddedMessage]:
+                    limits: Limits = DEFAULT_LIMITS, auto: AutoCommitPolicy = OFF,
+                    now: datetime | None = None) -> list[AddedMessage]:
     """Append `batch` in order, all or nothing. A message whose client id is already
     stored in the session (or earlier in the batch) is not stored again: its result
     is the stored message, marked duplicate. The live quotas count every message
@@ -83,6 +124,7 @@ async def add_batch(tx: Tx, identity: Identity, session_id: str,
         return await _replayed(tx, skey, previous)
     # The session row lock serializes appends that check client ids across replicas.
     await sessions.require(tx, identity, session_id, lock=True)
+    now = now or batch[-1].created_at
     cids = list(dict.fromkeys(m.client_message_id for m in batch if m.client_message_id))
     known: dict[str, Message] = {}
     for chunk in range(0, len(cids), 500):
@@ -110,21 +152,18 @@ async def add_batch(tx: Tx, identity: Identity, session_id: str,
     if fresh:
         sizes = [rules.message_bytes(m.parts) for m in fresh]
         total, n = sum(sizes), len(fresh)
-        first = await tx.fetchval(
-            "UPDATE sessions SET next_seq=next_seq+?, message_count=message_count+?, "
-            "live_count=live_count+?, live_bytes=live_bytes+?, updated_at=? "
-            "WHERE skey=? AND live_count+?<=? AND live_bytes+?<=? RETURNING next_seq-?",
-            n, n, n, total, tx.d.ts(fresh[-1].created_at), skey,
-            n, limits.live_messages_per_session, total, limits.live_bytes_per_session, n)
-        if first is None:
+        srow = await tx.fetchrow(_BUMP, *bump_args(tx, skey, n, total, now, auto, limits))
+        if srow is None:
             raise await batch_quota_refusal(tx, identity, session_id, n, limits)
-        stored = [dataclasses.replace(m, seq=int(first) + i) for i, m in enumerate(fresh)]
+        first = int(srow["seq"])
+        stored = [dataclasses.replace(m, seq=first + i) for i, m in enumerate(fresh)]
         await tx.executemany(
             "INSERT INTO messages (skey, seq, message_id, role, parts, created_at, size, "
             "client_message_id) VALUES (?,?,?,?,?,?,?,?)",
             [(skey, m.seq, m.id, m.role.value, codec.encode_parts(m.parts),
               tx.d.ts(m.created_at), size, m.client_message_id or None)
              for m, size in zip(stored, sizes, strict=True)])
+        await after_append(tx, identity, session_id, skey, srow, stored, auto, now)
     results: list[AddedMessage] = []
     seen: set[int] = set()
     for item in plan:
@@ -135,7 +174,7 @@ async def add_batch(tx: Tx, identity: Identity, session_id: str,
             seen.add(item)
     await requests.remember(tx, request, {"message_ids": [r.message.id for r in results],
                                           "duplicates": [r.duplicate for r in results]},
-                            batch[0].created_at)
+                            now)
     return results
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from sessiond.server.domain.autocommit import AutoCommitPolicy, CommitTrigger
 from sessiond.server.domain.values import (
     ApiKey,
     Archive,
@@ -32,6 +33,14 @@ from sessiond.server.domain.values import (
 )
 from sessiond.server.store import codec
 from sessiond.server.store.sql.tx import Row
+
+
+def own_policy(row: Row) -> AutoCommitPolicy | None:
+    """The session row's own auto-commit policy (None: the server default applies)."""
+    if row["ac_messages"] is None:
+        return None
+    return AutoCommitPolicy(int(row["ac_messages"]), int(row["ac_tokens"]),
+                            int(row["ac_idle"]), int(row["ac_keep"]))
 
 
 class RowMapper:
@@ -57,7 +66,9 @@ class RowMapper:
             archive_count=row["archive_count"], commit_count=row["commit_count"],
             memories_extracted=codec.decode_counts(row["memory_counts"]),
             last_commit_at=self._ts(row["last_commit_at"]),
-            llm_token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]))
+            llm_token_usage=TokenUsage(row["prompt_tokens"], row["completion_tokens"]),
+            auto_commit=own_policy(row), auto_commit_inherited=row["ac_messages"] is None,
+            last_event_seq=int(row["event_seq"]))
 
     def message(self, row: Row) -> Message:
         return Message(id=row["message_id"], role=Role(row["role"]),
@@ -95,7 +106,8 @@ class RowMapper:
             memory_counts=codec.decode_counts(row["memory_counts"]),
             active_count_updated=row["active_count_updated"],
             trace_context=row["trace_context"], retries=row["retries"],
-            revert_force=bool(row["revert_force"]))
+            revert_force=bool(row["revert_force"]),
+            trigger=CommitTrigger(row["commit_trigger"]))
 
     def event(self, row: Row) -> TaskEvent:
         return TaskEvent(task_id=row["task_id"], seq=row["seq"], kind=EventKind(row["kind"]),

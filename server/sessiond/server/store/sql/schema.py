@@ -277,6 +277,32 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX tasks_archive_type ON tasks (skey, archive_index, task_type);
     ${extra}
     """),
+    Migration(10, "auto-commit policies, session event feed", """
+    -- The session's own auto-commit policy; NULL columns: the server default applies.
+    ALTER TABLE sessions ADD COLUMN ac_messages ${int64};
+    ALTER TABLE sessions ADD COLUMN ac_tokens ${int64};
+    ALTER TABLE sessions ADD COLUMN ac_idle ${int64};
+    ALTER TABLE sessions ADD COLUMN ac_keep ${int64};
+    -- Epoch milliseconds of the newest append, and when the idle trigger is due
+    -- (NULL: not armed). The idle scanner claims a session by clearing idle_due_ms.
+    ALTER TABLE sessions ADD COLUMN last_append_ms ${int64};
+    ALTER TABLE sessions ADD COLUMN idle_due_ms ${int64};
+    -- Newest number of the session's event feed.
+    ALTER TABLE sessions ADD COLUMN event_seq ${int64} NOT NULL DEFAULT 0;
+    CREATE INDEX sessions_idle_due ON sessions (idle_due_ms);
+    ALTER TABLE tasks ADD COLUMN commit_trigger TEXT NOT NULL DEFAULT 'manual';
+    CREATE TABLE session_events (
+        skey ${key} NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        seq ${int64} NOT NULL,
+        kind TEXT NOT NULL,
+        time ${ts} NOT NULL,
+        task_id ${key} NOT NULL DEFAULT '',
+        ref_seq ${int64} NOT NULL DEFAULT 0,
+        payload TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (skey, seq)
+    );
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without
@@ -294,7 +320,8 @@ def pending(found: int) -> tuple[Migration, ...]:
 TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks", "task_events",
                            "memories", "relations", "active_counts", "request_ids",
                            "api_keys", "recall_entries", "recall_terms",
-                           "recall_vectors", "identity_usage", "memory_changes")
+                           "recall_vectors", "identity_usage", "memory_changes",
+                           "session_events")
 
 
 def statements(script: str) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from sessiond.server.domain.autocommit import AutoCommitPolicy, SessionEvent
 from sessiond.server.domain.commands import (
     AddedMessage,
     CommitOutcome,
@@ -61,6 +62,7 @@ from sessiond.server.domain.values import (
 from sessiond.server.store.base import Store
 from sessiond.server.store.sql import (
     api_keys,
+    autocommit,
     commit,
     imports,
     memories,
@@ -68,6 +70,7 @@ from sessiond.server.store.sql import (
     messages,
     recall,
     retention,
+    session_events,
     sessions,
     stages,
     tasks,
@@ -91,6 +94,8 @@ class SqlStore(Store):
 
     def _announce(self, announce: Announce) -> None:
         self._emit_events(announce.events)
+        for key in announce.pokes:
+            self._emit_remote_event(key)
         if announce.work:
             self._emit_work()
 
@@ -118,15 +123,19 @@ class SqlStore(Store):
 
     # -- messages and usage
     async def add_message(self, identity: Identity, session_id: str, message: Message,
-                          request: RequestKey | None = None) -> Message:
+                          request: RequestKey | None = None,
+                          now: datetime | None = None) -> Message:
         return await self._write(lambda tx: messages.add(tx, identity, session_id, message,
-                                                         request, self.limits))
+                                                         request, self.limits,
+                                                         self.auto_commit_default, now))
 
     async def add_messages(self, identity: Identity, session_id: str,
                            messages: Sequence[Message],
-                           request: RequestKey | None = None) -> list[AddedMessage]:
+                           request: RequestKey | None = None,
+                           now: datetime | None = None) -> list[AddedMessage]:
         return await self._write(lambda tx: msgs.add_batch(tx, identity, session_id, messages,
-                                                           request, self.limits))
+                                                           request, self.limits,
+                                                           self.auto_commit_default, now))
 
     async def update_tool_part(self, identity: Identity, session_id: str, message_id: str,
                                tool_id: str, output: str, status: ToolStatus,
@@ -144,6 +153,30 @@ class SqlStore(Store):
                            request: RequestKey | None = None) -> int:
         return await self._write(lambda tx: messages.record_usage(tx, identity, session_id,
                                                                   usage, request, self.limits))
+
+    # -- auto-commit and the session feed
+    async def update_session_config(self, identity: Identity, session_id: str,
+                                    policy: AutoCommitPolicy | None,
+                                    now: datetime) -> SessionMeta:
+        return await self._write(lambda tx: autocommit.update_config(
+            tx, identity, session_id, policy, now, self.auto_commit_default))
+
+    async def idle_due_sessions(self, now: datetime, limit: int = 100
+                                ) -> list[tuple[Identity, str]]:
+        return await self._read(lambda tx: autocommit.idle_due(tx, now, limit))
+
+    async def idle_commit(self, identity: Identity, session_id: str,
+                          now: datetime) -> CommitOutcome | None:
+        return await self._write(lambda tx: autocommit.idle_commit(
+            tx, identity, session_id, now, self.auto_commit_default))
+
+    async def list_session_events(self, identity: Identity, session_id: str,
+                                  after_seq: int, limit: int = 1000) -> list[SessionEvent]:
+        return await self._read(lambda tx: session_events.list_after(
+            tx, identity, session_id, after_seq, limit))
+
+    async def session_events_first_seq(self, identity: Identity, session_id: str) -> int:
+        return await self._read(lambda tx: session_events.first_seq(tx, identity, session_id))
 
     # -- Phase 1 and archives
     async def commit(self, plan: CommitPlan, request: RequestKey | None = None) -> CommitOutcome:

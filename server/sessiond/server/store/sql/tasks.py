@@ -28,7 +28,7 @@ from sessiond.server.domain.values import (
     TokenUsage,
 )
 from sessiond.server.store import codec
-from sessiond.server.store.sql import requests
+from sessiond.server.store.sql import requests, session_events
 from sessiond.server.store.sql.tx import Tx
 
 OPEN = (TaskState.PENDING.value, TaskState.RUNNING.value)
@@ -84,6 +84,8 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
     tx.announce.events.append(ev)
+    await session_events.append(tx, codec.session_key(task.identity, task.session_id),
+                                [session_events.task_item(ev)])
     if t.frees_work and not tx.announce.work:
         # Workers are woken only when there is something they may now claim (a later
         # archive of the session, or work an identity cap held back).

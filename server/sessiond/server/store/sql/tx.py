@@ -30,6 +30,8 @@ class Announce:
 
     events: list[TaskEvent] = field(default_factory=list)
     work: bool = False
+    # Wake-up keys of session feeds that got events (`session_events.poke_key`).
+    pokes: set[str] = field(default_factory=set)
 
 
 class Dialect(abc.ABC):
