@@ -14,6 +14,28 @@ EXTRA = {1: """
     CREATE INDEX tasks_open ON tasks (state, created_at);
     CREATE VIRTUAL TABLE memories_fts USING fts5(content, memory_id UNINDEXED,
                                                  tokenize = 'unicode61');
+    """, 11: """
+    CREATE TABLE messages_clustered (
+        skey TEXT NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        parts TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        archive_index INTEGER,
+        size INTEGER NOT NULL DEFAULT 0,
+        client_message_id TEXT,
+        PRIMARY KEY (skey, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO messages_clustered (skey, seq, message_id, role, parts, created_at,
+                                    archive_index, size, client_message_id)
+        SELECT skey, seq, message_id, role, parts, created_at, archive_index, size,
+               client_message_id FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_clustered RENAME TO messages;
+    CREATE UNIQUE INDEX messages_id ON messages (skey, message_id);
+    CREATE INDEX messages_archive ON messages (skey, archive_index, seq);
+    CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
     """}
 
 
