@@ -150,6 +150,32 @@ def test_neighbours_and_filters(store: Store, run: Runner) -> None:
     run(body())
 
 
+def test_neighbours_of_several_hits_come_from_each_hits_own_archive(store: Store,
+                                                                     run: Runner) -> None:
+    async def body() -> None:
+        by_id = {m.id: i for sid, task in (("s1", "t1"), ("s2", "t2"))
+                 for i, m in enumerate(await indexed(store, sid=sid, task_id=task))}
+        hits = await store.recall(ID, q("Biscuit golden retriever pottery lake studio"),
+                                  with_neighbours=5)
+        messages = [h for h in hits if h.entry.kind is RecallKind.MESSAGE]
+        assert {h.entry.session_id for h in hits[:5]} == {"s1", "s2"}
+        assert len([h for h in hits[:5] if h.entry.kind is RecallKind.MESSAGE]) >= 4
+        for rank, hit in enumerate(hits):
+            if hit.entry.kind is not RecallKind.MESSAGE or rank >= 5:
+                assert hit.before == () and hit.after == ()
+                continue
+            (mid,) = hit.entry.message_ids
+            sid, i = hit.entry.session_id, by_id[mid]
+            task = "t1" if sid == "s1" else "t2"
+            assert [b.message_ids for b in hit.before] == (
+                [(f"{sid}-{task}-{i - 1}",)] if i > 0 else [])
+            assert [a.message_ids for a in hit.after] == (
+                [(f"{sid}-{task}-{i + 1}",)] if i < len(TURNS) - 1 else [])
+            assert all(x.session_id == sid for x in (*hit.before, *hit.after))
+        assert len(messages) > 5
+    run(body())
+
+
 def test_recall_is_isolated_per_identity(store: Store, run: Runner) -> None:
     async def body() -> None:
         await indexed(store)
