@@ -192,6 +192,34 @@ def test_recall_is_isolated_per_identity(store: Store, run: Runner) -> None:
     run(body())
 
 
+def test_bm25_statistics_follow_deletions(store: Store, run: Runner) -> None:
+    """N and the average length BM25 uses are the identity's current entries: after a
+    session is deleted, the scores are those of an identity that never had it."""
+    async def body() -> None:
+        other_turns = [(Role.USER, "A long note about golden sunsets over the harbour "
+                        "and retriever training at the lake every single morning"),
+                       (Role.ASSISTANT, "Sunsets and training, noted.")]
+        plan = {"t1": (ID, "s1", TURNS), "t2": (ID, "s2", other_turns),
+                "t3": (OTHER_USER, "s1", TURNS)}
+        stored = {t: await commit_turns(store, who, sid, t, 0, turns)
+                  for t, (who, sid, turns) in plan.items()}
+        for i in range(len(plan)):
+            task = await store.claim_task("w", at(20 + i), at(50 + i))
+            assert task is not None
+            await store.complete_stage(task.task_id, "w", Stage.INDEX, IndexOutput(
+                archive_entries(task, stored[task.task_id], "", "")), at(21 + i))
+        query = q("golden retriever lake months")
+        with_s2 = [round(h.score, 9) for h in await store.recall(ID, query)]
+        assert await store.delete_session(ID, "s2", at(60))
+        mine = [(h.entry.message_ids[0].split("-")[-1], round(h.score, 9))
+                for h in await store.recall(ID, query)]
+        reference = [(h.entry.message_ids[0].split("-")[-1], round(h.score, 9))
+                     for h in await store.recall(OTHER_USER, query)]
+        assert mine == reference and len(mine) >= 2
+        assert [s for _, s in mine] != with_s2[:len(mine)]
+    run(body())
+
+
 def test_index_after_a_crash_writes_nothing_twice(store: Store, run: Runner) -> None:
     async def body() -> None:
         messages = await commit_turns(store, ID, "s1", "t1", 0)

@@ -151,8 +151,7 @@ async def search(tx: Tx, identity: Identity, query: RecallQuery) -> list[RecallH
     if not query.terms or not query.kinds:
         return []
     vis = _visible(identity)
-    stats = await tx.fetchrow("SELECT COUNT(*) AS n, COALESCE(SUM(length), 0) AS total "
-                              f"FROM recall_entries WHERE {VISIBLE}", *vis)
+    stats = await tx.fetchrow(tx.d.recall_stats(), *vis)
     n_docs = int(stats["n"]) if stats is not None else 0
     if n_docs == 0:
         return []

@@ -246,12 +246,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
     ${extra}
     """),
-    Migration(11, "messages clustered by session (SQLite)", """
+    Migration(11, "messages clustered by session, recall statistics (SQLite)", """
     -- SQLite keeps the rows of a rowid table in insertion order: the messages of
     -- sessions appended at the same time share pages, and archiving one session's
     -- messages rewrote about one page per message. The SQLite part rebuilds the
-    -- table WITHOUT ROWID, so its rows are stored in (skey, seq) order. Nothing
-    -- changes on PostgreSQL.
+    -- table WITHOUT ROWID, so its rows are stored in (skey, seq) order. It also
+    -- keeps each identity's retrieval entry count and total length in recall_stats
+    -- (triggers on recall_entries), which every Recall reads for BM25 instead of
+    -- scanning all the identity's entries. Nothing changes on PostgreSQL.
     ${extra}
     """),
 )
