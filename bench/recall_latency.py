@@ -22,14 +22,22 @@ and fused with the lexical ranking.
 
 Prints one line per (store, size, embedder): items indexed, Recall p50/p99, the
 floor's p50/p99, the p50 ratio.
+
+--base REV (no embedder only): after the fill, this code ("new") and REV ("old",
+exported with `git archive`, first on PYTHONPATH; it must know the schema version) each
+serve the same data (SQLite: a copy of the data directory; PostgreSQL: the same
+database), and the queries alternate old, new, floor: the two revisions side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +56,14 @@ from sessiond.v1 import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import BENCH_DIR, percentile, python_exe, sessiond_cmd, start_server
+from bench.harness import (
+    BENCH_DIR,
+    REPO_DIR,
+    percentile,
+    python_exe,
+    sessiond_cmd,
+    start_server,
+)
 from bench.run import pg_create_db, pg_drop_db
 
 MD = (("x-sessiond-user", "latency"),)
@@ -174,6 +189,55 @@ def queries(ch: grpc.Channel, fstub: Any, n: int, rnd: random.Random,
     return rec, flo
 
 
+def export(rev: str, into: Path) -> str:
+    """`git archive REV server clients` into `into`; the PYTHONPATH that runs it."""
+    into.mkdir(parents=True, exist_ok=True)
+    tar = subprocess.run(["git", "-C", str(REPO_DIR), "archive", rev, "server", "clients"],
+                         capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    return f"{into / 'server'}{os.pathsep}{into / 'clients'}"
+
+
+def side_by_side(store: str, n: int, items: int, url: str, data: Path, args: argparse.Namespace,
+                 tmp: Path, fstub: Any, rnd: random.Random, words: list[str]) -> None:
+    """Old and new revision on the same data, queries alternating."""
+    old_data = tmp / f"{store}-{n}-old"
+    if store == "sqlite":
+        shutil.copytree(data, old_data)
+    env = {"PYTHONPATH": export(args.base, tmp / "old-src")}
+    procs = []
+    try:
+        for name, d, e in (("old", old_data, env), ("new", data, None)):
+            cmd = [python_exe(), "-m", "sessiond.server.cli", "serve", "--address",
+                   "127.0.0.1:0", "--data-dir", str(d), "--store", url, "--shutdown-grace",
+                   "2", "--embedder", "none"]
+            procs.append(start_server(f"{store}-{n}-{name}", cmd,
+                                      tmp / f"{store}-{n}-{name}.log", env=e, timeout=120))
+        chans = [grpc.insecure_channel(p.target) for p in procs]
+        mems = [memory_pb2_grpc.MemoryServiceStub(c) for c in chans]
+        got: list[list[float]] = [[], []]
+        flo: list[float] = []
+        for _ in range(args.queries):
+            q = " ".join(rnd.choices(words[:2000], k=5))
+            for i, mem in enumerate(mems):
+                t = time.perf_counter()
+                mem.Recall(memory_pb2.RecallRequest(query=q), metadata=MD, timeout=60)
+                got[i].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fstub.GetSession(session_pb2.GetSessionRequest(session_id="x"))
+            flo.append(time.perf_counter() - t)
+        for c in chans:
+            c.close()
+        for name, rec in zip(("old " + args.base, "new"), got, strict=True):
+            line(store, n, items, f"none, {name}", rec, flo)
+        o50, n50 = percentile(got[0], 50), percentile(got[1], 50)
+        o99, n99 = percentile(got[0], 99), percentile(got[1], 99)
+        print(f"  old/new p50 {o50 / n50:.2f}x, p99 {o99 / n99:.2f}x", flush=True)
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def line(store: str, n: int, items: int, emb: str, rec: list[float], flo: list[float],
          first: float | None = None) -> None:
     r50, r99 = 1000 * percentile(rec, 50), 1000 * percentile(rec, 99)
@@ -208,6 +272,8 @@ def run_one(store: str, n: int, args: argparse.Namespace, tmp: Path, fstub: Any)
         finally:
             srv.stop()
         print(f"  (filled in {filled:.0f} s)", flush=True)
+        if args.base:
+            side_by_side(store, n, items, url, data, args, tmp, fstub, rnd, words)
         if args.embedder in ("local", "both"):
             model = local_model_name()
             wrote = (write_vectors_sqlite(data, model) if store == "sqlite"
@@ -238,6 +304,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--embedder", default="both", choices=["none", "local", "both"])
+    ap.add_argument("--base", default="", help="also run REV beside this code (see above)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sessiond-recall-lat-"))
     floor = start_server("floor", [python_exe(), str(BENCH_DIR / "floor_server.py"),
