@@ -54,9 +54,14 @@ class Stubs:
     tasks: task_pb2_grpc.TaskServiceAsyncStub
 
     @classmethod
-    def connect(cls, target: str) -> Stubs:
-        ch = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    def connect(cls, target: str, own_connection: bool = False) -> Stubs:
+        """`own_connection`: not shared with other channels of this process to the same
+        target (grpc shares subchannels by default), so a server of several processes
+        on one port may get each such channel on a different process."""
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        ch = grpc.aio.insecure_channel(target, options=options)
         # The generated stubs are typed as their *AsyncStub variants (which exist for the
         # type checker only) when built on an aio channel.
         return cls(ch, session_pb2_grpc.SessionServiceStub(ch), task_pb2_grpc.TaskServiceStub(ch))

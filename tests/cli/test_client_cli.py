@@ -28,6 +28,7 @@ from sessiond.server.phase2.engines.base import (
     no_report,
 )
 from sessiond.server.phase2.engines.offline import OfflineEngine
+from sessiond.server.store.sql.schema import SCHEMA_VERSION
 
 from tests.api.helpers import FailingEngine, GatedEngine
 from tests.conftest import Running, ServerFactory
@@ -251,10 +252,12 @@ def test_info_reports_the_server_version(server: Running,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     got = js(capsys, "info", "--address", server.target)
     assert got["client"] == {"version": "0.1.0"}
-    assert got["server"] == {"version": "0.1.0", "api": "sessiond.v1", "schema_version": 10,
-                             "engine": "offline", "store": "sqlite"}
+    assert got["server"] == {"version": "0.1.0", "api": "sessiond.v1",
+                             "schema_version": SCHEMA_VERSION, "engine": "offline",
+                             "store": "sqlite", "process_id": os.getpid()}
     code, out, _ = sd(capsys, "info", "--address", server.target)
     assert code == EXIT_OK and "sessiond 0.1.0" in out and "sqlite" in out
+    assert str(os.getpid()) in out
 
 
 def test_installed_console_script(server: Running) -> None:

@@ -150,6 +150,32 @@ def test_neighbours_and_filters(store: Store, run: Runner) -> None:
     run(body())
 
 
+def test_neighbours_of_several_hits_come_from_each_hits_own_archive(store: Store,
+                                                                     run: Runner) -> None:
+    async def body() -> None:
+        by_id = {m.id: i for sid, task in (("s1", "t1"), ("s2", "t2"))
+                 for i, m in enumerate(await indexed(store, sid=sid, task_id=task))}
+        hits = await store.recall(ID, q("Biscuit golden retriever pottery lake studio"),
+                                  with_neighbours=5)
+        messages = [h for h in hits if h.entry.kind is RecallKind.MESSAGE]
+        assert {h.entry.session_id for h in hits[:5]} == {"s1", "s2"}
+        assert len([h for h in hits[:5] if h.entry.kind is RecallKind.MESSAGE]) >= 4
+        for rank, hit in enumerate(hits):
+            if hit.entry.kind is not RecallKind.MESSAGE or rank >= 5:
+                assert hit.before == () and hit.after == ()
+                continue
+            (mid,) = hit.entry.message_ids
+            sid, i = hit.entry.session_id, by_id[mid]
+            task = "t1" if sid == "s1" else "t2"
+            assert [b.message_ids for b in hit.before] == (
+                [(f"{sid}-{task}-{i - 1}",)] if i > 0 else [])
+            assert [a.message_ids for a in hit.after] == (
+                [(f"{sid}-{task}-{i + 1}",)] if i < len(TURNS) - 1 else [])
+            assert all(x.session_id == sid for x in (*hit.before, *hit.after))
+        assert len(messages) > 5
+    run(body())
+
+
 def test_recall_is_isolated_per_identity(store: Store, run: Runner) -> None:
     async def body() -> None:
         await indexed(store)
@@ -163,6 +189,34 @@ def test_recall_is_isolated_per_identity(store: Store, run: Runner) -> None:
         after = [(h.entry.entry_id, round(h.score, 9))
                  for h in await store.recall(ID, q("golden retriever puppy"))]
         assert before == after
+    run(body())
+
+
+def test_bm25_statistics_follow_deletions(store: Store, run: Runner) -> None:
+    """N and the average length BM25 uses are the identity's current entries: after a
+    session is deleted, the scores are those of an identity that never had it."""
+    async def body() -> None:
+        other_turns = [(Role.USER, "A long note about golden sunsets over the harbour "
+                        "and retriever training at the lake every single morning"),
+                       (Role.ASSISTANT, "Sunsets and training, noted.")]
+        plan = {"t1": (ID, "s1", TURNS), "t2": (ID, "s2", other_turns),
+                "t3": (OTHER_USER, "s1", TURNS)}
+        stored = {t: await commit_turns(store, who, sid, t, 0, turns)
+                  for t, (who, sid, turns) in plan.items()}
+        for i in range(len(plan)):
+            task = await store.claim_task("w", at(20 + i), at(50 + i))
+            assert task is not None
+            await store.complete_stage(task.task_id, "w", Stage.INDEX, IndexOutput(
+                archive_entries(task, stored[task.task_id], "", "")), at(21 + i))
+        query = q("golden retriever lake months")
+        with_s2 = [round(h.score, 9) for h in await store.recall(ID, query)]
+        assert await store.delete_session(ID, "s2", at(60))
+        mine = [(h.entry.message_ids[0].split("-")[-1], round(h.score, 9))
+                for h in await store.recall(ID, query)]
+        reference = [(h.entry.message_ids[0].split("-")[-1], round(h.score, 9))
+                     for h in await store.recall(OTHER_USER, query)]
+        assert mine == reference and len(mine) >= 2
+        assert [s for _, s in mine] != with_s2[:len(mine)]
     run(body())
 
 

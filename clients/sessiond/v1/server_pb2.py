@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/server.proto\x12\x0bsessiond.v1\"\x16\n\x14GetServerInfoRequest\"l\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05store\x18\x05 \x01(\t2g\n\rServerService\x12V\n\rGetServerInfo\x12!.sessiond.v1.GetServerInfoRequest\x1a\".sessiond.v1.GetServerInfoResponseB\x8d\x01\n\x0f\x64\x65v.sessiond.v1B\x0bServerProtoP\x01Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\xa2\x02\x03SDX\xaa\x02\x0bSessiond.V1\xca\x02\x0bSessiond\\V1\xea\x02\x0cSessiond::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sessiond/v1/server.proto\x12\x0bsessiond.v1\"\x16\n\x14GetServerInfoRequest\"\x80\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05store\x18\x05 \x01(\t\x12\x12\n\nprocess_id\x18\x06 \x01(\r2g\n\rServerService\x12V\n\rGetServerInfo\x12!.sessiond.v1.GetServerInfoRequest\x1a\".sessiond.v1.GetServerInfoResponseB\x8d\x01\n\x0f\x64\x65v.sessiond.v1B\x0bServerProtoP\x01Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\xa2\x02\x03SDX\xaa\x02\x0bSessiond.V1\xca\x02\x0bSessiond\\V1\xea\x02\x0cSessiond::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.sessiond.v1B\013ServerProtoP\001Z:github.com/sessiond/sessiond/gen/go/sessiond/v1;sessiondv1\242\002\003SDX\252\002\013Sessiond.V1\312\002\013Sessiond\\V1\352\002\014Sessiond::V1'
   _globals['_GETSERVERINFOREQUEST']._serialized_start=41
   _globals['_GETSERVERINFOREQUEST']._serialized_end=63
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=65
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=173
-  _globals['_SERVERSERVICE']._serialized_start=175
-  _globals['_SERVERSERVICE']._serialized_end=278
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=66
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=194
+  _globals['_SERVERSERVICE']._serialized_start=196
+  _globals['_SERVERSERVICE']._serialized_end=299
 # @@protoc_insertion_point(module_scope)

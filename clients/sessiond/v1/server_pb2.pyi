@@ -40,6 +40,7 @@ class GetServerInfoResponse(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
+    PROCESS_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The sessiond release the server runs, e.g. "0.1.0"."""
     api: _builtins.str
@@ -50,6 +51,10 @@ class GetServerInfoResponse(_message.Message):
     """The Phase 2 engine: "offline", "openai", ..."""
     store: _builtins.str
     """The store kind: "sqlite" or "postgresql" (never a URL)."""
+    process_id: _builtins.int
+    """The operating-system id of the server process that answered. `sessiond serve
+    --processes N` runs N processes on one port: each answers with its own.
+    """
     def __init__(
         self,
         *,
@@ -58,10 +63,11 @@ class GetServerInfoResponse(_message.Message):
         schema_version: _builtins.int = ...,
         engine: _builtins.str = ...,
         store: _builtins.str = ...,
+        process_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "engine", b"engine", "schema_version", b"schema_version", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "engine", b"engine", "process_id", b"process_id", "schema_version", b"schema_version", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from sessiond.server.observability.settings import (
     apply_observability_flags,
 )
 from sessiond.server.redact import install_log_redaction, redact_text, redact_url
+from sessiond.server.supervisor import serve_processes
 from sessiond.server.version import version
 
 
@@ -64,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-json-mode", default=env.llm.json_mode,
                        choices=["auto", "json_schema", "json_object", "none"],
                        help="structured-output mode of the endpoint for extraction")
+    serve.add_argument("--processes", type=int, default=env.processes,
+                       help="server processes on one port (SO_REUSEPORT), each with its "
+                            "own Phase 2 workers; PostgreSQL only (docs/deployment.md)")
     serve.add_argument("--workers", type=int, default=env.worker_concurrency,
                        help="Phase 2 tasks run at once by this process")
     serve.add_argument("--workers-per-identity", type=int, default=env.worker_per_identity,
@@ -146,6 +153,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.llm.max_concurrency, s.llm.max_retries = ns.llm_max_concurrency, ns.llm_max_retries
     s.llm.json_mode = ns.llm_json_mode
     s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
+    s.processes = ns.processes
     s.worker_per_identity, s.phase2_sync = ns.workers_per_identity, ns.phase2_sync
     s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
     s.shutdown_grace_seconds = ns.shutdown_grace
@@ -180,25 +188,68 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return s
 
 
-async def _serve(settings: Settings) -> None:
+ReadyHook = Callable[[int, int, str], None]
+
+
+async def _serve(settings: Settings, ready: ReadyHook | None = None,
+                 parent_pid: int = 0) -> None:
+    """Run one server process until SIGTERM/SIGINT. `ready(port, metrics_port,
+    describe)` replaces the "serving on" lines in a child of `--processes N`, which
+    stops on SIGTERM only, or when its parent `parent_pid` is gone."""
     from sessiond.server.app import App
 
     app = App(settings)
     port = await app.start()
     host = settings.address.rsplit(":", 1)[0]
-    print(f"sessiond serving on {host}:{port} (store={redact_url(settings.store)}, "
-          f"engine={settings.engine}; {app.security.describe()})", flush=True)
-    if app.metrics_port:
-        mhost = settings.observe.metrics_address.rsplit(":", 1)[0]
-        print(f"sessiond metrics on {mhost}:{app.metrics_port}/metrics", flush=True)
+    describe = (f"store={redact_url(settings.store)}, engine={settings.engine}; "
+                f"{app.security.describe()}")
+    if ready is not None:
+        ready(port, app.metrics_port, describe)
+    else:
+        print(f"sessiond serving on {host}:{port} ({describe})", flush=True)
+        if app.metrics_port:
+            mhost = settings.observe.metrics_address.rsplit(":", 1)[0]
+            print(f"sessiond metrics on {mhost}:{app.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM,) if ready is not None else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
+    orphan = (asyncio.create_task(_wait_orphaned(parent_pid, stop), name="parent-watch")
+              if parent_pid else None)
     await stop.wait()
-    print("sessiond: shutting down", flush=True)
+    if orphan is not None:
+        orphan.cancel()
+    if ready is None:
+        print("sessiond: shutting down", flush=True)
     await app.stop()
+
+
+async def _wait_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent_pid:
+            break
+    logging.getLogger(__name__).warning("parent process %d is gone; shutting down",
+                                        parent_pid)
+    stop.set()
+
+
+def serve_main(settings: Settings, log_level: str, log_format: str,
+               ready: ReadyHook | None = None, parent_pid: int = 0) -> int:
+    """Serve in this process; the exit code (2: bad settings or address, 1: store)."""
+    if ready is not None:  # a spawned child of `--processes N`: a fresh interpreter
+        logs.configure(log_level, log_format)
+        install_log_redaction()
+    try:
+        asyncio.run(_serve(settings, ready, parent_pid))
+    except (OSError, ValueError) as exc:
+        print(f"sessiond: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    except SessiondError as exc:
+        print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _migrate(url: str) -> None:
@@ -216,14 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(ns.log_level, ns.log_format)
         install_log_redaction()
         try:
-            asyncio.run(_serve(settings_from_args(ns)))
+            settings = settings_from_args(ns)
+            if settings.processes != 1:
+                return serve_processes(settings, ns.log_level, ns.log_format)
         except (OSError, ValueError) as exc:
             print(f"sessiond: {redact_text(str(exc))}", file=sys.stderr)
             return 2
-        except SessiondError as exc:
-            print(f"sessiond: {redact_text(exc.message)} ({exc.reason})", file=sys.stderr)
-            return 1
-        return 0
+        return serve_main(settings, ns.log_level, ns.log_format)
     if getattr(ns, "output", None) == "json":  # the admin commands: like --json
         ns.json = True
     if ns.command == "keys":

@@ -843,7 +843,7 @@ def info(c: Ctx, ns: argparse.Namespace) -> int:
         c.out.fields([("client", f"sessiond {version()}"), ("server", f"sessiond {r.version}"),
                       ("address", c.conn.address), ("api", r.api),
                       ("schema version", str(r.schema_version)), ("engine", r.engine),
-                      ("store", r.store)])
+                      ("store", r.store), ("process id", str(r.process_id))])
     return EXIT_OK
 
 

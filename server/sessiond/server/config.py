@@ -116,6 +116,10 @@ class Settings:
     max_stored_tasks: int = 100_000
     sweep_interval_seconds: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024  # gRPC frame size, both directions
+    # `sessiond serve --processes N`: server processes sharing one port (PostgreSQL only;
+    # supervisor.py). A child of such a server listens with SO_REUSEPORT (reuse_port).
+    processes: int = 1
+    reuse_port: bool = False
     limits: Limits = field(default_factory=Limits)
     # Automatic retry of FAILED tasks with a passing error (UNAVAILABLE,
     # DEADLINE_EXCEEDED): off by default; backoff base, 2 x base, ... capped.
@@ -149,6 +153,7 @@ class Settings:
         s.llm.max_retries = int(_env("LLM_MAX_RETRIES", str(s.llm.max_retries)))
         s.llm.json_mode = _env("LLM_JSON_MODE", s.llm.json_mode)
         s.worker_concurrency = int(_env("WORKERS", str(s.worker_concurrency)))
+        s.processes = int(_env("PROCESSES", str(s.processes)))
         emb = s.embedder
         emb.kind, emb.model = _env("EMBEDDER", emb.kind), _env("EMBEDDER_MODEL", emb.model)
         emb.base_url = _env("EMBEDDER_BASE_URL", emb.base_url)

@@ -47,7 +47,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        # Off unless this is one of the processes of `serve --processes N` (they share
+        # the port); otherwise a second server on a taken port must fail to bind.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
 
 

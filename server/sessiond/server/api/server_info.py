@@ -1,7 +1,9 @@
-"""ServerService: which sessiond this is (version, API, schema, engine, store kind)."""
+"""ServerService: which sessiond this is (version, API, schema, engine, store kind, and
+the process that answered)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
     def __init__(self, info: ServerInfo) -> None:
         self.reply = server_pb2.GetServerInfoResponse(
             version=info.version, api="sessiond.v1", schema_version=info.schema_version,
-            engine=info.engine, store=info.store)
+            engine=info.engine, store=info.store, process_id=os.getpid())
 
     @unary
     async def GetServerInfo(self, request: server_pb2.GetServerInfoRequest,

@@ -14,7 +14,13 @@ from typing import Any
 import asyncpg
 from sessiond.server.domain.errors import FailedPrecondition, Unavailable
 from sessiond.server.redact import redact_text
-from sessiond.server.store.sql.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, pending
+from sessiond.server.store.sql.schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TABLES,
+    pending,
+    statements,
+)
 
 TYPES = {"key": 'TEXT COLLATE "C"', "ts": "TIMESTAMPTZ", "int64": "BIGINT",
          "bool": "BOOLEAN", "false": "FALSE", "blob": "BYTEA",
@@ -80,7 +86,8 @@ async def migrate(conn: Any) -> tuple[int, int]:
                 "the database holds sessiond tables but no schema_version; refusing to "
                 "migrate an unknown schema", reason="SCHEMA_NOT_MIGRATED")
         for m in pending(found):
-            await conn.execute(m.render(TYPES, EXTRA))
+            if statements(m.render(TYPES, EXTRA)):  # (a SQLite-only migration has none)
+                await conn.execute(m.render(TYPES, EXTRA))
             await conn.execute("INSERT INTO schema_version (version, description) VALUES ($1, $2)",
                                m.version, m.description)
     return found, SCHEMA_VERSION

@@ -151,8 +151,7 @@ async def search(tx: Tx, identity: Identity, query: RecallQuery) -> list[RecallH
     if not query.terms or not query.kinds:
         return []
     vis = _visible(identity)
-    stats = await tx.fetchrow("SELECT COUNT(*) AS n, COALESCE(SUM(length), 0) AS total "
-                              f"FROM recall_entries WHERE {VISIBLE}", *vis)
+    stats = await tx.fetchrow(tx.d.recall_stats(), *vis)
     n_docs = int(stats["n"]) if stats is not None else 0
     if n_docs == 0:
         return []
@@ -192,20 +191,36 @@ async def search(tx: Tx, identity: Identity, query: RecallQuery) -> list[RecallH
     return [RecallHit(_entry(tx, r), float(r["score"])) for r in rows]
 
 
-async def neighbours(tx: Tx, hit: RecallHit, span: int = 1) -> RecallHit:
-    """`hit` with the episodes right before and after it in its archive."""
-    e = hit.entry
-    if e.kind is not RecallKind.MESSAGE:
-        return hit
-    rows = await tx.fetch(
-        f"SELECT {_cols('r')} FROM recall_entries r WHERE r.skey=? AND r.archive_index=? "
-        "AND r.kind=? AND r.position BETWEEN ? AND ? AND r.position<>? ORDER BY r.position",
-        codec.session_key(e.owner, e.session_id), e.archive_index, RecallKind.MESSAGE.value,
-        e.position - NEIGHBOUR_SPAN * span, e.position + NEIGHBOUR_SPAN * span, e.position)
-    around = [_entry(tx, r) for r in rows]
-    before = tuple(x for x in around if x.position < e.position)[-span:]
-    after = tuple(x for x in around if x.position > e.position)[:span]
-    return RecallHit(e, hit.score, before, after)
+async def neighbours(tx: Tx, hits: Sequence[RecallHit], span: int = 1) -> list[RecallHit]:
+    """`hits`, each message hit with the episodes right before and after it in its
+    archive; one statement for all of them."""
+    wanted = [h.entry for h in hits if h.entry.kind is RecallKind.MESSAGE]
+    if not wanted:
+        return list(hits)
+    ranges = " OR ".join("(r.skey=? AND r.archive_index=? AND r.position BETWEEN ? AND ?)"
+                         for _ in wanted)
+    args: list[object] = [RecallKind.MESSAGE.value]
+    for e in wanted:
+        args += [codec.session_key(e.owner, e.session_id), e.archive_index,
+                 e.position - NEIGHBOUR_SPAN * span, e.position + NEIGHBOUR_SPAN * span]
+    rows = await tx.fetch(f"SELECT {_cols('r')} FROM recall_entries r WHERE r.kind=? AND "
+                          f"({ranges}) ORDER BY r.position", *args)
+    found = [_entry(tx, r) for r in rows]
+    out: list[RecallHit] = []
+    for hit in hits:
+        e = hit.entry
+        if e.kind is not RecallKind.MESSAGE:
+            out.append(hit)
+            continue
+        around = [x for x in found
+                  if (x.owner, x.session_id, x.archive_index) == (e.owner, e.session_id,
+                                                                   e.archive_index)
+                  and abs(x.position - e.position) <= NEIGHBOUR_SPAN * span
+                  and x.position != e.position]
+        before = tuple(x for x in around if x.position < e.position)[-span:]
+        after = tuple(x for x in around if x.position > e.position)[:span]
+        out.append(RecallHit(e, hit.score, before, after))
+    return out
 
 
 async def entries(tx: Tx, entry_ids: Sequence[str]) -> dict[str, RecallEntry]:
@@ -246,10 +261,7 @@ async def recall(tx: Tx, identity: Identity, query: RecallQuery, with_neighbours
         else:
             hits = fuse([hits, near], query.limit, k=recall_rules.RRF_K,
                         weights=(1.0, recall_rules.DENSE_WEIGHT))
-    out: list[RecallHit] = []
-    for i, hit in enumerate(hits):
-        out.append(await neighbours(tx, hit) if i < with_neighbours else hit)
-    return out
+    return [*await neighbours(tx, hits[:with_neighbours]), *hits[with_neighbours:]]
 
 
 async def entry_count(tx: Tx, identity: Identity, kind: RecallKind | None = None) -> int:

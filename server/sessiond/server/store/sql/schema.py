@@ -303,6 +303,16 @@ MIGRATIONS: tuple[Migration, ...] = (
     );
     ${extra}
     """),
+    Migration(11, "messages clustered by session, recall statistics (SQLite)", """
+    -- SQLite keeps the rows of a rowid table in insertion order: the messages of
+    -- sessions appended at the same time share pages, and archiving one session's
+    -- messages rewrote about one page per message. The SQLite part rebuilds the
+    -- table WITHOUT ROWID, so its rows are stored in (skey, seq) order. It also
+    -- keeps each identity's retrieval entry count and total length in recall_stats
+    -- (triggers on recall_entries), which every Recall reads for BM25 instead of
+    -- scanning all the identity's entries. Nothing changes on PostgreSQL.
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without
@@ -325,5 +335,11 @@ TABLES: tuple[str, ...] = ("sessions", "messages", "usage", "archives", "tasks",
 
 
 def statements(script: str) -> list[str]:
-    """The statements of a rendered migration, one by one."""
-    return [s.strip() for s in script.split(";\n") if s.strip()]
+    """The statements of a rendered migration, one by one (comment lines dropped)."""
+    out = []
+    for chunk in script.split(";\n"):
+        stmt = "\n".join(line for line in chunk.splitlines()
+                         if not line.strip().startswith("--")).strip()
+        if stmt:
+            out.append(stmt)
+    return out

@@ -75,6 +75,13 @@ class Dialect(abc.ABC):
         """False when another process is sweeping right now (it will do the work)."""
         return True
 
+    def recall_stats(self) -> str:
+        """`SELECT <entries> AS n, <their total length> AS total` over the retrieval
+        entries an identity sees, with ? for account, user and agent (BM25's N and
+        average length). The default counts the entries (one index range scan)."""
+        return ("SELECT COUNT(*) AS n, COALESCE(SUM(length), 0) AS total FROM "
+                "recall_entries WHERE account=? AND user_id=? AND (agent='' OR agent=?)")
+
 
 class Tx(abc.ABC):
     """One open transaction."""

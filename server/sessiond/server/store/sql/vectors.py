@@ -175,14 +175,21 @@ class VectorIndex:
         rows = await tx.fetch(
             "SELECT vseq, entry_id, kind, time, vector FROM recall_vectors "
             f"WHERE model=? AND {VISIBLE} AND vseq > ? ORDER BY vseq", model, *vis, after)
-        vecs = [unpack(r["vector"]) for r in rows]
-        dim = vecs[0].shape[0] if vecs else 0
-        keep = [i for i, v in enumerate(vecs) if v.shape[0] == dim]
+        # Rows of another dimension than the first (a model that changed its size) are
+        # left out. The matrix is built from the joined blobs in one step (row by row
+        # it took ~1 s per 100,000 vectors).
+        blobs = [bytes(r["vector"]) for r in rows]
+        size = len(blobs[0]) if blobs else 0
+        keep = [i for i, b in enumerate(blobs) if len(b) == size]
+        dim = size // 4
         ids = [str(rows[i]["entry_id"]) for i in keep]
-        kinds = np.array([KIND_CODES[RecallKind(rows[i]["kind"])] for i in keep], dtype=np.int8)
-        times = np.array([tx.d.epoch(rows[i]["time"]) for i in keep], dtype=np.float64)
-        matrix = (np.vstack([vecs[i] for i in keep]).astype("<f4", copy=False) if keep
-                  else np.zeros((0, dim), dtype="<f4"))
+        codes = {k.value: c for k, c in KIND_CODES.items()}
+        kinds = np.fromiter((codes[rows[i]["kind"]] for i in keep), dtype=np.int8,
+                            count=len(keep))
+        times = np.fromiter((tx.d.epoch(rows[i]["time"]) for i in keep), dtype=np.float64,
+                            count=len(keep))
+        matrix = np.frombuffer(b"".join(blobs[i] for i in keep), dtype="<f4").reshape(
+            len(keep), dim).copy() if keep else np.zeros((0, dim), dtype="<f4")
         last = int(rows[-1]["vseq"]) if rows else 0
         return ids, kinds, times, matrix, last
 

@@ -48,6 +48,13 @@ class SqliteDialect(Dialect):
                 "WHERE memories_fts MATCH ?", [match])
 
 
+    def recall_stats(self) -> str:
+        # Kept by triggers on recall_entries (migration 11): a lookup of at most two
+        # rows instead of a scan of every entry the identity sees.
+        return ("SELECT COALESCE(SUM(n), 0) AS n, COALESCE(SUM(total), 0) AS total FROM "
+                "recall_stats WHERE account=? AND user_id=? AND (agent='' OR agent=?)")
+
+
 DIALECT = SqliteDialect()
 
 

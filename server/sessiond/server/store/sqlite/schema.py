@@ -14,6 +14,47 @@ EXTRA = {1: """
     CREATE INDEX tasks_open ON tasks (state, created_at);
     CREATE VIRTUAL TABLE memories_fts USING fts5(content, memory_id UNINDEXED,
                                                  tokenize = 'unicode61');
+    """, 11: """
+    CREATE TABLE messages_clustered (
+        skey TEXT NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        parts TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        archive_index INTEGER,
+        size INTEGER NOT NULL DEFAULT 0,
+        client_message_id TEXT,
+        PRIMARY KEY (skey, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO messages_clustered (skey, seq, message_id, role, parts, created_at,
+                                    archive_index, size, client_message_id)
+        SELECT skey, seq, message_id, role, parts, created_at, archive_index, size,
+               client_message_id FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_clustered RENAME TO messages;
+    CREATE UNIQUE INDEX messages_id ON messages (skey, message_id);
+    CREATE INDEX messages_archive ON messages (skey, archive_index, seq);
+    CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id);
+    CREATE TABLE recall_stats (
+        account TEXT NOT NULL, user_id TEXT NOT NULL, agent TEXT NOT NULL,
+        n INTEGER NOT NULL, total INTEGER NOT NULL,
+        PRIMARY KEY (account, user_id, agent)
+    ) WITHOUT ROWID;
+    INSERT INTO recall_stats (account, user_id, agent, n, total)
+        SELECT account, user_id, agent, COUNT(*), SUM(length) FROM recall_entries
+        GROUP BY account, user_id, agent;
+    CREATE TRIGGER recall_stats_insert AFTER INSERT ON recall_entries BEGIN
+        INSERT INTO recall_stats (account, user_id, agent, n, total)
+        VALUES (NEW.account, NEW.user_id, NEW.agent, 1, NEW.length)
+        ON CONFLICT (account, user_id, agent)
+        DO UPDATE SET n = n + 1, total = total + excluded.total; END;
+    CREATE TRIGGER recall_stats_delete AFTER DELETE ON recall_entries BEGIN
+        UPDATE recall_stats SET n = n - 1, total = total - OLD.length
+        WHERE account = OLD.account AND user_id = OLD.user_id AND agent = OLD.agent; END;
+    CREATE TRIGGER recall_stats_update BEFORE UPDATE OF account, user_id, agent, length
+        ON recall_entries BEGIN
+        SELECT RAISE(ABORT, 'recall entries are replaced, never updated'); END;
     """}
 
 
