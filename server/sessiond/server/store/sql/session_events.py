@@ -11,8 +11,9 @@ copied: reading the feed joins them from the task's journal.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +70,32 @@ async def append(tx: Tx, skey: str, items: Sequence[Item]) -> None:
     first = await bump(tx, skey, len(items)) if items else None
     if first is not None:
         await insert(tx, skey, first, items)
+
+
+async def add(tx: Tx, skey: str, item: Item) -> None:
+    """Append one item, or hold it for the end of the `batched` block it is in."""
+    if tx.feed is not None:
+        tx.feed.setdefault(skey, []).append(item)
+    else:
+        await append(tx, skey, [item])
+
+
+@contextlib.asynccontextmanager
+async def batched(tx: Tx) -> AsyncIterator[None]:
+    """Items `add`ed inside are numbered and written at its end, one statement per
+    session instead of two per item (a Phase 2 transaction appends a dozen journal
+    events of one session). Same numbers and order as written one by one."""
+    if tx.feed is not None:  # already batching: the outer block writes
+        yield
+        return
+    tx.feed = {}
+    try:
+        yield
+        held, tx.feed = tx.feed, None
+        for skey, items in held.items():
+            await append(tx, skey, items)
+    finally:
+        tx.feed = None
 
 
 def message_item(m: Message, now: datetime) -> Item:

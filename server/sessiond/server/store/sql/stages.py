@@ -26,7 +26,7 @@ from sessiond.server.domain.values import (
     TaskEvent,
 )
 from sessiond.server.store import codec
-from sessiond.server.store.sql import memories, recall, tasks
+from sessiond.server.store.sql import memories, recall, session_events, tasks
 from sessiond.server.store.sql.tx import Tx
 
 
@@ -44,6 +44,14 @@ async def complete_many(tx: Tx, task_id: str, worker_id: str,
     """Several consecutive stages' writes and events in one transaction, as if each
     had been completed on its own (`complete`), then, with `finalize_after`, the task
     finalized. Stops at a boundary where a cancel ends the task."""
+    async with session_events.batched(tx):
+        return await _complete_many(tx, task_id, worker_id, outputs, now, next_stage,
+                                    finalize_after)
+
+
+async def _complete_many(tx: Tx, task_id: str, worker_id: str,
+                         outputs: Sequence[tuple[Stage, StageOutput]], now: datetime,
+                         next_stage: Stage | None, finalize_after: bool) -> TaskEvent:
     task = await tasks.leased(tx, task_id, worker_id)
     ev: TaskEvent | None = None
     for i, (stage, output) in enumerate(outputs):

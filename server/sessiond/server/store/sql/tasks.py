@@ -84,8 +84,8 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
                    stage=t.stage, message=message, attempt=t.attempt, result=t.result,
                    error=t.error)
     tx.announce.events.append(ev)
-    await session_events.append(tx, codec.session_key(task.identity, task.session_id),
-                                [session_events.task_item(ev)])
+    await session_events.add(tx, codec.session_key(task.identity, task.session_id),
+                             session_events.task_item(ev))
     if t.frees_work and not tx.announce.work:
         # Workers are woken only when there is something they may now claim (a later
         # archive of the session, or work an identity cap held back).
@@ -199,10 +199,11 @@ async def claim_next(tx: Tx, worker_id: str, now: datetime, lease_until: datetim
     if row is None:
         return None, False
     task = tx.d.rows.task(row)
-    _, task = await apply(tx, task, tr.claim(task, worker_id, now, lease_until), now)
-    first = tr.first_stage(task) if announce else None
-    if first is not None:
-        _, task = await apply(tx, task, first, now)
+    async with session_events.batched(tx):
+        _, task = await apply(tx, task, tr.claim(task, worker_id, now, lease_until), now)
+        first = tr.first_stage(task) if announce else None
+        if first is not None:
+            _, task = await apply(tx, task, first, now)
     # Only the claimed row is locked (SKIP LOCKED claimers must not miss the others);
     # "more" is a hint from any other pending task.
     more = await tx.fetchval("SELECT 1 FROM tasks WHERE state=? AND task_id<>? LIMIT 1",

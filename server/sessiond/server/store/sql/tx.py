@@ -91,6 +91,9 @@ class Tx(abc.ABC):
         self.d = dialect
         self.journal_cap = journal_cap
         self.announce = announce if announce is not None else Announce()
+        # While set (session_events.batched): the task journal events this transaction
+        # appends, by session key, written to the session feeds together at its end.
+        self.feed: dict[str, list[Any]] | None = None
 
     @abc.abstractmethod
     async def execute(self, sql: str, *args: Any) -> int:
