@@ -111,6 +111,11 @@ def test_sigterm_while_phase2_runs(tmp_path: Path) -> None:
         while not logs[task_ids[0]].done and time.monotonic() < deadline:
             time.sleep(0.01)
         assert logs[task_ids[0]].done, "Phase 2 did not progress"
+        # ... and the next task has been claimed (its STARTED event is out), so the SIGTERM
+        # finds it mid-flight rather than racing the worker's next claim.
+        while (task_pb2.TASK_EVENT_KIND_STARTED not in logs[task_ids[1]].kinds
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
         assert statuses and statuses[0] == SERVING
         unfinished = [t for t in task_ids if not logs[t].done]
         assert len(unfinished) >= 2, "Phase 2 too fast for this test"
