@@ -313,6 +313,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     -- scanning all the identity's entries. Nothing changes on PostgreSQL.
     ${extra}
     """),
+    Migration(12, "retrieval terms clustered by term (SQLite)", """
+    -- SQLite: recall_terms was a rowid table with two more B-trees (its primary key and
+    -- the lookup index), each insert writing three. It is rebuilt WITHOUT ROWID with
+    -- the lookup order as its key (term, owner, entry), the row holding tf, kind and
+    -- length (so lookups stay covered), and one index by entry for deletions: an
+    -- archive's terms cost about a third to write. Nothing changes on PostgreSQL.
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without

@@ -55,6 +55,22 @@ EXTRA = {1: """
     CREATE TRIGGER recall_stats_update BEFORE UPDATE OF account, user_id, agent, length
         ON recall_entries BEGIN
         SELECT RAISE(ABORT, 'recall entries are replaced, never updated'); END;
+    """, 12: """
+    CREATE TABLE recall_terms_clustered (
+        entry_id TEXT NOT NULL REFERENCES recall_entries (entry_id) ON DELETE CASCADE,
+        account TEXT NOT NULL, user_id TEXT NOT NULL, agent TEXT NOT NULL,
+        term TEXT NOT NULL,
+        tf INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        length INTEGER NOT NULL,
+        PRIMARY KEY (term, account, user_id, agent, entry_id)
+    ) WITHOUT ROWID;
+    INSERT INTO recall_terms_clustered (entry_id, account, user_id, agent, term, tf, kind,
+                                        length)
+        SELECT entry_id, account, user_id, agent, term, tf, kind, length FROM recall_terms;
+    DROP TABLE recall_terms;
+    ALTER TABLE recall_terms_clustered RENAME TO recall_terms;
+    CREATE INDEX recall_terms_entry ON recall_terms (entry_id);
     """}
 
 
