@@ -172,7 +172,7 @@ class Phase2Pipeline:
         # (a cancel made through this process is seen at once, through its event).
         self.cancel_poll_seconds = cancel_poll_seconds
         self._cancel_signals: dict[str, asyncio.Event] = {}
-        self._held: dict[str, _Run] = {}  # running tasks by id
+        self._runs: dict[str, _Run] = {}  # the attempts running now, by task id
         store.add_event_listener(self._on_events)
         store.add_remote_event_listener(self._on_remote_event)
 
@@ -291,11 +291,11 @@ class Phase2Pipeline:
                            reason="ARCHIVE_NOT_FOUND")
         run = _Run(task, inputs.messages, inputs.usage, inputs.previous_overview,
                    used_uris(inputs.messages, inputs.usage))
-        self._held[task.task_id] = run
+        self._runs[task.task_id] = run
         try:
             return await self._stages(run, announced)
         finally:
-            self._held.pop(task.task_id, None)
+            self._runs.pop(task.task_id, None)
 
     async def _stages(self, run: _Run, announced: bool) -> RunOutcome:
         store, task = self.store, run.task
@@ -324,12 +324,7 @@ class Phase2Pipeline:
                     tracing.span(f"stage {stage.value}", {"sessiond.stage": stage.value}):
                 failpoints.hit(f"phase2.{stage.value}.before")
                 if stage is Stage.FINALIZE:
-                    flushed = [s for s, _ in run.held]
-                    last = await store.complete_stages(task.task_id, self.worker_id, run.held,
-                                                       utcnow(), next_stage=Stage.FINALIZE,
-                                                       finalize=True)
-                    run.held = []
-                    self._hit_after(flushed)
+                    last = await self._flush(run, Stage.FINALIZE, finalize=True)
                     if last.kind is not EventKind.COMPLETED:  # cancelled at a boundary
                         metrics.record_task_finished("cancelled")
                         return RunOutcome(True)
@@ -369,26 +364,24 @@ class Phase2Pipeline:
                 or (usage is not None and usage.total_tokens > 0)
                 or (following is Stage.INDEX and self.embedder is not None))
 
-    async def _flush(self, run: _Run, following: Stage) -> TaskEvent:
+    async def _flush(self, run: _Run, following: Stage, finalize: bool = False) -> TaskEvent:
         """Commit the held stages' writes and events in one transaction, crossing into
-        `following`; their `after` failpoints are hit once they are durable."""
+        `following` (with `finalize`, the task is finalized in it too); their `after`
+        failpoints are hit once they are durable."""
         flushed = [s for s, _ in run.held]
         last = await self.store.complete_stages(run.task.task_id, self.worker_id, run.held,
-                                                utcnow(), next_stage=following)
+                                                utcnow(), next_stage=following,
+                                                finalize=finalize)
         run.held = []
         run.since = time.monotonic()
-        self._hit_after(flushed)
-        return last
-
-    @staticmethod
-    def _hit_after(stages: list[Stage]) -> None:
-        for s in stages:
+        for s in flushed:
             failpoints.hit(f"phase2.{s.value}.after")
+        return last
 
     async def flush_held(self, task_id: str, following: Stage) -> None:
         """Commit what a running task holds before an event of `following` (a retry's)
         is appended to its journal, so the journal stays in stage order."""
-        run = self._held.get(task_id)
+        run = self._runs.get(task_id)
         if run is not None and run.held:
             await self._flush(run, following)
 

@@ -32,10 +32,8 @@ from sessiond.server.store.sql.tx import Tx
 
 async def complete(tx: Tx, task_id: str, worker_id: str, stage: Stage, output: StageOutput,
                    now: datetime, next_stage: Stage | None) -> TaskEvent:
-    task = await tasks.leased(tx, task_id, worker_id)
-    if tr.already_done(task, stage):
-        return await tasks.last_event(tx, task_id)
-    return (await _complete(tx, task, stage, output, now, next_stage))[0]
+    return await complete_many(tx, task_id, worker_id, [(stage, output)], now, next_stage,
+                               finalize_after=False)
 
 
 async def complete_many(tx: Tx, task_id: str, worker_id: str,
