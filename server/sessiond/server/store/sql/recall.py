@@ -5,6 +5,7 @@ over the caller's own entries, in SQL that is the same on every backend."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 
 from sessiond.server.domain import recall as recall_rules
@@ -64,11 +65,14 @@ async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
               else None, e.session_id, e.archive_index, e.position,
               codec.dumps(list(e.message_ids)), e.memory_id, tx.d.ts(e.time),
               codec.clean_text(e.text), e.length) for e in new])
+        # eseq grows with time, so on SQLite (keyed by term, owner, eseq, entry) a
+        # term's new postings go to the end of its run of pages (migration 13).
+        eseq = time.time_ns() // 1000
         await tx.executemany(
             "INSERT INTO recall_terms (entry_id, account, user_id, agent, term, tf, kind, "
-            "length) VALUES (?,?,?,?,?,?,?,?)",
+            "length, eseq) VALUES (?,?,?,?,?,?,?,?,?)",
             [(e.entry_id, e.owner.account, e.owner.user, e.owner.agent, t, c, e.kind.value,
-              e.length) for e in new for t, c in e.term_counts])
+              e.length, eseq) for e in new for t, c in e.term_counts])
         n += len(new)
     return n
 

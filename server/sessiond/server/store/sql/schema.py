@@ -321,6 +321,18 @@ MIGRATIONS: tuple[Migration, ...] = (
     -- archive's terms cost about a third to write. Nothing changes on PostgreSQL.
     ${extra}
     """),
+    Migration(13, "Phase 2 cost: memories by source archive, postings appended by term", """
+    -- The index stage reads the memories its archive's extraction wrote or merged into
+    -- (source_archive_uri): by an index, not a scan of every memory of the identity.
+    CREATE INDEX memories_archive ON memories (source_archive_uri);
+    -- When a posting was written (a growing number: epoch microseconds). SQLite keys
+    -- recall_terms by (term, owner, eseq, entry), so an archive's new postings of a
+    -- term go to the end of that term's run of pages instead of one page each
+    -- (a hash-like entry id scattered them over the whole B-tree). SQLite also finds
+    -- a memory's full-text row by a key table instead of a scan of the FTS table.
+    ALTER TABLE recall_terms ADD COLUMN eseq ${int64} NOT NULL DEFAULT 0;
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without

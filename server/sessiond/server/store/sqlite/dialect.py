@@ -32,14 +32,22 @@ class SqliteDialect(Dialect):
     def cursor_time(self, epoch: float) -> float:
         return epoch
 
+    # A memory's FTS5 row is found by its rowid, kept in memories_fts_keys (migration
+    # 13): FTS5 cannot look up an UNINDEXED column, so a delete by memory_id read
+    # every memory's row.
     async def index_memory(self, tx: Tx, memory_id: str, content: str, *, new: bool) -> None:
         if not new:
             await self.unindex_memory(tx, memory_id)
         await tx.execute("INSERT INTO memories_fts(content, memory_id) VALUES (?,?)",
                          content, memory_id)
+        await tx.execute("INSERT INTO memories_fts_keys (memory_id, fts_rowid) "
+                         "VALUES (?, last_insert_rowid()) ON CONFLICT (memory_id) DO UPDATE "
+                         "SET fts_rowid=excluded.fts_rowid", memory_id)
 
     async def unindex_memory(self, tx: Tx, memory_id: str) -> None:
-        await tx.execute("DELETE FROM memories_fts WHERE memory_id=?", memory_id)
+        await tx.execute("DELETE FROM memories_fts WHERE rowid=(SELECT fts_rowid FROM "
+                         "memories_fts_keys WHERE memory_id=?)", memory_id)
+        await tx.execute("DELETE FROM memories_fts_keys WHERE memory_id=?", memory_id)
 
     def search(self, terms: Sequence[str], columns: str) -> tuple[str, list[Any]]:
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)

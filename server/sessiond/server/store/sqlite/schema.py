@@ -71,6 +71,32 @@ EXTRA = {1: """
     DROP TABLE recall_terms;
     ALTER TABLE recall_terms_clustered RENAME TO recall_terms;
     CREATE INDEX recall_terms_entry ON recall_terms (entry_id);
+    """, 13: """
+    CREATE TABLE recall_terms_appended (
+        entry_id TEXT NOT NULL REFERENCES recall_entries (entry_id) ON DELETE CASCADE,
+        account TEXT NOT NULL, user_id TEXT NOT NULL, agent TEXT NOT NULL,
+        term TEXT NOT NULL,
+        tf INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        length INTEGER NOT NULL,
+        eseq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (term, account, user_id, agent, eseq, entry_id)
+    ) WITHOUT ROWID;
+    INSERT INTO recall_terms_appended (entry_id, account, user_id, agent, term, tf, kind,
+                                       length, eseq)
+        SELECT entry_id, account, user_id, agent, term, tf, kind, length, eseq
+        FROM recall_terms;
+    DROP TABLE recall_terms;
+    ALTER TABLE recall_terms_appended RENAME TO recall_terms;
+    CREATE INDEX recall_terms_entry ON recall_terms (entry_id);
+    DELETE FROM memories_fts WHERE rowid NOT IN (SELECT MAX(rowid) FROM memories_fts
+                                                 GROUP BY memory_id);
+    CREATE TABLE memories_fts_keys (
+        memory_id TEXT PRIMARY KEY,
+        fts_rowid INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO memories_fts_keys (memory_id, fts_rowid)
+        SELECT memory_id, rowid FROM memories_fts;
     """}
 
 
