@@ -77,19 +77,35 @@ async def insert_entries(tx: Tx, entries: Sequence[RecallEntry]) -> int:
     return n
 
 
+async def delete_entries(tx: Tx, entry_ids: Sequence[str]) -> None:
+    """Entries with their postings and vectors, by id. (Ids, not a subquery: with
+    `entry_id IN (SELECT ...)` PostgreSQL planned a hash join over every posting, a
+    sequential scan of recall_terms per deleted memory.)"""
+    ids = list(dict.fromkeys(entry_ids))
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start:start + BATCH]
+        marks = ",".join("?" * len(chunk))
+        for table in ("recall_terms", "recall_vectors", "recall_entries"):
+            await tx.execute(f"DELETE FROM {table} WHERE entry_id IN ({marks})", *chunk)
+
+
+async def _entry_ids(tx: Tx, column: str, values: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(values), BATCH):
+        chunk = values[start:start + BATCH]
+        out += [str(r[0]) for r in await tx.fetch(
+            f"SELECT entry_id FROM recall_entries WHERE {column} IN "
+            f"({','.join('?' * len(chunk))})", *chunk)]
+    return out
+
+
 async def delete_memory_entries(tx: Tx, memory_ids: Sequence[str]) -> None:
-    for mid in memory_ids:
-        for table in ("recall_terms", "recall_vectors"):
-            await tx.execute(f"DELETE FROM {table} WHERE entry_id IN "
-                             "(SELECT entry_id FROM recall_entries WHERE memory_id=?)", mid)
-        await tx.execute("DELETE FROM recall_entries WHERE memory_id=?", mid)
+    wanted = [m for m in dict.fromkeys(memory_ids) if m]  # '': every episode's memory_id
+    await delete_entries(tx, await _entry_ids(tx, "memory_id", wanted))
 
 
 async def delete_session_entries(tx: Tx, skey: str) -> None:
-    for table in ("recall_terms", "recall_vectors"):
-        await tx.execute(f"DELETE FROM {table} WHERE entry_id IN "
-                         "(SELECT entry_id FROM recall_entries WHERE skey=?)", skey)
-    await tx.execute("DELETE FROM recall_entries WHERE skey=?", skey)
+    await delete_entries(tx, await _entry_ids(tx, "skey", [skey]))
 
 
 async def archive_memory_entries(tx: Tx, task: Task) -> list[RecallEntry]:
@@ -120,7 +136,7 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
             current.setdefault(str(r[0]), set()).add(str(r[1]))
     # A memory whose entry is current keeps it (and its vector); others are replaced.
     stale = [e for e in memory_entries if current.get(e.memory_id) != {e.entry_id}]
-    await delete_memory_entries(tx, [e.memory_id for e in stale])
+    await delete_entries(tx, [i for e in stale for i in sorted(current.get(e.memory_id, ()))])
     written += await insert_entries(tx, stale)
     if vectors and model:
         await vectors_sql.insert(tx, model, vectors)
