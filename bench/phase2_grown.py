@@ -9,7 +9,8 @@ that is what makes a commit's Phase 2 expensive (memories and index postings of 
 large store). This script builds that store once per tree, with that tree's own code
 (`sessiond serve` from TREE/server through PYTHONPATH), and then measures each tree
 on a fresh copy of its own grown store (SQLite: a copy of the data directory;
-PostgreSQL: `CREATE DATABASE ... TEMPLATE`), trees in turn, `--rounds` times:
+PostgreSQL: `CREATE DATABASE ... TEMPLATE`, after an ANALYZE), trees in turn,
+`--rounds` times:
 
 - one at a time: `--commits` sessions of 10 messages each commit and wait on
   WatchTask for the terminal event: Phase 2 e2e p50 (reply -> COMPLETED), Commit p50,
@@ -73,6 +74,15 @@ def serve(tree: str, store: str, data: Path, log: Path) -> h.ServerProc:
 async def pg_admin(sql: str) -> None:
     import asyncpg
     conn = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def pg_admin_db(db: str, sql: str) -> None:
+    import asyncpg
+    conn = await asyncpg.connect(pg_url(db), timeout=10)
     try:
         await conn.execute(sql)
     finally:
@@ -188,6 +198,11 @@ def main() -> int:
                 asyncio.run(grow(srv.target))
             finally:
                 srv.stop()
+            if args.store == "postgres":
+                # What autovacuum would have done by now (it may be off on a test
+                # server): without statistics the planner scans an identity's
+                # memories for a lookup by key. The copies inherit them.
+                asyncio.run(pg_admin_db(grown[tree], "ANALYZE"))
         for r in range(args.rounds):
             for i, tree in enumerate(args.trees):
                 data, db, store = work / f"run-{i}-{r}", "", "sqlite"

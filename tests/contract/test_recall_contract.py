@@ -4,6 +4,8 @@ indexing across a crash, and removal with sessions and memories."""
 
 from __future__ import annotations
 
+import asyncio
+
 from sessiond.server.domain import terms
 from sessiond.server.domain.commands import (
     ActiveCountsOutput,
@@ -12,7 +14,7 @@ from sessiond.server.domain.commands import (
     RelationsOutput,
     SummaryResponse,
 )
-from sessiond.server.domain.recall import RecallKind, RecallQuery
+from sessiond.server.domain.recall import RecallHit, RecallKind, RecallQuery
 from sessiond.server.domain.values import (
     CandidateMemory,
     Identity,
@@ -290,3 +292,92 @@ def test_terms_are_the_same_from_many_threads() -> None:
     finally:
         sys.setswitchinterval(old)
     assert got == want
+
+
+async def _postings(store: Store, entry_ids: list[str]) -> int:
+    """Postings stored for these entries (read through the store's own transaction)."""
+    marks = ",".join("?" * len(entry_ids))
+    op = lambda tx: tx.fetchval(  # noqa: E731
+        f"SELECT COUNT(*) FROM recall_terms WHERE entry_id IN ({marks})", *entry_ids)
+    return int(await store._read(op))  # type: ignore[attr-defined]
+
+
+def test_postings_written_apart_rank_as_if_written_together(store: Store, run: Runner) -> None:
+    """Postings are keyed by when they were written (SQLite appends each term's new
+    postings): entries indexed by separate transactions, long apart, score and rank
+    exactly as the same entries indexed in one."""
+    async def body() -> None:
+        turns2 = [(Role.USER, "Biscuit chewed the golden lead at the lake"),
+                  (Role.ASSISTANT, "Retriever puppies chew everything for months.")]
+        for who, apart in ((ID, True), (OTHER_USER, False)):
+            m1 = await commit_turns(store, who, "s1", f"t1-{who.user}", 0)
+            m2 = await commit_turns(store, who, "s2", f"t2-{who.user}", 1, turns2)
+            t1 = await store.claim_task("w", at(20), at(50))
+            t2 = await store.claim_task("w", at(20), at(50))
+            assert t1 is not None and t2 is not None
+            e1, e2 = archive_entries(t1, m1, "", ""), archive_entries(t2, m2, "", "")
+            if apart:
+                assert await store.index_entries(e2) == len(e2)
+                await asyncio.sleep(0.01)
+                assert await store.index_entries(e1) == len(e1)
+            else:
+                assert await store.index_entries((*e1, *e2)) == len(e1) + len(e2)
+        query = q("golden retriever puppy Biscuit lake months")
+
+        def ranked(hits: list[RecallHit]) -> list[tuple[str, str, float]]:
+            return [(h.entry.session_id, h.entry.text, round(h.score, 9)) for h in hits]
+
+        apart_hits = ranked(await store.recall(ID, query))
+        assert len(apart_hits) >= 6 and {s for s, _, _ in apart_hits} == {"s1", "s2"}
+        assert apart_hits == ranked(await store.recall(OTHER_USER, query))
+    run(body())
+
+
+def test_a_replaced_memory_entry_leaves_no_postings(store: Store, run: Runner) -> None:
+    """A memory merged again gets a new entry; the old entry's postings and the
+    deleted memory's go with it, however many of the identity's postings exist."""
+    async def body() -> None:
+        await indexed(store)
+        (old,) = [h.entry for h in await store.recall(ID, q("Biscuit golden retriever"))
+                  if h.entry.kind is RecallKind.MEMORY]
+        assert await _postings(store, [old.entry_id]) > 0
+        turns = [(Role.USER, "Biscuit learned to sit today")]
+        messages = await commit_turns(store, ID, "s1", "t2", 100, turns)
+        task = await store.claim_task("w", at(120), at(150))
+        assert task is not None
+        await store.complete_stage("t2", "w", Stage.EXTRACT, ExtractionResponse((
+            CandidateMemory(MemoryCategory.ENTITIES, "biscuit", "Biscuit: can sit on command",
+                            (messages[0].id,)),)), at(121))
+        await store.complete_stage("t2", "w", Stage.INDEX,
+                                   IndexOutput(archive_entries(task, messages, "", "")), at(122))
+        (new,) = [h.entry for h in await store.recall(ID, q("Biscuit sit command"))
+                  if h.entry.kind is RecallKind.MEMORY]
+        assert new.entry_id != old.entry_id and new.memory_id == old.memory_id
+        assert await _postings(store, [old.entry_id]) == 0
+        assert await _postings(store, [new.entry_id]) == len(new.with_terms().term_counts)
+        assert await store.recall_entry_count(ID, RecallKind.MEMORY) == 1
+        assert await store.delete_memory(ID, new.memory_id)
+        assert await _postings(store, [new.entry_id]) == 0
+        assert await store.recall_entry_count(ID, RecallKind.MESSAGE) == 7  # untouched
+    run(body())
+
+
+def test_memory_search_follows_updates_and_deletes(store: Store, run: Runner) -> None:
+    """The full-text index of memories holds each memory once, with its current text."""
+    async def body() -> None:
+        await indexed(store)
+        (mem, _), = await store.search_memories(ID, "golden retriever", None, 10)
+        turns = [(Role.USER, "Biscuit learned to sit today")]
+        messages = await commit_turns(store, ID, "s1", "t2", 100, turns)
+        task = await store.claim_task("w", at(120), at(150))
+        assert task is not None
+        await store.complete_stage("t2", "w", Stage.EXTRACT, ExtractionResponse((
+            CandidateMemory(MemoryCategory.ENTITIES, "biscuit", "Biscuit: can sit on command",
+                            (messages[0].id,)),)), at(121))
+        assert await store.search_memories(ID, "golden retriever", None, 10) == []
+        hits = await store.search_memories(ID, "Biscuit sit", None, 10)
+        assert [(m.memory_id, m.content) for m, _ in hits] == [
+            (mem.memory_id, "Biscuit: can sit on command")]
+        assert await store.delete_memory(ID, mem.memory_id)
+        assert await store.search_memories(ID, "Biscuit sit", None, 10) == []
+    run(body())
