@@ -32,6 +32,10 @@ EXTRA = {1: """
     CREATE INDEX messages_live ON messages (skey, seq) WHERE archive_index IS NULL;
     CREATE INDEX memories_owner ON memories (account, user_id, memory_id);
     CREATE INDEX memories_tsv ON memories USING GIN (tsv);
+    """, 13: """
+    DROP INDEX recall_terms_lookup;
+    CREATE INDEX recall_terms_lookup ON recall_terms (term, account, user_id, agent, eseq)
+        INCLUDE (tf, length, kind, entry_id);
     """}
 
 # Key of the transaction-scoped advisory lock that serializes migrations.

@@ -328,8 +328,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     -- When a posting was written (a growing number: epoch microseconds). SQLite keys
     -- recall_terms by (term, owner, eseq, entry), so an archive's new postings of a
     -- term go to the end of that term's run of pages instead of one page each
-    -- (a hash-like entry id scattered them over the whole B-tree). SQLite also finds
-    -- a memory's full-text row by a key table instead of a scan of the FTS table.
+    -- (a hash-like entry id scattered them over the whole B-tree); PostgreSQL's
+    -- lookup index is rebuilt the same way (term, owner, eseq; the rest included, so
+    -- lookups stay index-only). SQLite also finds a memory's full-text row by a key
+    -- table instead of a scan of the FTS table.
     ALTER TABLE recall_terms ADD COLUMN eseq ${int64} NOT NULL DEFAULT 0;
     ${extra}
     """),
