@@ -42,7 +42,7 @@ async def complete_many(tx: Tx, task_id: str, worker_id: str,
     """Several consecutive stages' writes and events in one transaction, as if each
     had been completed on its own (`complete`), then, with `finalize_after`, the task
     finalized. Stops at a boundary where a cancel ends the task."""
-    async with session_events.batched(tx):
+    async with session_events.batched(tx), tasks.journal_batched(tx):
         return await _complete_many(tx, task_id, worker_id, outputs, now, next_stage,
                                     finalize_after)
 

@@ -94,6 +94,9 @@ class Tx(abc.ABC):
         # While set (session_events.batched): the task journal events this transaction
         # appends, by session key, written to the session feeds together at its end.
         self.feed: dict[str, list[Any]] | None = None
+        # While set (tasks.journal_batched): the journal rows and task row changes this
+        # transaction makes, written together at its end (tasks.Journal).
+        self.journal: Any = None
 
     @abc.abstractmethod
     async def execute(self, sql: str, *args: Any) -> int:
