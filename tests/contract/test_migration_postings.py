@@ -97,8 +97,8 @@ def test_migration_keeps_postings_and_memory_search(tmp_path: Path) -> None:
                 SCHEMA_VERSION,)
             assert conn.execute("SELECT COUNT(*) FROM memories_fts").fetchone() == (0,)
             assert conn.execute("SELECT COUNT(*) FROM memories_fts_keys").fetchone() == (0,)
-            left = {r[0] for r in conn.execute("SELECT DISTINCT entry_id FROM recall_terms")}
-            assert left == {episode, new.entry_id}
+            posted = {r[0] for r in conn.execute("SELECT DISTINCT entry_id FROM recall_terms")}
+            assert posted == {episode, new.entry_id}
         finally:
             conn.close()
 
