@@ -95,12 +95,18 @@ _SKIND_OUT: dict[SessionEventKind, Any] = {
     SessionEventKind.CONFIG_CHANGED: session_pb2.SESSION_EVENT_KIND_CONFIG_CHANGED}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """The exact Timestamp of an aware datetime (naive ones are taken as UTC, as
+    `Timestamp.FromDatetime` does), from integer arithmetic: several times cheaper
+    than FromDatetime (time tuple + calendar.timegm), once per reply at least."""
     if dt is None:
         return None
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(dt)
-    return out
+    d = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(seconds=d.days * 86400 + d.seconds,
+                                   nanos=d.microseconds * 1000)
 
 
 _RKIND_IN: dict[int, RecallKind] = {memory_pb2.RECALL_KIND_MEMORY: RecallKind.MEMORY,
