@@ -56,7 +56,8 @@ class Subscription:
             self._woken = False
             return True
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         timer = loop.call_later(timeout, _expire, waiter)
         try:
             return await waiter
