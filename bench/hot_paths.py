@@ -107,6 +107,9 @@ async def bench_store(store: str, args: argparse.Namespace, old_path: str, work:
                 f"{store}-{rev}", serve_cmd(arg, work / f"{store}-{rev}", []),
                 work / f"{store}-{rev}.log", env=env, timeout=120)
             if "fanout" in args.figures:
+                if store == "postgres":  # a database of its own: no worker may claim its task
+                    name, arg = await pg_create_db()
+                    dbs.append(name)
                 servers[f"{rev}-fan"] = h.start_server(
                     f"{store}-{rev}-fan",
                     serve_cmd(arg, work / f"{store}-{rev}-fan", ["--workers", "0"]),

@@ -49,8 +49,9 @@ FOREGROUND_BURST = 8
 # the writer's COMMIT: a checkpoint copies ~1,000 pages into the database file and
 # fsyncs it, which made every ~100th batch of appends wait for it (measured: 3/4 of the
 # writer's COMMIT time under AddMessage load). The checkpointer runs a PASSIVE checkpoint
-# once this many seconds passed with commits since the last one...
-CHECKPOINT_SECONDS = 0.05
+# at most this often, when there were commits since the last one (each checkpoint
+# fsyncs the log and the database file: a shared disk pays for every one)...
+CHECKPOINT_SECONDS = 1.0
 # ...and the writer still checkpoints by itself (SQLite's own auto-checkpoint) when the
 # log passes this many pages anyway (the checkpointer fell behind: readers held it up).
 WRITER_CHECKPOINT_PAGES = 16_000
@@ -375,7 +376,7 @@ class _Checkpointer:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._dirty = threading.Event()
-        self._stop = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint",
                                         daemon=True)
         self._thread.start()
@@ -385,21 +386,19 @@ class _Checkpointer:
         self._dirty.set()
 
     def _run(self) -> None:
-        while not self._stop:
+        while True:
             self._dirty.wait()
-            if self._stop:
+            # Let the commits of the next second gather first (close() cuts it short).
+            if self._stopping.wait(CHECKPOINT_SECONDS):
                 return
-            time.sleep(CHECKPOINT_SECONDS)  # let a burst of commits gather first
             self._dirty.clear()
-            if self._stop:  # close() came while this slept (its set() was just cleared)
-                return
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:  # busy or I/O: the writer's fallback covers it
                 log.debug("background WAL checkpoint failed: %s", exc)
 
     def close(self) -> None:
-        self._stop = True
+        self._stopping.set()
         self._dirty.set()
         self._thread.join(timeout=30)
         try:
