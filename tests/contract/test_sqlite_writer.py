@@ -217,34 +217,3 @@ def test_relaxed_writes_skip_the_flush_and_are_flushed_soon(
         conn.close()
     assert rows == ["call", "phase2", "phase2 again", "call again"]
 
-
-def test_wal_checkpoints_run_beside_the_writer(tmp_path: Path) -> None:
-    """The writer's COMMIT no longer checkpoints (below 16,000 log pages; SQLite's own
-    default did at 1,000): committed pages reach the database file through the
-    checkpointer thread, about a second after the commits."""
-    db = SqliteDatabase(tmp_path / "w.sqlite3", synchronous="FULL")
-    db.init_sync(_schema)
-    db.start(lambda _a: None)
-    path = tmp_path / "w.sqlite3"
-    before = path.stat().st_size
-
-    def fill(conn: sqlite3.Connection, _ctx: Announce) -> None:
-        conn.executemany("INSERT INTO log (who) VALUES (?)", [("x" * 2000,)] * 1000)
-
-    async def body() -> tuple[float, int]:
-        t0 = time.monotonic()
-        for _ in range(5):
-            await db.write(fill)  # ~10 MB: 2,500 pages of log
-        return time.monotonic() - t0, path.stat().st_size
-
-    try:
-        took, right_after = asyncio.run(body())
-        deadline = time.monotonic() + 5.0
-        while path.stat().st_size <= before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        later = path.stat().st_size
-    finally:
-        db.close()
-    if took < 0.8:  # before the checkpointer's first turn (1 s after the first commit)
-        assert right_after == before  # nothing was checkpointed inside the commits
-    assert later > before + 8_000_000  # the checkpointer copied the pages

@@ -45,16 +45,6 @@ MAX_BATCH = 128
 BATCH_BUDGET = 0.02
 # Foreground operations taken in a row before a waiting background one gets its turn.
 FOREGROUND_BURST = 8
-# WAL checkpoints run on their own thread and connection (`_Checkpointer`), not inside
-# the writer's COMMIT: a checkpoint copies ~1,000 pages into the database file and
-# fsyncs it, which made every ~100th batch of appends wait for it (measured: 3/4 of the
-# writer's COMMIT time under AddMessage load). The checkpointer runs a PASSIVE checkpoint
-# at most this often, when there were commits since the last one (each checkpoint
-# fsyncs the log and the database file: a shared disk pays for every one)...
-CHECKPOINT_SECONDS = 1.0
-# ...and the writer still checkpoints by itself (SQLite's own auto-checkpoint) when the
-# log passes this many pages anyway (the checkpointer fell behind: readers held it up).
-WRITER_CHECKPOINT_PAGES = 16_000
 
 
 @dataclass
@@ -137,7 +127,6 @@ class SqliteDatabase:
         # When the oldest commit not yet flushed to disk was made (relaxed batches).
         self._unsynced_since: float | None = None
         self._explicit_sync = False
-        self._checkpointer: _Checkpointer | None = None
 
     def start(self, after_commit: AfterCommit) -> None:
         self._after_commit = after_commit
@@ -148,8 +137,6 @@ class SqliteDatabase:
         self._explicit_sync = self.synchronous.upper() == "FULL"
         self._write_conn = connect(self.path,
                                    "NORMAL" if self._explicit_sync else self.synchronous)
-        self._write_conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
-        self._checkpointer = _Checkpointer(connect(self.path, self.synchronous))
         self._writer = threading.Thread(target=self._run_writer, name="sqlite-writer",
                                         daemon=True)
         self._writer.start()
@@ -327,8 +314,6 @@ class SqliteDatabase:
                     for op, _, _ in outcomes:
                         op.loop.call_soon_threadsafe(_settle, op, None, err, None)
                     return
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
         # One wake-up of each event loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op[Any], Any, BaseException | None]]]
         by_loop = {}
@@ -352,8 +337,6 @@ class SqliteDatabase:
             if not self._writer.is_alive():
                 # Whatever reached the queue after the stop request fails, not hangs.
                 self._fail_all(_FairQueue(), Unavailable("store is closed"))
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         if self._write_conn is not None:
             self._write_conn.close()
         self._readers.shutdown(wait=True)
@@ -364,47 +347,6 @@ class SqliteDatabase:
                 except sqlite3.Error:
                     pass
             self._reader_conns.clear()
-
-
-class _Checkpointer:
-    """PASSIVE checkpoints of the WAL on a thread and connection of their own: they
-    copy committed pages into the database file while the writer goes on appending to
-    the log (and readers read), so no write waits for one. A checkpoint changes what
-    is on disk, never what is committed: durability stays with the writer's fsync of
-    the log."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._dirty = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint",
-                                        daemon=True)
-        self._thread.start()
-
-    def committed(self) -> None:
-        """The writer committed: there may be pages to copy."""
-        self._dirty.set()
-
-    def _run(self) -> None:
-        while True:
-            self._dirty.wait()
-            # Let the commits of the next second gather first (close() cuts it short).
-            if self._stopping.wait(CHECKPOINT_SECONDS):
-                return
-            self._dirty.clear()
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as exc:  # busy or I/O: the writer's fallback covers it
-                log.debug("background WAL checkpoint failed: %s", exc)
-
-    def close(self) -> None:
-        self._stopping.set()
-        self._dirty.set()
-        self._thread.join(timeout=30)
-        try:
-            self._conn.close()
-        except sqlite3.Error:
-            pass
 
 
 def _settle_batch(items: list[tuple[_Op[Any], Any, BaseException | None]],
