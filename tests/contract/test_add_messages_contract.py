@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 
+import asyncpg
 import pytest
 from sessiond.server.domain.errors import NotFound, RequestIdConflict
 from sessiond.server.domain.values import Message
 from sessiond.server.store.base import Store
+from sessiond.server.store.postgres.store import PostgresStore
+from sessiond.server.store.sqlite.store import SqliteStore
 
 from tests.contract.conftest import Runner
 from tests.contract.test_store_contract import ID, OTHER_USER, at, msg, plan, rkey
@@ -97,5 +101,41 @@ def test_concurrent_batches_store_a_client_id_once(store: Store, run: Runner) ->
         assert sorted(o[0].duplicate for o in outs) == [False] + [True] * 5
         assert len({o[0].message.id for o in outs}) == 1
         assert len(await store.list_live_messages(ID, "s1", 0)) == 1
+
+    run(body())
+
+
+def test_the_client_id_index_holds_given_ids_only(store: Store, run: Runner) -> None:
+    """Schema version 14: the unique index of client_message_id is partial (messages
+    without one, most of them, have no entry to write), and still refuses a given id
+    twice in a session."""
+    async def index_predicate() -> str:
+        if isinstance(store, SqliteStore):
+            conn = sqlite3.connect(store.path)
+            try:
+                rows = conn.execute("PRAGMA index_list(messages)").fetchall()
+                partial = {r[1]: (r[2], r[4]) for r in rows}["messages_client_id"]
+                assert partial == (1, 1)  # unique, partial
+                sql = conn.execute("SELECT sql FROM sqlite_master WHERE "
+                                   "name='messages_client_id'").fetchone()[0]
+            finally:
+                conn.close()
+            return str(sql)
+        assert isinstance(store, PostgresStore)
+        pg = await asyncpg.connect(store.dsn)
+        try:
+            return str(await pg.fetchval(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index "
+                "WHERE indexrelid='messages_client_id'::regclass AND indisunique"))
+        finally:
+            await pg.close()
+
+    async def body() -> None:
+        await store.create_session(ID, "s1", at(0))
+        await store.add_messages(ID, "s1", [cmsg("a", "c-1"), cmsg("b"), cmsg("c")])
+        await store.add_message(ID, "s1", msg("d"))
+        again = await store.add_messages(ID, "s1", [cmsg("a again", "c-1"), cmsg("e")])
+        assert [r.duplicate for r in again] == [True, False]
+        assert "client_message_id IS NOT NULL" in await index_predicate()
 
     run(body())

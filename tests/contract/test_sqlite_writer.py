@@ -216,3 +216,4 @@ def test_relaxed_writes_skip_the_flush_and_are_flushed_soon(
     finally:
         conn.close()
     assert rows == ["call", "phase2", "phase2 again", "call again"]
+

@@ -103,8 +103,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             identity_of(context), request.session_id, cv.role_in(request.role),
             cv.parts_in(list(request.parts)), request.request_id, fingerprint(request),
             request.client_message_id, cv.created_at_in(request))
-        return session_pb2.AddMessageResponse(message=cv.message_out(added.message),
-                                              duplicate=added.duplicate)
+        return cv.add_message_reply(added)
 
     @unary
     async def AddMessages(self, request: session_pb2.AddMessagesRequest, context: Ctx

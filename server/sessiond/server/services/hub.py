@@ -16,12 +16,20 @@ from sessiond.server.domain.values import TaskEvent
 BUFFER = 256
 
 
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 class Subscription:
     def __init__(self, hub: EventHub, task_id: str) -> None:
         self._hub = hub
         self.task_id = task_id
         self._events: deque[TaskEvent] = deque()
-        self._signal = asyncio.Event()
+        self._woken = False  # set by _push/poke, cleared when a wait returns
+        # The waiting subscriber's future: resolved directly by _push/poke, so a wake-up
+        # of N watchers is N callbacks, not a task and two hand-offs each (wait_for).
+        self._waiter: asyncio.Future[bool] | None = None
         self.lagged = False
 
     def _push(self, ev: TaskEvent) -> None:
@@ -30,23 +38,33 @@ class Subscription:
             self._events.clear()
         else:
             self._events.append(ev)
-        self._signal.set()
+        self._wake()
 
     def poke(self) -> None:
         """Wake the subscriber without an event (e.g. a cross-process notification)."""
-        self._signal.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval
-        """True when woken, False on timeout."""
-        if self._events or self.lagged:
+        """True when woken (since the last wait returned), False on timeout."""
+        if self._events or self.lagged or self._woken:
+            self._woken = False
             return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout, _expire, waiter)
         try:
-            await asyncio.wait_for(self._signal.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
-            self._signal.clear()
+            timer.cancel()
+            self._waiter = None
+            self._woken = False
 
     def drain(self) -> tuple[list[TaskEvent], bool]:
         """Buffered events and whether some were dropped (re-read the store then)."""

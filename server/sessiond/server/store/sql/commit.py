@@ -17,7 +17,6 @@ from sessiond.server.domain.values import (
     Identity,
     Message,
     Stage,
-    TaskState,
     UsageRecord,
 )
 from sessiond.server.store import codec
@@ -68,23 +67,31 @@ async def commit(tx: Tx, plan: CommitPlan, request: RequestKey | None) -> Commit
         skey, index, sid, plan.task_id, ArchiveState.PENDING.value, len(to_archive),
         to_archive[0]["message_id"], to_archive[-1]["message_id"], d.ts(now))
     # An emptied live buffer also disarms the idle auto-commit (nothing left to commit).
-    await tx.execute("UPDATE sessions SET archive_count=?, live_count=live_count-?, "
-                     "live_bytes=(SELECT COALESCE(SUM(size), 0) FROM messages WHERE skey=? "
-                     "AND archive_index IS NULL), updated_at=?, "
-                     "idle_due_ms=CASE WHEN live_count-?>0 THEN idle_due_ms END WHERE skey=?",
-                     index, len(to_archive), skey, d.ts(now), len(to_archive), skey)
+    # The same statement numbers the commit's two feed events (accepted, the task's
+    # CREATED): one session row update per commit, not three.
+    last_event = await tx.fetchval(
+        "UPDATE sessions SET archive_count=?, live_count=live_count-?, "
+        "live_bytes=(SELECT COALESCE(SUM(size), 0) FROM messages WHERE skey=? "
+        "AND archive_index IS NULL), updated_at=?, "
+        "idle_due_ms=CASE WHEN live_count-?>0 THEN idle_due_ms END, event_seq=event_seq+2 "
+        "WHERE skey=? RETURNING event_seq",
+        index, len(to_archive), skey, d.ts(now), len(to_archive), skey)
+    # The task is inserted as its CREATED event leaves it (no UPDATE after the INSERT).
+    created = transitions.created(index, len(to_archive), plan.trigger)
     trow = await tx.fetchrow(
         "INSERT INTO tasks (task_id, skey, account, user_id, agent, session_id, archive_index, "
         "task_type, state, stage, done_stage, created_at, updated_at, trace_context, "
-        "commit_trigger) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
+        "commit_trigger, last_seq, first_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,1,1) "
+        "RETURNING *",
         plan.task_id, skey, identity.account, identity.user, identity.agent, sid, index,
-        TASK_TYPE_COMMIT, TaskState.PENDING.value, Stage.QUEUED.value, Stage.QUEUED.value,
+        TASK_TYPE_COMMIT, created.state.value, created.stage.value, Stage.QUEUED.value,
         d.ts(now), d.ts(now), plan.trace_context, plan.trigger.value)
-    assert arow is not None and trow is not None
-    await session_events.append(tx, skey, [session_events.commit_item(
-        plan.task_id, index, len(to_archive), plan.trigger, now)])
-    _, task = await tasks.apply(tx, d.rows.task(trow),
-                                transitions.created(index, len(to_archive), plan.trigger), now)
+    assert arow is not None and trow is not None and last_event is not None
+    task = d.rows.task(trow)
+    ev = await tasks.journal_first(tx, task, created, now)
+    await session_events.insert(tx, skey, int(last_event) - 1, [
+        session_events.commit_item(plan.task_id, index, len(to_archive), plan.trigger, now),
+        session_events.task_item(ev)])
     await requests.remember(tx, request, {"archived": True, "task_id": plan.task_id}, now)
     tx.announce.work = True
     return CommitOutcome(True, d.rows.archive(arow), task)

@@ -335,6 +335,16 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE recall_terms ADD COLUMN eseq ${int64} NOT NULL DEFAULT 0;
     ${extra}
     """),
+    Migration(14, "client message ids indexed only where given", """
+    -- Most messages carry no client_message_id, yet the unique index held an entry
+    -- (skey, NULL) for each of them: one more B-tree written by every append and by
+    -- every message a commit archives (PostgreSQL: a new index entry per new row
+    -- version). Lookups only ever ask for given ids, which the partial index serves.
+    DROP INDEX messages_client_id;
+    CREATE UNIQUE INDEX messages_client_id ON messages (skey, client_message_id)
+        WHERE client_message_id IS NOT NULL;
+    ${extra}
+    """),
 )
 
 # Versions are numbered by the change that introduced them (not necessarily without

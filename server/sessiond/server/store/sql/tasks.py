@@ -104,9 +104,7 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
     """Append the transition's event to the journal of `task` (whose row this
     transaction holds) and update the row; the event and the task after it."""
     seq = task.last_seq + 1
-    message = codec.clean_text(t.message)
-    event = (task.task_id, seq, t.kind.value, tx.d.ts(now), t.state.value, t.stage.value,
-             message, t.attempt, codec.encode_result(t.result), codec.encode_error(t.error))
+    event, ev = _event(tx, task.task_id, seq, t, now)
     first_seq = task.first_seq
     trim = seq - first_seq + 1 > tx.journal_cap
     if trim:
@@ -126,10 +124,6 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
     changes: dict[str, Any] = dict(t.changes)
     after = replace(task, last_seq=seq, first_seq=first_seq, state=t.state, stage=t.stage,
                     updated_at=now, **changes)
-    ev = TaskEvent(task_id=task.task_id, seq=seq, kind=t.kind, time=now, state=t.state,
-                   stage=t.stage, message=message, attempt=t.attempt, result=t.result,
-                   error=t.error)
-    tx.announce.events.append(ev)
     await session_events.add(tx, codec.session_key(task.identity, task.session_id),
                              session_events.task_item(ev))
     if t.frees_work and not tx.announce.work:
@@ -138,6 +132,34 @@ async def apply(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> tuple[Ta
         tx.announce.work = await tx.fetchval(
             "SELECT 1 FROM tasks WHERE state=? LIMIT 1", TaskState.PENDING.value) is not None
     return ev, after
+
+
+def _event(tx: Tx, task_id: str, seq: int, t: tr.Transition, now: datetime
+           ) -> tuple[tuple[Any, ...], TaskEvent]:
+    """The transition's event as number `seq` of the task's journal: its row, and the
+    event (announced after commit)."""
+    message = codec.clean_text(t.message)
+    row = (task_id, seq, t.kind.value, tx.d.ts(now), t.state.value, t.stage.value, message,
+           t.attempt, codec.encode_result(t.result), codec.encode_error(t.error))
+    ev = TaskEvent(task_id=task_id, seq=seq, kind=t.kind, time=now, state=t.state,
+                   stage=t.stage, message=message, attempt=t.attempt, result=t.result,
+                   error=t.error)
+    tx.announce.events.append(ev)
+    return row, ev
+
+
+async def journal_first(tx: Tx, task: Task, t: tr.Transition, now: datetime) -> TaskEvent:
+    """The first journal event of `task`, a row inserted with `t` applied already
+    (state and stage, last_seq 1; `t` changes no other column): what `apply` writes
+    besides updating the row, one statement fewer. The session feed item of the event
+    (`session_events.task_item`) is the caller's to write."""
+    assert task.last_seq == 1 and not t.changes and not t.frees_work
+    row, ev = _event(tx, task.task_id, 1, t, now)
+    if tx.journal is not None:
+        tx.journal.events.append(row)
+    else:
+        await _write(tx, Journal([row]))
+    return ev
 
 
 async def get(tx: Tx, task_id: str, *, lock: bool = False) -> Task | None:
