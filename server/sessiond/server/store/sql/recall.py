@@ -106,7 +106,25 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
     (its entry replaced), and the given vectors of `model`. Returns the number of
     entries written."""
     written = await insert_entries(tx, entries)
-    memory_entries = await archive_memory_entries(tx, task)
+    written += await _replace_memory_entries(tx, await archive_memory_entries(tx, task))
+    if vectors and model:
+        await vectors_sql.insert(tx, model, vectors)
+    return written
+
+
+async def index_memory_entries(tx: Tx, task: Task, prepared: Sequence[RecallEntry]) -> int:
+    """Ahead of the `index` stage's last transaction: `prepared` entries (read with
+    `archive_memory_entries` and given their terms outside the transaction) replace
+    their memories' entries, except those whose memory changed since they were read
+    (the last transaction indexes those). Idempotent: a current entry is kept."""
+    if not prepared:
+        return 0
+    ids = {e.memory_id for e in prepared}
+    fresh = {e.entry_id for e in await archive_memory_entries(tx, task) if e.memory_id in ids}
+    return await _replace_memory_entries(tx, [e for e in prepared if e.entry_id in fresh])
+
+
+async def _replace_memory_entries(tx: Tx, memory_entries: Sequence[RecallEntry]) -> int:
     current: dict[str, set[str]] = {}
     if memory_entries:
         for r in await tx.fetch(
@@ -117,10 +135,7 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
     # A memory whose entry is current keeps it (and its vector); others are replaced.
     stale = [e for e in memory_entries if current.get(e.memory_id) != {e.entry_id}]
     await delete_memory_entries(tx, [e.memory_id for e in stale])
-    written += await insert_entries(tx, stale)
-    if vectors and model:
-        await vectors_sql.insert(tx, model, vectors)
-    return written
+    return await insert_entries(tx, stale)
 
 
 def _memory_entry(tx: Tx, row: Row) -> RecallEntry:
