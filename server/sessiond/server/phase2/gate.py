@@ -105,7 +105,7 @@ class FairGate:
         if ident.active == 0:
             active = [i.vtime for i in self._ids.values() if i.active]
             if active:
-                self._floor = min(active)
+                self._floor = max(self._floor, min(active))
             ident.vtime = max(ident.vtime, self._floor - self.sleeper_credit)
         ident.active += 1
         return ident
@@ -158,8 +158,12 @@ class FairGate:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
         def wake() -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            loop.call_soon_threadsafe(settle)
 
         with self._lock:
             waiter, _ = self._enqueue(key, wake)
