@@ -39,6 +39,11 @@ T = TypeVar("T")
 SLICE_SECONDS = 0.004
 # How far behind the lowest active virtual time a returning identity may start.
 SLEEPER_CREDIT = 0.05
+# Seconds a task keeps its slot parked between two of its units (a store write, then
+# the next engine slice) while no lower virtual time waits: a light task then runs
+# through its few units without queueing behind a heavy identity at each of them.
+# A parked slot is taken over at once by a waiter with a lower virtual time.
+PARK_SECONDS = 0.003
 # Threads of the gate's own pool: a thread blocked at a checkpoint keeps its worker,
 # so the pool is larger than the Phase 2 tasks that can run at once (a unit gets its
 # slot only once its thread runs: a full pool delays, never deadlocks).
@@ -63,6 +68,20 @@ class Grant:
     released: bool = False
 
 
+@dataclass(eq=False)
+class Seat:
+    """One task's place at the gate (see `bind`): the slot it holds for its current
+    unit, or keeps parked between two units."""
+
+    gate: FairGate
+    key: str
+    grant: Grant | None = None
+    depth: int = 0  # units of this task in progress (nested ones pass through)
+    parked: bool = False
+    parks: int = 0  # times parked (a timer expires only the parking it was set for)
+    ending: bool = False  # the task is done: the last unit's end releases the slot
+
+
 @dataclass
 class _Identity:
     vtime: float = 0.0
@@ -75,14 +94,18 @@ class FairGate:
 
     def __init__(self, slots: int = 1, *, slice_seconds: float = SLICE_SECONDS,
                  sleeper_credit: float = SLEEPER_CREDIT,
+                 park_seconds: float = PARK_SECONDS, threads: int = POOL_THREADS,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if slots < 1:
             raise ValueError("a gate needs at least one slot")
         self.slots = slots
         self.slice_seconds = slice_seconds
         self.sleeper_credit = sleeper_credit
+        self.park_seconds = park_seconds
+        self.threads = threads
         self.clock = clock
         self._lock = threading.Lock()
+        self._parked: list[Seat] = []
         self._free = slots
         self._ids: dict[str, _Identity] = {}
         self._seq = itertools.count()
@@ -138,20 +161,45 @@ class FairGate:
             woken.append(w)
         return woken
 
+    def _revoke_parked(self, vtime: float) -> None:
+        """Free the slot parked by the highest virtual time above `vtime`, if any
+        (under the lock)."""
+        above = [st for st in self._parked if self._ids[st.key].vtime > vtime]
+        if not above:
+            return
+        seat = max(above, key=lambda st: self._ids[st.key].vtime)
+        self._drop_parked(seat)
+
+    def _drop_parked(self, seat: Seat) -> None:
+        """Release a parked seat's slot (under the lock; nobody is woken here)."""
+        grant = seat.grant
+        assert grant is not None and seat.parked
+        self._parked.remove(seat)
+        seat.parked, seat.grant = False, None
+        grant.released = True
+        self._charge(grant, self.clock())
+        self._free += 1
+        self._deactivate(grant.key)
+
     def _charge(self, grant: Grant, now: float) -> None:
         self._ids[grant.key].vtime += max(now - grant.since, 0.0)
         grant.since = now
 
     # --------------------------------------------------------------- acquiring
-    def _enqueue(self, key: str, wake: Callable[[], None]) -> tuple[_Waiter | None, bool]:
-        """Take a slot now (True) or queue a waiter (under the lock)."""
+    def _enqueue(self, key: str, wake: Callable[[], None]) -> tuple[_Waiter | None,
+                                                                    list[_Waiter]]:
+        """Take a slot now (no waiter) or queue a waiter (under the lock); a slot
+        parked by a higher virtual time is freed for it. Returns whom to wake (the
+        new waiter may be among them)."""
         ident = self._activate(key)
+        if self._free == 0:
+            self._revoke_parked(ident.vtime)
         if self._free > 0 and self._best_waiter() is None:
             self._free -= 1
-            return None, True
+            return None, []
         w = _Waiter(key, next(self._seq), wake)
         ident.waiting.append(w)
-        return w, False
+        return w, self._grant_waiting()
 
     async def acquire(self, key: str) -> Grant:
         """Wait for a slot for `key` (from the event loop)."""
@@ -166,7 +214,9 @@ class FairGate:
             loop.call_soon_threadsafe(settle)
 
         with self._lock:
-            waiter, _ = self._enqueue(key, wake)
+            waiter, woken = self._enqueue(key, wake)
+        for w in woken:
+            w.wake()
         if waiter is not None:
             try:
                 await fut
@@ -175,12 +225,12 @@ class FairGate:
                     if not waiter.granted:
                         self._ids[key].waiting.remove(waiter)
                         self._deactivate(key)
-                        woken: list[_Waiter] = []
+                        again: list[_Waiter] = []
                     else:  # granted as it was cancelled: give the slot back
                         self._free += 1
                         self._deactivate(key)
-                        woken = self._grant_waiting()
-                for w in woken:
+                        again = self._grant_waiting()
+                for w in again:
                     w.wake()
                 raise
         return Grant(key, self.clock(), self)
@@ -189,7 +239,9 @@ class FairGate:
         """Wait for a slot for `key` from a thread that is not the event loop's."""
         event = threading.Event()
         with self._lock:
-            waiter, _ = self._enqueue(key, event.set)
+            waiter, woken = self._enqueue(key, event.set)
+        for w in woken:
+            w.wake()
         if waiter is not None:
             event.wait()
         return Grant(key, self.clock(), self)
@@ -231,6 +283,89 @@ class FairGate:
         grant.since = self.clock()
         return True
 
+    # ------------------------------------------------------------------- seats
+    async def take(self, seat: Seat) -> None:
+        """Begin a unit of `seat`'s task: take back its parked slot, or wait for one."""
+        if seat.depth:
+            seat.depth += 1
+            return
+        with self._lock:
+            if seat.parked:
+                self._parked.remove(seat)
+                seat.parked = False
+                seat.depth = 1
+                return
+        seat.grant = await self.acquire(seat.key)
+        seat.depth = 1
+
+    def leave(self, seat: Seat) -> None:
+        """End a unit of `seat`'s task (on the event loop): its slot goes to a lower
+        virtual time that waits, or is parked for `park_seconds`."""
+        seat.depth -= 1
+        if seat.depth or seat.grant is None:
+            return
+        grant = seat.grant
+        with self._lock:
+            self._charge(grant, self.clock())
+            best = self._best_waiter()
+            keep = not seat.ending and self.park_seconds > 0 and (
+                best is None or self._ids[best.key].vtime >= self._ids[seat.key].vtime)
+            if keep:
+                seat.parked = True
+                seat.parks += 1
+                self._parked.append(seat)
+        if keep:
+            asyncio.get_running_loop().call_later(self.park_seconds, self._expire, seat,
+                                                  seat.parks)
+            return
+        seat.grant = None
+        self.release(grant)
+
+    def _expire(self, seat: Seat, parking: int) -> None:
+        with self._lock:
+            if not (seat.parked and seat.parks == parking):
+                return  # taken back or taken over meanwhile
+            self._drop_parked(seat)
+            woken = self._grant_waiting()
+        for w in woken:
+            w.wake()
+
+    def end(self, seat: Seat) -> None:
+        """`seat`'s task is done: a parked slot is released now, one still in use
+        when its unit ends."""
+        seat.ending = True
+        if seat.depth == 0 and seat.grant is not None:
+            with self._lock:
+                if not seat.parked:
+                    return
+                self._drop_parked(seat)
+                woken = self._grant_waiting()
+            for w in woken:
+                w.wake()
+
+    async def run_seated(self, seat: Seat, fn: Callable[[], T]) -> T:
+        """`run` for a unit of `seat`'s task: the slot is the seat's (taken back when
+        parked); a cancelled caller leaves the unit only once the thread is done."""
+        await self.take(seat)
+        grant = seat.grant
+        assert grant is not None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads,
+                                            thread_name_prefix="phase2-cpu")
+        ctx = copy_context()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, lambda: ctx.run(_with_grant, grant, fn))
+        try:
+            result = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda _: self.leave(seat))
+            raise
+        except BaseException:
+            self.leave(seat)
+            raise
+        self.leave(seat)
+        return result
+
     # ------------------------------------------------------------------ running
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[Grant]:
@@ -248,7 +383,7 @@ class FairGate:
         `checkpoint()` calls hand the slot over when due. The thread releases the slot
         itself when `fn` returns, so a cancelled caller never frees a slot still used."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=POOL_THREADS,
+            self._pool = ThreadPoolExecutor(max_workers=self.threads,
                                             thread_name_prefix="phase2-cpu")
         ctx = copy_context()
 
@@ -275,9 +410,8 @@ def _with_grant(grant: Grant, fn: Callable[[], T]) -> T:
         _GRANT.reset(token)
 
 
-# The gate and key of the Phase 2 task this context runs for (see `bind`).
-_BOUND: ContextVar[tuple[FairGate, str] | None] = ContextVar("sessiond_phase2_gate",
-                                                            default=None)
+# The seat of the Phase 2 task this context runs for (see `bind`).
+_BOUND: ContextVar[Seat | None] = ContextVar("sessiond_phase2_seat", default=None)
 # The slot a gate thread holds (set in `FairGate.run`'s thread).
 _GRANT: ContextVar[Grant | None] = ContextVar("sessiond_phase2_grant", default=None)
 # Whether this context holds a slot through `hold` already (nested units pass through).
@@ -286,35 +420,42 @@ _HELD: ContextVar[bool] = ContextVar("sessiond_phase2_held", default=False)
 
 @contextlib.contextmanager
 def bind(gate: FairGate | None, key: str) -> Iterator[None]:
-    """Phase 2 work in this context (a task's run) goes through `gate` as `key`."""
-    token = _BOUND.set((gate, key) if gate is not None else None)
+    """Phase 2 work in this context (one task's run) goes through `gate` as `key`,
+    from one seat: the task's units hold a slot each, parked in between."""
+    seat = Seat(gate, key) if gate is not None else None
+    token = _BOUND.set(seat)
     try:
         yield
     finally:
         _BOUND.reset(token)
+        if seat is not None:
+            seat.gate.end(seat)
 
 
 async def run_cpu(fn: Callable[[], T]) -> T:
     """Run CPU-bound `fn` off the event loop: through the bound gate (holding a slot,
     sliced at its checkpoints), or in a plain thread when no gate is bound."""
-    bound = _BOUND.get()
-    if bound is None or _HELD.get():
+    seat = _BOUND.get()
+    if seat is None or _HELD.get():
         return await asyncio.to_thread(fn)
-    gate, key = bound
-    return await gate.run(key, fn)
+    return await seat.gate.run_seated(seat, fn)
 
 
 @contextlib.asynccontextmanager
 async def held() -> AsyncIterator[None]:
     """Hold a slot of the bound gate while the body runs (no gate bound, or a slot
     held already: the body just runs)."""
-    bound = _BOUND.get()
-    if bound is None or _HELD.get():
+    seat = _BOUND.get()
+    if seat is None or _HELD.get():
         yield
         return
-    gate, key = bound
-    async with gate.hold(key):
+    await seat.gate.take(seat)
+    token = _HELD.set(True)
+    try:
         yield
+    finally:
+        _HELD.reset(token)
+        seat.gate.leave(seat)
 
 
 def checkpoint() -> None:

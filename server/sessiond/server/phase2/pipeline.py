@@ -75,7 +75,7 @@ STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # writes at most INDEX_POSTINGS postings (an entry counts its terms plus one) and at
 # most INDEX_BATCH entries per transaction, a few milliseconds of work.
 INDEX_BATCH = 200
-INDEX_POSTINGS = 400
+INDEX_POSTINGS = 200
 # Entry texts per embedder call.
 EMBED_BATCH = 64
 # Memories the extract stage merges per transaction, for the same reason.

@@ -44,7 +44,9 @@ class Phase2Worker:
         self.relaxed = relaxed
         # Phase 2's CPU-bound work (engine calls, index entries, writes) holds one of
         # `cpu_slots` slots, granted fairly by identity (phase2/gate.py); 0: no gate.
-        self.gate = FairGate(cpu_slots) if cpu_slots > 0 else None
+        # Its threads: one per running task can wait at a checkpoint, plus spares.
+        self.gate = (FairGate(cpu_slots, threads=max(64, 2 * concurrency))
+                     if cpu_slots > 0 else None)
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()

@@ -91,11 +91,17 @@ async def delete_session_entries(tx: Tx, skey: str) -> None:
 async def archive_memory_entries(tx: Tx, task: Task) -> list[RecallEntry]:
     """The entries of the memories this archive's extraction wrote or merged into,
     as they read now."""
+    return await _archive_memory_entries(tx, task)
+
+
+async def _archive_memory_entries(tx: Tx, task: Task,
+                                  memory_ids: Sequence[str] = ()) -> list[RecallEntry]:
+    only = f" AND memory_id IN ({','.join('?' * len(memory_ids))})" if memory_ids else ""
     rows = await tx.fetch(
         "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
         "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
-        "AND (agent='' OR agent=?) AND source_archive_uri=? ORDER BY memory_id",
-        *_visible(task.identity), task.archive_uri)
+        f"AND (agent='' OR agent=?) AND source_archive_uri=?{only} ORDER BY memory_id",
+        *_visible(task.identity), task.archive_uri, *memory_ids)
     return [_memory_entry(tx, r) for r in rows]
 
 
@@ -119,8 +125,8 @@ async def index_memory_entries(tx: Tx, task: Task, prepared: Sequence[RecallEntr
     (the last transaction indexes those). Idempotent: a current entry is kept."""
     if not prepared:
         return 0
-    ids = {e.memory_id for e in prepared}
-    fresh = {e.entry_id for e in await archive_memory_entries(tx, task) if e.memory_id in ids}
+    ids = sorted({e.memory_id for e in prepared})
+    fresh = {e.entry_id for e in await _archive_memory_entries(tx, task, ids)}
     return await _replace_memory_entries(tx, [e for e in prepared if e.entry_id in fresh])
 
 

@@ -1,0 +1,96 @@
+"""Phase 2 is fair between identities (the CPU gate, phase2/gate.py): a light
+identity's small commits finish about as fast while a heavy identity's backlog of
+large archives runs as on the idle server, over a real server and store.
+
+Robust on a loaded machine: the bound is a generous ratio to the idle figure
+measured in the same test, and the heavy backlog must still be mostly open when
+the light commits are done (else the figure would say nothing)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from sessiond.v1 import session_pb2 as S
+from sessiond.v1 import task_pb2 as T
+
+from tests.api.helpers import text_part, watch_all
+from tests.conftest import Running, ServerFactory
+
+HEAVY = (("x-sessiond-account", "heavy"),)
+LIGHT = (("x-sessiond-account", "light"),)
+HEAVY_ARCHIVES = 12
+HEAVY_MESSAGES = 400
+
+
+def _words(seed: int, n: int) -> str:
+    vocab = ("alpha", "beta", "gamma", "delta", "error", "deploy", "cache", "index",
+             "shard", "query", "token", "vector", "yesterday", "meeting", "service")
+    return " ".join(vocab[(seed * 7 + i * 3) % len(vocab)] + str((seed + i) % 97)
+                    for i in range(n))
+
+
+def _fill_heavy(server: Running) -> None:
+    for k in range(HEAVY_ARCHIVES):
+        sid = f"heavy-{k}"
+        for start in range(0, HEAVY_MESSAGES, 100):
+            server.sessions.AddMessages(S.AddMessagesRequest(session_id=sid, messages=[
+                S.NewMessage(role=S.ROLE_USER if j % 2 == 0 else S.ROLE_ASSISTANT,
+                             parts=[text_part(_words(k * 1000 + j, 50) + ". It fails?")])
+                for j in range(start, start + 100)]), metadata=HEAVY, timeout=60)
+
+
+def _light_commit(server: Running, sid: str) -> float:
+    """Seconds from Commit sent to COMPLETED seen on WatchTask."""
+    for j in range(4):
+        server.sessions.AddMessage(S.AddMessageRequest(
+            session_id=sid, role=S.ROLE_USER if j % 2 == 0 else S.ROLE_ASSISTANT,
+            parts=[text_part(f"small message {j} about {sid}")]), metadata=LIGHT)
+    t0 = time.perf_counter()
+    task_id = server.sessions.Commit(S.CommitRequest(session_id=sid), metadata=LIGHT).task_id
+    for item in server.tasks.WatchTask(T.WatchTaskRequest(task_id=task_id), metadata=LIGHT,
+                                       timeout=120):
+        if item.WhichOneof("kind") == "event" and \
+                item.event.kind == T.TASK_EVENT_KIND_COMPLETED:
+            return time.perf_counter() - t0
+        if item.WhichOneof("kind") == "snapshot" and \
+                item.snapshot.state == T.TASK_STATE_COMPLETED:
+            return time.perf_counter() - t0
+    raise AssertionError(f"{sid}: task {task_id} did not complete")
+
+
+def _open_heavy(server: Running) -> int:
+    n = 0
+    for state in (T.TASK_STATE_PENDING, T.TASK_STATE_RUNNING):
+        n += len(server.tasks.ListTasks(T.ListTasksRequest(state=state, page_size=100),
+                                        metadata=HEAVY).tasks)
+    return n
+
+
+def _light_under_heavy(server: Running, rounds: int = 6) -> tuple[float, float, int]:
+    """(idle median, median under the heavy backlog, heavy tasks still open after)."""
+    _light_commit(server, "warm")
+    idle = statistics.median(_light_commit(server, f"idle-{i}") for i in range(rounds))
+    heavy = [server.sessions.Commit(S.CommitRequest(session_id=f"heavy-{k}"),
+                                    metadata=HEAVY).task_id for k in range(HEAVY_ARCHIVES)]
+    assert all(heavy)
+    time.sleep(0.3)  # the heavy tasks are claimed and running
+    loaded = statistics.median(_light_commit(server, f"loaded-{i}") for i in range(rounds))
+    still_open = _open_heavy(server)
+    for task_id in heavy:  # the heavy backlog completes too (nothing starves)
+        watch_all(server.tasks, task_id, timeout=300)
+    return idle, loaded, still_open
+
+
+def test_light_identity_is_not_held_back_by_a_heavy_backlog(
+        server_factory: ServerFactory, tmp_path: Path) -> None:
+    server = server_factory(tmp_path / "data", phase2_cpu_slots=1)
+    _fill_heavy(server)
+    idle, loaded, still_open = _light_under_heavy(server)
+    print(f"light commit e2e median: idle {idle * 1000:.1f} ms, under the heavy backlog "
+          f"{loaded * 1000:.1f} ms ({loaded / idle:.1f}x); heavy open after: {still_open}")
+    assert still_open >= HEAVY_ARCHIVES // 2, "the heavy backlog ended too soon to say"
+    # Without the gate the light commits wait for the heavy tasks' engine calls and
+    # large writes: 10-40x the idle figure on a 2-core machine.
+    assert loaded <= 6 * idle + 0.05, (idle, loaded)
