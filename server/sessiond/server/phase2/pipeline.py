@@ -75,11 +75,11 @@ STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # writes at most INDEX_POSTINGS postings (an entry counts its terms plus one) and at
 # most INDEX_BATCH entries per transaction, a few milliseconds of work.
 INDEX_BATCH = 200
-INDEX_POSTINGS = 200
+INDEX_POSTINGS = 100
 # Entry texts per embedder call.
 EMBED_BATCH = 64
 # Memories the extract stage merges per transaction, for the same reason.
-MEMORY_BATCH = 16
+MEMORY_BATCH = 8
 # A stage's output that took less than this to make (and used no engine tokens) does
 # not commit on its own: it is held and commits with the next checkpoint, at the
 # latest with finalize (one transaction instead of one per stage; a crash redoes at
