@@ -15,13 +15,32 @@ from pathlib import Path
 from sessiond.v1 import session_pb2 as S
 from sessiond.v1 import task_pb2 as T
 
-from tests.api.helpers import text_part, watch_all
+from sessiond.server.phase2.engines.base import SummaryRequest, SummaryResponse
+from sessiond.server.phase2.engines.offline import OfflineEngine
+from sessiond.server.phase2.gate import checkpoint
+
+from tests.api.helpers import text_part
 from tests.conftest import Running, ServerFactory
 
 HEAVY = (("x-sessiond-account", "heavy"),)
 LIGHT = (("x-sessiond-account", "light"),)
-HEAVY_ARCHIVES = 12
-HEAVY_MESSAGES = 400
+HEAVY_ARCHIVES = 8
+HEAVY_MESSAGES = 100
+HEAVY_CPU_SECONDS = 0.4
+
+
+class HeavySummaries(OfflineEngine):
+    """The offline engine, with the heavy identity's summaries costing
+    HEAVY_CPU_SECONDS of pure-Python CPU each (as a large archive's would), sliced at
+    checkpoints as the engine's own loops are."""
+
+    def summarize_now(self, request: SummaryRequest) -> SummaryResponse:
+        if request.session_id.startswith("heavy-"):
+            end = time.thread_time() + HEAVY_CPU_SECONDS
+            while time.thread_time() < end:
+                sum(i * i for i in range(2000))
+                checkpoint()
+        return super().summarize_now(request)
 
 
 def _words(seed: int, n: int) -> str:
@@ -34,15 +53,17 @@ def _words(seed: int, n: int) -> str:
 def _fill_heavy(server: Running) -> None:
     for k in range(HEAVY_ARCHIVES):
         sid = f"heavy-{k}"
+        server.sessions.CreateSession(S.CreateSessionRequest(session_id=sid), metadata=HEAVY)
         for start in range(0, HEAVY_MESSAGES, 100):
             server.sessions.AddMessages(S.AddMessagesRequest(session_id=sid, messages=[
                 S.NewMessage(role=S.ROLE_USER if j % 2 == 0 else S.ROLE_ASSISTANT,
-                             parts=[text_part(_words(k * 1000 + j, 50) + ". It fails?")])
+                             parts=[text_part(_words(k * 1000 + j, 40) + ". It fails?")])
                 for j in range(start, start + 100)]), metadata=HEAVY, timeout=60)
 
 
 def _light_commit(server: Running, sid: str) -> float:
     """Seconds from Commit sent to COMPLETED seen on WatchTask."""
+    server.sessions.CreateSession(S.CreateSessionRequest(session_id=sid), metadata=LIGHT)
     for j in range(4):
         server.sessions.AddMessage(S.AddMessageRequest(
             session_id=sid, role=S.ROLE_USER if j % 2 == 0 else S.ROLE_ASSISTANT,
@@ -79,18 +100,22 @@ def _light_under_heavy(server: Running, rounds: int = 6) -> tuple[float, float, 
     loaded = statistics.median(_light_commit(server, f"loaded-{i}") for i in range(rounds))
     still_open = _open_heavy(server)
     for task_id in heavy:  # the heavy backlog completes too (nothing starves)
-        watch_all(server.tasks, task_id, timeout=300)
+        list(server.tasks.WatchTask(T.WatchTaskRequest(task_id=task_id), metadata=HEAVY,
+                                    timeout=300))
+        state = server.tasks.GetTask(T.GetTaskRequest(task_id=task_id), metadata=HEAVY).state
+        assert state == T.TASK_STATE_COMPLETED, state
     return idle, loaded, still_open
 
 
 def test_light_identity_is_not_held_back_by_a_heavy_backlog(
         server_factory: ServerFactory, tmp_path: Path) -> None:
-    server = server_factory(tmp_path / "data", phase2_cpu_slots=1)
+    server = server_factory(tmp_path / "data", engine=HeavySummaries(), phase2_cpu_slots=1,
+                            worker_per_identity=HEAVY_ARCHIVES)
     _fill_heavy(server)
     idle, loaded, still_open = _light_under_heavy(server)
     print(f"light commit e2e median: idle {idle * 1000:.1f} ms, under the heavy backlog "
           f"{loaded * 1000:.1f} ms ({loaded / idle:.1f}x); heavy open after: {still_open}")
     assert still_open >= HEAVY_ARCHIVES // 2, "the heavy backlog ended too soon to say"
-    # Without the gate the light commits wait for the heavy tasks' engine calls and
-    # large writes: 10-40x the idle figure on a 2-core machine.
-    assert loaded <= 6 * idle + 0.05, (idle, loaded)
+    # Without the gate the light commits share the CPU (and the GIL) with the heavy
+    # tasks' engine calls, all running at once: 5-10x the idle figure and more.
+    assert loaded <= 3 * idle + 0.005, (idle, loaded)

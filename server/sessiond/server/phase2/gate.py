@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,6 +45,11 @@ SLEEPER_CREDIT = 0.05
 # through its few units without queueing behind a heavy identity at each of them.
 # A parked slot is taken over at once by a waiter with a lower virtual time.
 PARK_SECONDS = 0.003
+# The interpreter's switch interval while a gate runs: a gate thread in pure-Python
+# work keeps the GIL this long at most while the event loop or the store's writer
+# thread waits for it (CPython's default, 5 ms, is paid at each of their many GIL
+# re-acquisitions: a call of another tenant slows down by tens of milliseconds).
+SWITCH_SECONDS = 0.001
 # Threads of the gate's own pool: a thread blocked at a checkpoint keeps its worker,
 # so the pool is larger than the Phase 2 tasks that can run at once (a unit gets its
 # slot only once its thread runs: a full pool delays, never deadlocks).
@@ -400,6 +406,13 @@ class FairGate:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def shorten_switch_interval(seconds: float = SWITCH_SECONDS) -> None:
+    """Make the interpreter hand the GIL over at least every `seconds` (never longer
+    than it already does)."""
+    if sys.getswitchinterval() > seconds:
+        sys.setswitchinterval(seconds)
 
 
 def _with_grant(grant: Grant, fn: Callable[[], T]) -> T:

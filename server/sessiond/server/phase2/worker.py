@@ -16,7 +16,7 @@ from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import TASK_TYPE_REVERT, Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
-from sessiond.server.phase2.gate import FairGate, bind
+from sessiond.server.phase2.gate import FairGate, bind, shorten_switch_interval
 from sessiond.server.phase2.pipeline import Phase2Pipeline
 from sessiond.server.phase2.revert import ArchiveReverter
 from sessiond.server.store.base import Store, background_writes, relaxed_commits
@@ -65,6 +65,8 @@ class Phase2Worker:
         self._wake.set()
 
     async def start(self) -> None:
+        if self.gate is not None:
+            shorten_switch_interval()  # gate threads yield the GIL to the loop promptly
         if self.store.single_process:
             released = await self.store.release_all_leases()
             if released:
