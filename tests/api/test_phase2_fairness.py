@@ -12,12 +12,11 @@ import statistics
 import time
 from pathlib import Path
 
-from sessiond.v1 import session_pb2 as S
-from sessiond.v1 import task_pb2 as T
-
 from sessiond.server.phase2.engines.base import SummaryRequest, SummaryResponse
 from sessiond.server.phase2.engines.offline import OfflineEngine
 from sessiond.server.phase2.gate import checkpoint
+from sessiond.v1 import session_pb2 as S
+from sessiond.v1 import task_pb2 as T
 
 from tests.api.helpers import text_part
 from tests.conftest import Running, ServerFactory
