@@ -9,7 +9,7 @@ within one identity). An identity that becomes active again (nothing held, nothi
 waiting before) starts at `max(its own, lowest active - sleeper_credit)`: a light
 tenant runs ahead of a heavy one's backlog, but it cannot bank idle time without limit.
 
-Long units are sliced. Work run through `FairGate.run` (in one of the gate's threads)
+Long units are sliced. Work run through `run_cpu` (in one of the gate's threads)
 calls `checkpoint()` every few milliseconds; once the unit has held its slot for
 `slice_seconds` and a lower virtual time waits, the slot is handed over there and the
 thread blocks until the gate grants it again. So what waits for a slot waits for at
@@ -241,17 +241,6 @@ class FairGate:
                 raise
         return Grant(key, self.clock(), self)
 
-    def acquire_blocking(self, key: str) -> Grant:
-        """Wait for a slot for `key` from a thread that is not the event loop's."""
-        event = threading.Event()
-        with self._lock:
-            waiter, woken = self._enqueue(key, event.set)
-        for w in woken:
-            w.wake()
-        if waiter is not None:
-            event.wait()
-        return Grant(key, self.clock(), self)
-
     def release(self, grant: Grant) -> None:
         """Give `grant`'s slot back (from any thread), charging its holder."""
         if grant.released:
@@ -371,36 +360,6 @@ class FairGate:
             raise
         self.leave(seat)
         return result
-
-    # ------------------------------------------------------------------ running
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[Grant]:
-        """Hold a slot for `key` while the body runs (an awaited unit: a store write)."""
-        grant = await self.acquire(key)
-        token = _HELD.set(True)
-        try:
-            yield grant
-        finally:
-            _HELD.reset(token)
-            self.release(grant)
-
-    async def run(self, key: str, fn: Callable[[], T]) -> T:
-        """Run `fn` in one of the gate's threads holding a slot for `key`; `fn`'s
-        `checkpoint()` calls hand the slot over when due. The thread releases the slot
-        itself when `fn` returns, so a cancelled caller never frees a slot still used."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads,
-                                            thread_name_prefix="phase2-cpu")
-        ctx = copy_context()
-
-        def in_thread() -> T:
-            grant = self.acquire_blocking(key)
-            try:
-                return ctx.run(_with_grant, grant, fn)
-            finally:
-                self.release(grant)
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, in_thread)
 
     def close(self) -> None:
         if self._pool is not None:
