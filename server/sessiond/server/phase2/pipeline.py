@@ -76,6 +76,11 @@ STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # most INDEX_BATCH entries per transaction, a few milliseconds of work.
 INDEX_BATCH = 200
 INDEX_POSTINGS = 100
+# Index batches in flight at once (one unit of the Phase 2 gate): the SQLite writer
+# commits them in one group-commit transaction, so the index's pages are written
+# once per window, not once per batch (a commit of random postings dirties about a
+# page per posting); between two windows the gate can hand the slot over.
+INDEX_WINDOW = 4
 # Entry texts per embedder call.
 EMBED_BATCH = 64
 # Memories the extract stage merges per transaction, for the same reason.
@@ -154,6 +159,15 @@ def with_terms(entries: Sequence[RecallEntry]) -> list[RecallEntry]:
         checkpoint()
         out.append(e if e.term_counts or not e.text.strip() else e.with_terms())
     return out
+
+
+async def _windowed(batches: Sequence[tuple[RecallEntry, ...]],
+                    write: Callable[[tuple[RecallEntry, ...]], Awaitable[int]]) -> None:
+    """Write independent, idempotent `batches`, INDEX_WINDOW at a time, each window
+    one unit of the Phase 2 gate."""
+    for start in range(0, len(batches), INDEX_WINDOW):
+        async with held():
+            await asyncio.gather(*(write(b) for b in batches[start:start + INDEX_WINDOW]))
 
 
 async def fail_task(store: Store, worker_id: str, task: Task, error: TaskError) -> None:
@@ -496,9 +510,7 @@ class Phase2Pipeline:
         entries = await run_cpu(lambda: archive_entries(task, messages, overview, abstract))
         vectors = await self._embed(task, entries) if self.embedder is not None else []
         *early_batches, last = postings_batches(entries)
-        for batch in early_batches:
-            async with held():
-                await self.store.index_entries(batch)
+        await _windowed(early_batches, self.store.index_entries)
         # The memories the extraction wrote (committed before this stage): their
         # entries, terms made here, written ahead in bounded batches too; the last
         # transaction then finds them current (and indexes any changed meanwhile).
@@ -506,9 +518,8 @@ class Phase2Pipeline:
             memory = await self.store.archive_memory_entries(task)
         if memory:
             prepared = await run_cpu(lambda: with_terms(memory))
-            for batch in postings_batches(prepared):
-                async with held():
-                    await self.store.index_memory_entries(task, batch)
+            await _windowed(postings_batches(prepared),
+                            lambda batch: self.store.index_memory_entries(task, batch))
         model = self.embedder.model if self.embedder is not None else ""
         written = {e.entry_id for b in early_batches for e in b}
         early = [v for v in vectors if v.entry.entry_id in written]
