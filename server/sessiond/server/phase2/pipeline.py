@@ -486,11 +486,17 @@ class Phase2Pipeline:
         ordered = [first[k] for k in sorted(first)]
         head = len(ordered) - MEMORY_BATCH if len(ordered) > MEMORY_BATCH else 0
         counts = MemoryCounts()
-        for start in range(0, head, MEMORY_BATCH):
+        batches = [ordered[start:min(start + MEMORY_BATCH, head)]
+                   for start in range(0, head, MEMORY_BATCH)]
+        # INDEX_WINDOW batches at a time, as the index's: one group commit, one gate
+        # unit. Each batch takes its keys' locks in key order and the batches are
+        # consecutive key ranges, so concurrent ones cannot deadlock (PostgreSQL).
+        for start in range(0, len(batches), INDEX_WINDOW):
             async with held():
-                counts += await self.store.upsert_memories(
-                    task.task_id, self.worker_id,
-                    ordered[start:min(start + MEMORY_BATCH, head)], utcnow())
+                for got in await asyncio.gather(*(
+                        self.store.upsert_memories(task.task_id, self.worker_id, b, utcnow())
+                        for b in batches[start:start + INDEX_WINDOW])):
+                    counts += got
         return ExtractionResponse(tuple(ordered[head:]), out.usage, earlier=counts)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
