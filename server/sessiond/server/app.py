@@ -118,7 +118,8 @@ class App:
                                    poll_seconds=settings.poll_seconds, secrets=secrets,
                                    embedder=self.embedder,
                                    per_identity=settings.worker_per_identity,
-                                   relaxed=settings.phase2_sync == "relaxed")
+                                   relaxed=settings.phase2_sync == "relaxed",
+                                   cpu_slots=settings.phase2_cpu_slots)
         self.auto_retry = (AutoRetry(self.store, max_retries=settings.auto_retry_max,
                                      backoff_seconds=settings.auto_retry_backoff_seconds,
                                      backoff_max_seconds=settings.auto_retry_backoff_max_seconds,

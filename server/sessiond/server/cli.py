@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="Phase 2 tasks run at once by this process")
     serve.add_argument("--workers-per-identity", type=int, default=env.worker_per_identity,
                        help="Phase 2 tasks one identity may run at once (0: no cap)")
+    serve.add_argument("--phase2-cpu-slots", type=int, default=env.phase2_cpu_slots,
+                       help="Phase 2 CPU-bound work units run at once, granted fairly by "
+                            "identity (0: no gate; docs/architecture.md)")
     serve.add_argument("--phase2-sync", default=env.phase2_sync, choices=["relaxed", "durable"],
                        help="relaxed: Phase 2 writes are acknowledged before the disk flush "
                        "(a power loss may undo the last ~0.2 s of them, which are redone); "
@@ -155,6 +158,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     s.worker_concurrency, s.lease_seconds = ns.workers, ns.lease_seconds
     s.processes = ns.processes
     s.worker_per_identity, s.phase2_sync = ns.workers_per_identity, ns.phase2_sync
+    s.phase2_cpu_slots = ns.phase2_cpu_slots
     s.poll_seconds, s.heartbeat_seconds = ns.poll_seconds, ns.heartbeat_seconds
     s.shutdown_grace_seconds = ns.shutdown_grace
     s.completed_retention_hours = ns.completed_retention_hours

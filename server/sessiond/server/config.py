@@ -102,6 +102,10 @@ class Settings:
     worker_concurrency: int = 16
     # Phase 2 tasks one identity may run at once across the store (0: no cap).
     worker_per_identity: int = 4
+    # Slots of the Phase 2 CPU gate (phase2/gate.py): how many CPU-bound units of
+    # Phase 2 work (engine slices, index entries, writes) run at once, granted fairly
+    # by identity (0: no gate).
+    phase2_cpu_slots: int = 1
     # "relaxed": Phase 2's writes may be acknowledged before they reach the disk (a
     # power loss can undo the last ~0.2 s of them; they are redone); "durable": each
     # is flushed like a call's. Calls' writes are always durable.
@@ -160,6 +164,7 @@ class Settings:
         emb.api_key_env = _env("EMBEDDER_API_KEY_ENV", emb.api_key_env)
         emb.api_key_file = _env("EMBEDDER_API_KEY_FILE", emb.api_key_file)
         s.worker_per_identity = int(_env("WORKERS_PER_IDENTITY", str(s.worker_per_identity)))
+        s.phase2_cpu_slots = int(_env("PHASE2_CPU_SLOTS", str(s.phase2_cpu_slots)))
         s.phase2_sync = _env("PHASE2_SYNC", s.phase2_sync)
         rl = s.rate_limits
         for name in ("read", "write", "commit"):

@@ -61,6 +61,7 @@ from sessiond.server.phase2.engines.base import (
     Phase2Engine,
     SummaryRequest,
 )
+from sessiond.server.phase2.gate import checkpoint, held, run_cpu
 from sessiond.server.phase2.sanitize import sanitize
 from sessiond.server.store import codec
 from sessiond.server.store.base import Store
@@ -69,13 +70,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
-# Retrieval entries written per transaction by the index stage (bounded: a batch holds
-# the single SQLite writer, and other identities' writes wait behind it).
+# Every write of a stage is bounded (it holds the single SQLite writer and a slot of
+# the Phase 2 gate, and other identities' writes wait behind it): the index stage
+# writes at most INDEX_POSTINGS postings (an entry counts its terms plus one) and at
+# most INDEX_BATCH entries per transaction, a few milliseconds of work.
 INDEX_BATCH = 200
+INDEX_POSTINGS = 100
+# Index batches in flight at once (one unit of the Phase 2 gate): the SQLite writer
+# commits them in one group-commit transaction, so the index's pages are written
+# once per window, not once per batch (a commit of random postings dirties about a
+# page per posting); between two windows the gate can hand the slot over.
+INDEX_WINDOW = 4
 # Entry texts per embedder call.
 EMBED_BATCH = 64
 # Memories the extract stage merges per transaction, for the same reason.
-MEMORY_BATCH = 200
+MEMORY_BATCH = 8
 # A stage's output that took less than this to make (and used no engine tokens) does
 # not commit on its own: it is held and commits with the next checkpoint, at the
 # latest with finalize (one transaction instead of one per stage; a crash redoes at
@@ -111,14 +120,54 @@ def archive_entries_of(owner: Identity, session_id: str, archive_index: int,
     """The retrieval index's entries of an archive: each message with text, and the
     overview with its abstract (sourced from all of the archive's messages)."""
     skey = codec.session_key(owner, session_id)
-    out = [e for m in messages
-           if (e := message_entry(owner, skey, session_id, archive_index, m)) is not None]
+    out: list[RecallEntry] = []
+    for m in messages:
+        checkpoint()  # sliced when run through the Phase 2 gate
+        if (e := message_entry(owner, skey, session_id, archive_index, m)) is not None:
+            out.append(e)
     ov = overview_entry(owner, skey, session_id, archive_index, abstract, overview,
                         tuple(m.id for m in messages),
                         messages[-1].created_at if messages else utcnow())
     if ov is not None:
         out.append(ov)
     return tuple(out)
+
+
+def postings_batches(entries: Sequence[RecallEntry], postings: int = INDEX_POSTINGS,
+                     most: int = INDEX_BATCH) -> list[tuple[RecallEntry, ...]]:
+    """`entries` cut in order into batches of at most `postings` postings (an entry
+    counts its terms plus one; a larger entry is a batch of its own) and `most`
+    entries. At least one batch, maybe empty."""
+    out: list[tuple[RecallEntry, ...]] = []
+    batch: list[RecallEntry] = []
+    size = 0
+    for e in entries:
+        cost = len(e.term_counts) + 1
+        if batch and (size + cost > postings or len(batch) >= most):
+            out.append(tuple(batch))
+            batch, size = [], 0
+        batch.append(e)
+        size += cost
+    out.append(tuple(batch))
+    return out
+
+
+def with_terms(entries: Sequence[RecallEntry]) -> list[RecallEntry]:
+    """`entries` given their terms (those with text and none yet)."""
+    out: list[RecallEntry] = []
+    for e in entries:
+        checkpoint()
+        out.append(e if e.term_counts or not e.text.strip() else e.with_terms())
+    return out
+
+
+async def _windowed(batches: Sequence[tuple[RecallEntry, ...]],
+                    write: Callable[[tuple[RecallEntry, ...]], Awaitable[int]]) -> None:
+    """Write independent, idempotent `batches`, INDEX_WINDOW at a time, each window
+    one unit of the Phase 2 gate."""
+    for start in range(0, len(batches), INDEX_WINDOW):
+        async with held():
+            await asyncio.gather(*(write(b) for b in batches[start:start + INDEX_WINDOW]))
 
 
 async def fail_task(store: Store, worker_id: str, task: Task, error: TaskError) -> None:
@@ -285,7 +334,8 @@ class Phase2Pipeline:
 
     async def _run(self, task: Task, announced: bool) -> RunOutcome:
         store, ident = self.store, task.identity
-        inputs = await store.phase2_inputs(ident, task.session_id, task.archive_index)
+        async with held():  # decoding a large archive is CPU work too
+            inputs = await store.phase2_inputs(ident, task.session_id, task.archive_index)
         if not inputs.messages:
             raise NotFound(f"archive {task.archive_uri} has no messages (session deleted?)",
                            reason="ARCHIVE_NOT_FOUND")
@@ -362,16 +412,20 @@ class Phase2Pipeline:
         usage = getattr(output, "usage", None)
         return (time.monotonic() - run.since >= HOLD_SECONDS
                 or (usage is not None and usage.total_tokens > 0)
-                or (following is Stage.INDEX and self.embedder is not None))
+                or (following is Stage.INDEX
+                    and (self.embedder is not None
+                         or (isinstance(output, ExtractionResponse)
+                             and bool(output.candidates)))))
 
     async def _flush(self, run: _Run, following: Stage, finalize: bool = False) -> TaskEvent:
         """Commit the held stages' writes and events in one transaction, crossing into
         `following` (with `finalize`, the task is finalized in it too); their `after`
         failpoints are hit once they are durable."""
         flushed = [s for s, _ in run.held]
-        last = await self.store.complete_stages(run.task.task_id, self.worker_id, run.held,
-                                                utcnow(), next_stage=following,
-                                                finalize=finalize)
+        async with held():
+            last = await self.store.complete_stages(run.task.task_id, self.worker_id,
+                                                    run.held, utcnow(), next_stage=following,
+                                                    finalize=finalize)
         run.held = []
         run.since = time.monotonic()
         for s in flushed:
@@ -432,10 +486,17 @@ class Phase2Pipeline:
         ordered = [first[k] for k in sorted(first)]
         head = len(ordered) - MEMORY_BATCH if len(ordered) > MEMORY_BATCH else 0
         counts = MemoryCounts()
-        for start in range(0, head, MEMORY_BATCH):
-            counts += await self.store.upsert_memories(
-                task.task_id, self.worker_id, ordered[start:min(start + MEMORY_BATCH, head)],
-                utcnow())
+        batches = [ordered[start:min(start + MEMORY_BATCH, head)]
+                   for start in range(0, head, MEMORY_BATCH)]
+        # INDEX_WINDOW batches at a time, as the index's: one group commit, one gate
+        # unit. Each batch takes its keys' locks in key order and the batches are
+        # consecutive key ranges, so concurrent ones cannot deadlock (PostgreSQL).
+        for start in range(0, len(batches), INDEX_WINDOW):
+            async with held():
+                for got in await asyncio.gather(*(
+                        self.store.upsert_memories(task.task_id, self.worker_id, b, utcnow())
+                        for b in batches[start:start + INDEX_WINDOW])):
+                    counts += got
         return ExtractionResponse(tuple(ordered[head:]), out.usage, earlier=counts)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
@@ -452,19 +513,26 @@ class Phase2Pipeline:
         stage's done mark. With an embedder, every entry (the archive's memories
         included) gets its vector, embedded before any write; vectors a previous
         attempt stored are not embedded again."""
-        entries = await asyncio.to_thread(archive_entries, task, messages, overview,
-                                          abstract)
+        entries = await run_cpu(lambda: archive_entries(task, messages, overview, abstract))
         vectors = await self._embed(task, entries) if self.embedder is not None else []
-        head = len(entries) - INDEX_BATCH if len(entries) > INDEX_BATCH else 0
-        for start in range(0, head, INDEX_BATCH):
-            await self.store.index_entries(entries[start:min(start + INDEX_BATCH, head)])
+        *early_batches, last = postings_batches(entries)
+        await _windowed(early_batches, self.store.index_entries)
+        # The memories the extraction wrote (committed before this stage): their
+        # entries, terms made here, written ahead in bounded batches too; the last
+        # transaction then finds them current (and indexes any changed meanwhile).
+        async with held():
+            memory = await self.store.archive_memory_entries(task)
+        if memory:
+            prepared = await run_cpu(lambda: with_terms(memory))
+            await _windowed(postings_batches(prepared),
+                            lambda batch: self.store.index_memory_entries(task, batch))
         model = self.embedder.model if self.embedder is not None else ""
-        written = {e.entry_id for e in entries[:head]}
+        written = {e.entry_id for b in early_batches for e in b}
         early = [v for v in vectors if v.entry.entry_id in written]
         for start in range(0, len(early), INDEX_BATCH):
-            await self.store.index_vectors(model, early[start:start + INDEX_BATCH])
-        return IndexOutput(entries[head:], tuple(v for v in vectors
-                                                 if v.entry.entry_id not in written),
+            async with held():
+                await self.store.index_vectors(model, early[start:start + INDEX_BATCH])
+        return IndexOutput(last, tuple(v for v in vectors if v.entry.entry_id not in written),
                            model, len(entries), len(vectors))
 
     async def _embed(self, task: Task, entries: tuple[RecallEntry, ...]) -> list[EntryVector]:

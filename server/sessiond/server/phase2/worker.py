@@ -16,6 +16,7 @@ from sessiond.server.domain.rules import utcnow
 from sessiond.server.domain.values import TASK_TYPE_REVERT, Task
 from sessiond.server.embedders.base import Embedder
 from sessiond.server.phase2.engines.base import Phase2Engine
+from sessiond.server.phase2.gate import FairGate, bind, shorten_switch_interval
 from sessiond.server.phase2.pipeline import Phase2Pipeline
 from sessiond.server.phase2.revert import ArchiveReverter
 from sessiond.server.store.base import Store, background_writes, relaxed_commits
@@ -32,7 +33,7 @@ class Phase2Worker:
                  lease_seconds: float = 30.0, poll_seconds: float = 1.0,
                  secrets: tuple[str, ...] = (), worker_id: str | None = None,
                  embedder: Embedder | None = None, per_identity: int = 0,
-                 relaxed: bool = True) -> None:
+                 relaxed: bool = True, cpu_slots: int = 1) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
@@ -41,6 +42,11 @@ class Phase2Worker:
         # Whether the worker's writes may commit before they reach the disk (a power
         # loss can undo the last of them, and they are redone; store.base.RELAXED).
         self.relaxed = relaxed
+        # Phase 2's CPU-bound work (engine calls, index entries, writes) holds one of
+        # `cpu_slots` slots, granted fairly by identity (phase2/gate.py); 0: no gate.
+        # Its threads: one per running task can wait at a checkpoint, plus spares.
+        self.gate = (FairGate(cpu_slots, threads=max(64, 2 * concurrency))
+                     if cpu_slots > 0 else None)
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or new_worker_id()
@@ -59,6 +65,8 @@ class Phase2Worker:
         self._wake.set()
 
     async def start(self) -> None:
+        if self.gate is not None:
+            shorten_switch_interval()  # gate threads yield the GIL to the loop promptly
         if self.store.single_process:
             released = await self.store.release_all_leases()
             if released:
@@ -92,7 +100,8 @@ class Phase2Worker:
 
     async def _run(self, task: Task) -> None:
         ident = task.identity
-        with background_writes(f"{ident.account}/{ident.user}/{ident.agent}"):
+        key = f"{ident.account}/{ident.user}/{ident.agent}"
+        with background_writes(key), bind(self.gate, key):
             await self._run_task(task)
 
     async def _run_task(self, task: Task) -> None:
@@ -146,3 +155,5 @@ class Phase2Worker:
             _, pending = await asyncio.wait(list(self._running.values()), timeout=grace)
             for t in pending:
                 t.cancel()
+        if self.gate is not None:
+            self.gate.close()

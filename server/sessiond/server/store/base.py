@@ -532,6 +532,13 @@ class Store(abc.ABC):
         memories read now (what its index stage will write)."""
 
     @abc.abstractmethod
+    async def index_memory_entries(self, task: Task, entries: Sequence[RecallEntry]) -> int:
+        """Write `entries` (memory entries from `archive_memory_entries`, with their
+        terms) ahead of the index stage's last transaction, replacing their memories'
+        entries; an entry whose memory changed since it was read is not written.
+        Idempotent. Returns the number written."""
+
+    @abc.abstractmethod
     async def vectors_present(self, model: str, entry_ids: Sequence[str]) -> set[str]:
         """Which of `entry_ids` have a vector of `model` already."""
 

@@ -8,7 +8,6 @@ The same archive and previous overview always give the same output.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from collections import Counter
@@ -32,6 +31,7 @@ from sessiond.server.phase2.engines.base import (
     SummaryResponse,
     no_report,
 )
+from sessiond.server.phase2.gate import checkpoint, run_cpu
 
 ABSTRACT_MAX = 200
 QUOTE_MAX = 300
@@ -68,8 +68,9 @@ class OfflineEngine:
     async def summarize(self, request: SummaryRequest,
                         report: RetryReporter = no_report) -> SummaryResponse:
         # CPU-bound and linear in the archive: run off the event loop so a large
-        # archive never stalls other RPCs (see docs/phase2.md).
-        return await asyncio.to_thread(self.summarize_now, request)
+        # archive never stalls other RPCs (see docs/phase2.md), through the Phase 2
+        # gate when one is bound (fair by identity; sliced at the checkpoints).
+        return await run_cpu(lambda: self.summarize_now(request))
 
     def summarize_now(self, request: SummaryRequest) -> SummaryResponse:
         msgs = list(request.messages)
@@ -141,6 +142,7 @@ class OfflineEngine:
         last_assistant = max((i for i, m in enumerate(msgs) if m.role is Role.ASSISTANT),
                              default=-1)
         for i, m in enumerate(msgs):
+            checkpoint()
             if m.role is Role.USER and m.text().strip().endswith("?"):
                 if i > last_assistant:  # no assistant message after it
                     loops.append(f"unanswered: {_clip(m.text(), 160)}")
@@ -162,13 +164,14 @@ class OfflineEngine:
     # ------------------------------------------------------------------ extraction
     async def extract(self, request: ExtractionRequest,
                       report: RetryReporter = no_report) -> ExtractionResponse:
-        return await asyncio.to_thread(self.extract_now, request)
+        return await run_cpu(lambda: self.extract_now(request))
 
     def extract_now(self, request: ExtractionRequest) -> ExtractionResponse:
         out: list[CandidateMemory] = []
         profile_lines: list[str] = []
         profile_ids: list[str] = []
         for m in request.messages:
+            checkpoint()
             if m.role is not Role.USER:
                 continue
             for sentence in _sentences(m.text()):
@@ -214,6 +217,7 @@ class OfflineEngine:
             if msgs[i].role is Role.ASSISTANT and msgs[i].text().strip():
                 following = msgs[i]
         for i, m in enumerate(msgs):
+            checkpoint()
             if m.role is not Role.USER or not _PROBLEM.search(m.text()):
                 continue
             reply = next_reply[i]
@@ -232,6 +236,7 @@ class OfflineEngine:
         out: list[CandidateMemory] = []
         calls: dict[str, list[tuple[ToolPart, str]]] = {}
         for m in msgs:
+            checkpoint()
             for p in m.parts:
                 if isinstance(p, ToolPart):
                     calls.setdefault(p.tool_name or p.tool_id, []).append((p, m.id))

@@ -111,11 +111,17 @@ async def delete_session_entries(tx: Tx, skey: str) -> None:
 async def archive_memory_entries(tx: Tx, task: Task) -> list[RecallEntry]:
     """The entries of the memories this archive's extraction wrote or merged into,
     as they read now."""
+    return await _archive_memory_entries(tx, task)
+
+
+async def _archive_memory_entries(tx: Tx, task: Task,
+                                  memory_ids: Sequence[str] = ()) -> list[RecallEntry]:
+    only = f" AND memory_id IN ({','.join('?' * len(memory_ids))})" if memory_ids else ""
     rows = await tx.fetch(
         "SELECT memory_id, account, user_id, agent, category, content, source_session_id, "
         "source_message_ids, updated_at FROM memories WHERE account=? AND user_id=? "
-        "AND (agent='' OR agent=?) AND source_archive_uri=? ORDER BY memory_id",
-        *_visible(task.identity), task.archive_uri)
+        f"AND (agent='' OR agent=?) AND source_archive_uri=?{only} ORDER BY memory_id",
+        *_visible(task.identity), task.archive_uri, *memory_ids)
     return [_memory_entry(tx, r) for r in rows]
 
 
@@ -126,7 +132,25 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
     (its entry replaced), and the given vectors of `model`. Returns the number of
     entries written."""
     written = await insert_entries(tx, entries)
-    memory_entries = await archive_memory_entries(tx, task)
+    written += await _replace_memory_entries(tx, await archive_memory_entries(tx, task))
+    if vectors and model:
+        await vectors_sql.insert(tx, model, vectors)
+    return written
+
+
+async def index_memory_entries(tx: Tx, task: Task, prepared: Sequence[RecallEntry]) -> int:
+    """Ahead of the `index` stage's last transaction: `prepared` entries (read with
+    `archive_memory_entries` and given their terms outside the transaction) replace
+    their memories' entries, except those whose memory changed since they were read
+    (the last transaction indexes those). Idempotent: a current entry is kept."""
+    if not prepared:
+        return 0
+    ids = sorted({e.memory_id for e in prepared})
+    fresh = {e.entry_id for e in await _archive_memory_entries(tx, task, ids)}
+    return await _replace_memory_entries(tx, [e for e in prepared if e.entry_id in fresh])
+
+
+async def _replace_memory_entries(tx: Tx, memory_entries: Sequence[RecallEntry]) -> int:
     current: dict[str, set[str]] = {}
     if memory_entries:
         for r in await tx.fetch(
@@ -137,10 +161,7 @@ async def index_archive(tx: Tx, task: Task, entries: Sequence[RecallEntry],
     # A memory whose entry is current keeps it (and its vector); others are replaced.
     stale = [e for e in memory_entries if current.get(e.memory_id) != {e.entry_id}]
     await delete_entries(tx, [i for e in stale for i in sorted(current.get(e.memory_id, ()))])
-    written += await insert_entries(tx, stale)
-    if vectors and model:
-        await vectors_sql.insert(tx, model, vectors)
-    return written
+    return await insert_entries(tx, stale)
 
 
 def _memory_entry(tx: Tx, row: Row) -> RecallEntry:

@@ -384,6 +384,9 @@ class SqlStore(Store):
     async def archive_memory_entries(self, task: Task) -> list[RecallEntry]:
         return await self._read(lambda tx: recall.archive_memory_entries(tx, task))
 
+    async def index_memory_entries(self, task: Task, entries: Sequence[RecallEntry]) -> int:
+        return await self._write(lambda tx: recall.index_memory_entries(tx, task, entries))
+
     async def vectors_present(self, model: str, entry_ids: Sequence[str]) -> set[str]:
         return await self._read(lambda tx: vectors.present(tx, model, entry_ids))
 
