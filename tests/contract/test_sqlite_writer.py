@@ -99,6 +99,57 @@ def test_background_keys_take_turns_and_calls_go_first(tmp_path: Path) -> None:
     assert order == ["blocker", "call", "a0", "b0", "a1", "a2"], order
 
 
+def test_a_call_or_another_identity_does_not_wait_out_a_background_batch(
+        tmp_path: Path) -> None:
+    """Short background writes of identity A would fill a batch up to its time budget;
+    a call's write and identity B's write queued meanwhile commit right after they ran:
+    no more of A's queued writes run in their transaction."""
+    db = _open(tmp_path)
+    path = tmp_path / "w.sqlite3"
+    ran: list[str] = []
+    late: list[tuple[str, str]] = []  # (A write, an urgent write run before it, uncommitted)
+
+    def op(who: str) -> Callable[[sqlite3.Connection, Announce], int]:
+        def fn(conn: sqlite3.Connection, _ctx: Announce) -> int:
+            if who == "a0":
+                time.sleep(0.03)  # the others queue up meanwhile
+            if who.startswith("a"):
+                seen = sqlite3.connect(str(path))  # what is committed so far
+                try:
+                    committed = {r[0] for r in seen.execute("SELECT who FROM log")}
+                finally:
+                    seen.close()
+                late.extend((who, u) for u in ("call", "b0")
+                            if u in ran and u not in committed)
+            ran.append(who)
+            conn.execute("INSERT INTO log (who) VALUES (?)", (who,))
+            return len(ran)
+        return fn
+
+    async def body() -> None:
+        async def write(who: str, key: str) -> None:
+            if key:
+                with background_writes(key):
+                    await db.write(op(who))
+            else:
+                await db.write(op(who))
+
+        first = asyncio.create_task(write("a0", "A"))
+        await asyncio.sleep(0.01)
+        jobs = [asyncio.create_task(write(f"a{i}", "A")) for i in range(1, 40)]
+        jobs += [asyncio.create_task(write("b0", "B")), asyncio.create_task(write("call", ""))]
+        await asyncio.gather(first, *jobs)
+
+    try:
+        asyncio.run(body())
+    finally:
+        db.close()
+    assert "call" in ran and "b0" in ran
+    # Without the rule A's queued writes (each well under the budget) kept joining the
+    # transaction of the call's and B's writes, which waited for all of them.
+    assert late == [], late[:5]
+
+
 def test_a_failing_commit_listener_leaves_no_write_waiting(tmp_path: Path) -> None:
     calls = 0
 

@@ -77,8 +77,12 @@ class _FairQueue:
             self.bg.setdefault(op.key, deque()).append(op)
         self._size += 1
 
+    def next_is_foreground(self) -> bool:
+        """Whether `pop` would return a foreground operation now."""
+        return bool(self.fg) and (not self.bg or self._fg_run < FOREGROUND_BURST)
+
     def pop(self) -> _Op[Any] | None:
-        if self.fg and (not self.bg or self._fg_run < FOREGROUND_BURST):
+        if self.next_is_foreground():
             # Only foreground operations taken while background ones wait count
             # towards the burst; with none waiting, arrival order is kept.
             self._fg_run = self._fg_run + 1 if self.bg else 0
@@ -267,12 +271,26 @@ class SqliteDatabase:
                 op.loop.call_soon_threadsafe(_settle, op, None, err, None)
             return
         started = time.monotonic()
+        # The batch's first background key, and whether an operation that someone is
+        # waiting on more urgently ran in it: a call's write, or another identity's
+        # Phase 2 write than the one the batch was opened for. Such a batch is not
+        # extended with more background work: it commits as soon as the calls queued
+        # behind it have run, so neither waits for the rest of another identity's
+        # batch budget.
+        owner: str | None = None
+        urgent = False
         while len(outcomes) < MAX_BATCH and time.monotonic() - started < BATCH_BUDGET:
             if outcomes:
                 self._drain_keep_stop(pending)
+                if urgent and not pending.next_is_foreground():
+                    break
             op = pending.pop()
             if op is None:
                 break
+            if not op.key or (owner is not None and op.key != owner):
+                urgent = True
+            elif owner is None:
+                owner = op.key
             conn.execute("SAVEPOINT op")
             try:
                 result = op.fn(conn, op.ctx)
