@@ -301,13 +301,15 @@ def test_connection_reset_mid_stage_does_not_fail_the_task(tmp_path: Path) -> No
                 session_id="s1", request_id="commit-1"), timeout=10)
             _events(st, busy.task_id, until_kind=task_pb2.TASK_EVENT_KIND_STAGE_STARTED,
                     until_stage="extract")
-            # the extract stage's transaction, busy writing memories
+            # the extract stage's transaction, busy writing memories (a write: a read
+            # of memories is retried on a new connection without failing the stage)
             writing: list[dict[str, object]] = []
 
             def stage_writing() -> bool:
                 writing[:] = sql(url, "SELECT pid FROM pg_stat_activity WHERE datname = "
                                       "current_database() AND application_name = 'sessiond' "
-                                      "AND xact_start IS NOT NULL AND query ILIKE '%memor%'")
+                                      "AND xact_start IS NOT NULL AND query ILIKE '%memor%' "
+                                      "AND query ~* '^\\s*(INSERT|UPDATE|DELETE)'")
                 return bool(writing)
 
             wait_until(stage_writing, 20.0, "the extract stage writing", interval=0.01)
