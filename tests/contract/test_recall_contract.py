@@ -333,6 +333,19 @@ def test_postings_written_apart_rank_as_if_written_together(store: Store, run: R
     run(body())
 
 
+async def _biscuit_learns_to_sit(store: Store) -> tuple[Task, list[Message]]:
+    """A second archive (task t2) whose extraction merges a new text into the
+    "biscuit" memory; its index stage is the caller's to run."""
+    turns = [(Role.USER, "Biscuit learned to sit today")]
+    messages = await commit_turns(store, ID, "s1", "t2", 100, turns)
+    task = await store.claim_task("w", at(120), at(150))
+    assert task is not None
+    await store.complete_stage("t2", "w", Stage.EXTRACT, ExtractionResponse((
+        CandidateMemory(MemoryCategory.ENTITIES, "biscuit", "Biscuit: can sit on command",
+                        (messages[0].id,)),)), at(121))
+    return task, messages
+
+
 def test_a_replaced_memory_entry_leaves_no_postings(store: Store, run: Runner) -> None:
     """A memory merged again gets a new entry; the old entry's postings and the
     deleted memory's go with it, however many of the identity's postings exist."""
@@ -341,13 +354,7 @@ def test_a_replaced_memory_entry_leaves_no_postings(store: Store, run: Runner) -
         (old,) = [h.entry for h in await store.recall(ID, q("Biscuit golden retriever"))
                   if h.entry.kind is RecallKind.MEMORY]
         assert await _postings(store, [old.entry_id]) > 0
-        turns = [(Role.USER, "Biscuit learned to sit today")]
-        messages = await commit_turns(store, ID, "s1", "t2", 100, turns)
-        task = await store.claim_task("w", at(120), at(150))
-        assert task is not None
-        await store.complete_stage("t2", "w", Stage.EXTRACT, ExtractionResponse((
-            CandidateMemory(MemoryCategory.ENTITIES, "biscuit", "Biscuit: can sit on command",
-                            (messages[0].id,)),)), at(121))
+        task, messages = await _biscuit_learns_to_sit(store)
         await store.complete_stage("t2", "w", Stage.INDEX,
                                    IndexOutput(archive_entries(task, messages, "", "")), at(122))
         (new,) = [h.entry for h in await store.recall(ID, q("Biscuit sit command"))
@@ -367,13 +374,7 @@ def test_memory_search_follows_updates_and_deletes(store: Store, run: Runner) ->
     async def body() -> None:
         await indexed(store)
         (mem, _), = await store.search_memories(ID, "golden retriever", None, 10)
-        turns = [(Role.USER, "Biscuit learned to sit today")]
-        messages = await commit_turns(store, ID, "s1", "t2", 100, turns)
-        task = await store.claim_task("w", at(120), at(150))
-        assert task is not None
-        await store.complete_stage("t2", "w", Stage.EXTRACT, ExtractionResponse((
-            CandidateMemory(MemoryCategory.ENTITIES, "biscuit", "Biscuit: can sit on command",
-                            (messages[0].id,)),)), at(121))
+        await _biscuit_learns_to_sit(store)
         assert await store.search_memories(ID, "golden retriever", None, 10) == []
         hits = await store.search_memories(ID, "Biscuit sit", None, 10)
         assert [(m.memory_id, m.content) for m, _ in hits] == [
