@@ -68,6 +68,8 @@ from sessiond.server.store.base import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+B = TypeVar("B")
+R = TypeVar("R")
 
 STAGE_INDEX = {s: i for i, s in enumerate(Stage)}
 # Every write of a stage is bounded (it holds the single SQLite writer and a slot of
@@ -161,13 +163,15 @@ def with_terms(entries: Sequence[RecallEntry]) -> list[RecallEntry]:
     return out
 
 
-async def _windowed(batches: Sequence[tuple[RecallEntry, ...]],
-                    write: Callable[[tuple[RecallEntry, ...]], Awaitable[int]]) -> None:
+async def _windowed(batches: Sequence[B], write: Callable[[B], Awaitable[R]]) -> list[R]:
     """Write independent, idempotent `batches`, INDEX_WINDOW at a time, each window
-    one unit of the Phase 2 gate."""
+    one unit of the Phase 2 gate (and one group commit of the SQLite writer); what
+    each write returned, in order."""
+    out: list[R] = []
     for start in range(0, len(batches), INDEX_WINDOW):
         async with held():
-            await asyncio.gather(*(write(b) for b in batches[start:start + INDEX_WINDOW]))
+            out += await asyncio.gather(*(write(b) for b in batches[start:start + INDEX_WINDOW]))
+    return out
 
 
 async def fail_task(store: Store, worker_id: str, task: Task, error: TaskError) -> None:
@@ -488,15 +492,12 @@ class Phase2Pipeline:
         counts = MemoryCounts()
         batches = [ordered[start:min(start + MEMORY_BATCH, head)]
                    for start in range(0, head, MEMORY_BATCH)]
-        # INDEX_WINDOW batches at a time, as the index's: one group commit, one gate
-        # unit. Each batch takes its keys' locks in key order and the batches are
-        # consecutive key ranges, so concurrent ones cannot deadlock (PostgreSQL).
-        for start in range(0, len(batches), INDEX_WINDOW):
-            async with held():
-                for got in await asyncio.gather(*(
-                        self.store.upsert_memories(task.task_id, self.worker_id, b, utcnow())
-                        for b in batches[start:start + INDEX_WINDOW])):
-                    counts += got
+        # Windowed as the index's batches. Each batch takes its keys' locks in key order
+        # and the batches are consecutive key ranges, so concurrent ones cannot
+        # deadlock (PostgreSQL).
+        for got in await _windowed(batches, lambda b: self.store.upsert_memories(
+                task.task_id, self.worker_id, b, utcnow())):
+            counts += got
         return ExtractionResponse(tuple(ordered[head:]), out.usage, earlier=counts)
 
     async def _saved_summary(self, task: Task) -> tuple[str, str]:
