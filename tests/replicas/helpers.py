@@ -90,6 +90,45 @@ def sql(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
     return asyncio.run(go())
 
 
+@contextlib.contextmanager
+def table_write_lock(url: str, table: str, within: float = 10.0) -> Iterator[None]:
+    """Hold `LOCK TABLE <table> IN SHARE ROW EXCLUSIVE MODE` on a connection of its own
+    for the duration of the block: reads of the table go on, every INSERT, UPDATE and
+    DELETE of it waits (its backend shows wait_event_type 'Lock'). Released (rolled
+    back) on exit."""
+    ready = threading.Event()
+    release = threading.Event()
+    failed: list[BaseException] = []
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+                ready.set()
+                await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        finally:
+            await conn.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as exc:  # reported in the test's thread
+            failed.append(exc)
+            ready.set()
+
+    holder = threading.Thread(target=run, daemon=True)
+    holder.start()
+    if not ready.wait(within) or failed:
+        release.set()
+        raise failed[0] if failed else AssertionError(f"no lock on {table} within {within}s")
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(within)
+
+
 def text_part(text: str) -> session_pb2.Part:
     return session_pb2.Part(text=session_pb2.TextPart(text=text))
 

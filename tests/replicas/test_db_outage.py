@@ -41,6 +41,7 @@ from tests.replicas.helpers import (
     migrate,
     sql,
     start_replicas,
+    table_write_lock,
     text_part,
     wait_until,
 )
@@ -297,26 +298,29 @@ def test_connection_reset_mid_stage_does_not_fail_the_task(tmp_path: Path) -> No
                 session_id="s1", request_id="create-s1"), timeout=10)
             for i in range(3):
                 _add(st, "s1", heavy_text(rng, HEAVY_SENTENCES), f"heavy-{i}")
-            busy = st.sessions.Commit(session_pb2.CommitRequest(
-                session_id="s1", request_id="commit-1"), timeout=10)
-            _events(st, busy.task_id, until_kind=task_pb2.TASK_EVENT_KIND_STAGE_STARTED,
-                    until_stage="extract")
-            # the extract stage's transaction, busy writing memories (a write: a read
-            # of memories is retried on a new connection without failing the stage)
+            # Writes of memories wait on a lock the test holds, so the extract stage's
+            # transaction is caught mid-write, whatever the machine's speed: its backend
+            # waits on the lock inside the transaction until it is terminated. (Reads of
+            # memories go on; a read that lost its connection is retried on a new one
+            # without failing the stage, so only a write shows the interruption.)
             writing: list[dict[str, object]] = []
 
             def stage_writing() -> bool:
                 writing[:] = sql(url, "SELECT pid FROM pg_stat_activity WHERE datname = "
                                       "current_database() AND application_name = 'sessiond' "
-                                      "AND xact_start IS NOT NULL AND query ILIKE '%memor%' "
+                                      "AND xact_start IS NOT NULL AND wait_event_type = 'Lock' "
+                                      "AND query ILIKE '%memor%' "
                                       "AND query ~* '^\\s*(INSERT|UPDATE|DELETE)'")
                 return bool(writing)
 
-            wait_until(stage_writing, 20.0, "the extract stage writing", interval=0.01)
-            killed = sql(url, "SELECT count(pg_terminate_backend(pid)) AS n FROM "
-                              "pg_stat_activity WHERE pid = ANY($1::int[])",
-                         [r["pid"] for r in writing])
-            assert killed[0]["n"] >= 1
+            with table_write_lock(url, "memories"):
+                busy = st.sessions.Commit(session_pb2.CommitRequest(
+                    session_id="s1", request_id="commit-1"), timeout=10)
+                wait_until(stage_writing, 30.0, "the extract stage writing", interval=0.01)
+                killed = sql(url, "SELECT count(pg_terminate_backend(pid)) AS n FROM "
+                                  "pg_stat_activity WHERE pid = ANY($1::int[])",
+                             [r["pid"] for r in writing])
+                assert killed[0]["n"] >= 1
             watch = watch_task(st.tasks, busy.task_id, timeout=30,
                                resume=ResumePolicy(max_attempts=30, max_backoff=0.5))
             last = list(watch)[-1]
