@@ -174,7 +174,9 @@ def test_import_openviking_tree(store_url: str, server_factory: ServerFactory,
     r = start(server_factory, data, store_url)
     meta = r.sessions.GetSession(session_pb2.GetSessionRequest(session_id="atlas"),
                                  metadata=ALICE)
-    assert (meta.archive_count, meta.commit_count, meta.live_message_count) == (3, 1, 2)
+    # (commit_count is checked at the end: the PENDING archive's Phase 2 may already
+    # have completed on this server, adding one)
+    assert (meta.archive_count, meta.live_message_count) == (3, 2)
     assert meta.memories_extracted.profile == 1 and meta.llm_token_usage.prompt_tokens == 100
     assert meta.created_at.ToJsonString().startswith("2025-01-01T10:00:00")
     # session/<user>/<id>: user from the path, agent "default" (no participants known)
@@ -197,6 +199,9 @@ def test_import_openviking_tree(store_url: str, server_factory: ServerFactory,
     # the FAILED one runs again with RetryTask
     r.tasks.RetryTask(task_pb2.RetryTaskRequest(task_id=tasks[1].task_id), metadata=ALICE)
     assert wait_task(r, tasks[1].task_id).state == task_pb2.TASK_STATE_COMPLETED
+    # the imported DONE archive counted as one commit, the two run here one each
+    assert r.sessions.GetSession(session_pb2.GetSessionRequest(session_id="atlas"),
+                                 metadata=ALICE).commit_count == 3
 
     # Recall finds imported memories (user and agent space) and archived turns
     pref = recall(r, "zeppelins")
